@@ -1,0 +1,184 @@
+"""Server process bookkeeping: start, pid record (pid + create time), stop our own tree only.
+
+The pid file holds just the pid (FlagScale layout); ``<pid file>.json`` beside it holds the pid and
+the process create time. A pid is only ever signalled when both files agree and the live process
+has the recorded create time, so a recycled pid or a foreign process is never killed.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Mapping, Optional, Sequence
+
+import psutil
+
+from flagscale.logger import get_logger
+
+logger = get_logger("flagscale.runner")
+
+# psutil derives create_time from the boot time, which the kernel reports in whole seconds
+# and which may shift by one when the wall clock is stepped: compare with this tolerance.
+CREATE_TIME_TOLERANCE_S = 1.0
+
+
+@dataclass(frozen=True)
+class PidRecord:
+    pid: int
+    create_time: float
+
+
+def meta_path(pid_file: Path) -> Path:
+    return pid_file.with_name(pid_file.name + ".json")
+
+
+def write_pid_record(pid_file: Path, pid: int) -> PidRecord:
+    """Record ``pid`` (which must be alive) with its create time; meta first, pid file last."""
+    record = PidRecord(pid, psutil.Process(pid).create_time())
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(meta_path(pid_file), json.dumps(record.__dict__) + "\n")
+    _write_atomic(pid_file, f"{pid}\n")
+    return record
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_pid_record(pid_file: Path) -> Optional[PidRecord]:
+    """The record, or None when there is no pid file. Unverifiable files give create_time -1."""
+    if not pid_file.exists():
+        return None
+    try:
+        pid = int(pid_file.read_text().strip())
+    except ValueError:
+        return PidRecord(-1, -1.0)
+    try:
+        meta = json.loads(meta_path(pid_file).read_text())
+        if int(meta["pid"]) == pid:
+            return PidRecord(pid, float(meta["create_time"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return PidRecord(pid, -1.0)
+
+
+def remove_pid_record(pid_file: Path) -> None:
+    for path in (pid_file, meta_path(pid_file)):
+        path.unlink(missing_ok=True)
+
+
+def live_process(record: PidRecord) -> Optional[psutil.Process]:
+    """The recorded process if it still runs and is the one we started, else None."""
+    if record.pid <= 0 or record.create_time < 0:
+        return None
+    try:
+        proc = psutil.Process(record.pid)
+        if abs(proc.create_time() - record.create_time) > CREATE_TIME_TOLERANCE_S:
+            return None
+        return None if _gone(proc) else proc
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def process_tree(leader: psutil.Process) -> List[psutil.Process]:
+    """The leader, its descendants, and (if it leads a session) orphans left in its session."""
+    procs = {leader.pid: leader}
+    try:
+        for child in leader.children(recursive=True):
+            procs[child.pid] = child
+        leads_session = os.getsid(leader.pid) == leader.pid
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        return list(procs.values())
+    if leads_session:
+        for proc in psutil.process_iter():
+            if proc.pid not in procs and _in_session(proc, leader):
+                procs[proc.pid] = proc
+    return list(procs.values())
+
+
+def _in_session(proc: psutil.Process, leader: psutil.Process) -> bool:
+    try:
+        return os.getsid(proc.pid) == leader.pid and proc.create_time() >= leader.create_time()
+    except (OSError, psutil.Error):
+        return False
+
+
+def stop_tree(leader: psutil.Process, timeout: float) -> List[psutil.Process]:
+    """SIGTERM the tree, wait up to ``timeout`` s, SIGKILL survivors. Returns the processes hit."""
+    procs = process_tree(leader)
+    _signal_all(procs, signal.SIGTERM)
+    survivors = wait_gone(procs, timeout)
+    if survivors:
+        logger.warning(
+            "still running after %.0fs, sending SIGKILL: %s", timeout, [p.pid for p in survivors]
+        )
+        _signal_all(survivors, signal.SIGKILL)
+        survivors = wait_gone(survivors, 5.0)
+    if survivors:
+        logger.error("could not stop: %s", [p.pid for p in survivors])
+    return procs
+
+
+def _signal_all(procs: Sequence[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        try:
+            proc.send_signal(sig)  # psutil refuses if the pid was reused meanwhile
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+
+
+def wait_gone(procs: Sequence[psutil.Process], timeout: float) -> List[psutil.Process]:
+    """Wait until every process exited (zombies count as exited); return the survivors."""
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while alive:
+        alive = [p for p in alive if not _gone(p)]
+        if not alive or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    return alive
+
+
+def start_background(
+    argv: Sequence[str], cwd: Path, env: Mapping[str, str], log_path: Path
+) -> subprocess.Popen:
+    """Start ``argv`` in its own session, stdout+stderr appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        log.write(f"\n===== {stamp} starting: {' '.join(argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            list(argv),
+            cwd=str(cwd),
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def tail(path: Path, lines: int = 40) -> List[str]:
+    """Last ``lines`` lines of a text file (reads at most the last 64 KiB)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return [line for line in data.splitlines() if line.strip()][-lines:]

@@ -1,0 +1,286 @@
+"""Serve runner: resolve the config, pre-flight checks, start the Pi0 server, wait, stop.
+
+Layout under ``<exp_dir>/serve_logs`` (FlagScale's): ``scripts/serve.yaml`` (resolved config the
+server reads), ``host_0_localhost.output`` (server stdout+stderr, appended), ``pids/host_0_localhost.pid``
+(+ ``.pid.json`` with the create time, see ``process.py``).
+"""
+
+import os
+import sys
+import time
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import psutil
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from flagscale.logger import get_logger
+from flagscale.runner.launch import build_env, exec_foreground, parse_cmds, run_cmds
+from flagscale.runner.probe import base_url, check_port_free, health, http_json, is_ready
+from flagscale.runner.process import (
+    PidRecord,
+    live_process,
+    read_pid_record,
+    remove_pid_record,
+    start_background,
+    stop_tree,
+    tail,
+    wait_gone,
+    write_pid_record,
+)
+from flagscale.runner.runner_base import RunnerBase, RunnerError
+from flagscale.runner.smoke import check_infer_response, sample_request
+
+logger = get_logger("flagscale.runner")
+
+HOST_TAG = "host_0_localhost"
+POLL_S = 0.5
+REPORT_EVERY_S = 5.0
+
+
+def plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+class ServeRunner(RunnerBase):
+    def __init__(self, cfg, repo_root: Path):
+        super().__init__(cfg, repo_root)
+        self.log_dir = self.exp_dir / "serve_logs"
+        self.config_path = self.log_dir / "scripts" / "serve.yaml"
+        self.log_path = self.log_dir / f"{HOST_TAG}.output"
+        self.pid_file = self.log_dir / "pids" / f"{HOST_TAG}.pid"
+        self.foreground = bool(self.runner_cfg.get("foreground", False))
+        self.ready_timeout = float(self.runner_cfg.get("ready_timeout", 600))
+        self.stop_timeout = float(self.runner_cfg.get("stop_timeout", 15))
+        cmds = plain(cfg.experiment.get("cmds")) or {}
+        self.before_start = parse_cmds(cmds.get("before_start"), "before_start")
+        self.after_stop = parse_cmds(cmds.get("after_stop"), "after_stop")
+
+    # ----- action=run -------------------------------------------------------------------------
+    def run(self) -> int:
+        entrypoint = self._check_supported()
+        self._refuse_if_running()
+        resolved = self._write_resolved_config()
+        host, port = self._preflight(resolved)
+        env = self._env()
+        run_cmds(self.before_start, "before_start", self.repo_root, env)
+        argv = [sys.executable, str(entrypoint), "--config-path", str(self.config_path)]
+        argv += ["--log-dir", str(self.log_dir)]
+        if self.foreground:
+            exec_foreground(argv, self.repo_root, env, self.pid_file)
+        return self._start_and_wait(argv, env, base_url(host, port))
+
+    def _check_supported(self) -> Path:
+        """Refuse what this launcher cannot do; return the absolute server entry point."""
+        deploy = self.runner_cfg.get("deploy") or {}
+        if deploy.get("use_fs_serve", False):
+            raise RunnerError(
+                "experiment.runner.deploy.use_fs_serve=true (Ray Serve) is not supported yet; "
+                "set it to false to run the server as a plain local process"
+            )
+        if self.runner_cfg.get("hostfile"):
+            raise RunnerError(
+                "experiment.runner.hostfile is set, but multi-host serving is not supported; "
+                "set it to null (the server runs on this machine)"
+            )
+        task = self.cfg.experiment.task
+        entry = Path(str(task.get("entrypoint") or "flagscale/serve/run_serve_pi0.py"))
+        entry = entry if entry.is_absolute() else self.repo_root / entry
+        if entry.suffix != ".py":
+            raise RunnerError(f"experiment.task.entrypoint: {entry} is not a .py file")
+        if not entry.is_file():
+            raise RunnerError(f"experiment.task.entrypoint: {entry} does not exist")
+        return entry
+
+    def _refuse_if_running(self) -> None:
+        record = read_pid_record(self.pid_file)
+        if record is None:
+            return
+        proc = live_process(record)
+        if proc is not None:
+            raise RunnerError(
+                f"a server started for exp_dir {self.exp_dir} is still running (pid {proc.pid}); "
+                "stop it first with the same command and action=stop"
+            )
+        logger.warning("removing stale pid file %s: %s", self.pid_file, self._why_stale(record))
+        remove_pid_record(self.pid_file)
+
+    def _write_resolved_config(self) -> Dict[str, Any]:
+        try:
+            resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        except OmegaConfBaseException as err:
+            raise RunnerError(f"cannot resolve the config: {err}") from err
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(resolved), self.config_path)
+        logger.info("resolved config written to %s", self.config_path)
+        return resolved
+
+    def _preflight(self, resolved: Dict[str, Any]):
+        """Validate the serve config with the server's own loader and check the port."""
+        try:
+            from flagscale.serve.config import ConfigError, load_serve_config
+        except ImportError as err:
+            raise RunnerError(f"cannot import the server config loader: {err}") from err
+        try:
+            load_serve_config(resolved)
+        except ConfigError as err:
+            raise RunnerError(f"invalid serve config: {err}") from err
+        engine = self._engine(resolved)
+        host, port = str(engine.get("host", "127.0.0.1")), int(engine.get("port", 9010))
+        check_port_free(host, port)
+        return host, port
+
+    @staticmethod
+    def _engine(resolved: Dict[str, Any]) -> Dict[str, Any]:
+        serve = resolved.get("serve")
+        if isinstance(serve, dict) and isinstance(serve.get("engine"), dict):
+            return serve["engine"]
+        if isinstance(serve, list) and serve and isinstance(serve[0], dict):
+            return serve[0].get("engine_args") or {}  # FlagScale v2 list form
+        raise RunnerError(
+            "serve.engine is missing: use a config whose defaults pull in serve/<task>"
+        )
+
+    def _env(self) -> Dict[str, str]:
+        return build_env(plain(self.cfg.experiment.get("envs")), os.environ, self.repo_root)
+
+    def _start_and_wait(self, argv: List[str], env: Dict[str, str], url: str) -> int:
+        proc = start_background(argv, self.repo_root, env, self.log_path)
+        write_pid_record(self.pid_file, proc.pid)
+        logger.info("server started: pid %d, log %s", proc.pid, self.log_path)
+        try:
+            elapsed = self._wait_ready(proc, url)
+        except (RunnerError, KeyboardInterrupt) as err:
+            self._abort(proc)
+            if isinstance(err, KeyboardInterrupt):
+                logger.error("interrupted; the server was stopped")
+                return 130
+            raise
+        logger.info("server ready at %s after %.1fs (pid %d)", url, elapsed, proc.pid)
+        logger.info("stop it with the same command and action=stop")
+        return 0
+
+    def _wait_ready(self, proc, url: str) -> float:
+        start = time.monotonic()
+        next_report = start + REPORT_EVERY_S
+        while True:
+            if proc.poll() is not None:
+                raise RunnerError(
+                    f"the server exited with code {proc.returncode} before it was ready"
+                )
+            status, body = health(url)
+            elapsed = time.monotonic() - start
+            if is_ready(status, body):
+                return elapsed
+            if elapsed > self.ready_timeout:
+                raise RunnerError(
+                    f"the server was not ready after {self.ready_timeout:.0f}s "
+                    f"(experiment.runner.ready_timeout); last /health: {status} {body}"
+                )
+            if time.monotonic() >= next_report:
+                last = (tail(self.log_path, 1) or ["(empty)"])[0]
+                logger.info("waiting for %s/health: %.0fs elapsed; log: %s", url, elapsed, last)
+                next_report += REPORT_EVERY_S
+            time.sleep(POLL_S)
+
+    def _abort(self, proc) -> None:
+        """Show the log tail, stop the tree we started (unreaped, so its pid is still ours)."""
+        lines = tail(self.log_path)
+        logger.error("last %d lines of %s:\n%s", len(lines), self.log_path, "\n".join(lines))
+        try:
+            stop_tree(psutil.Process(proc.pid), self.stop_timeout)
+        except psutil.NoSuchProcess:
+            pass
+        proc.wait()
+        remove_pid_record(self.pid_file)
+
+    # ----- action=test ------------------------------------------------------------------------
+    def test(self) -> int:
+        if self.foreground:
+            raise RunnerError("action=test starts the server in the background; unset foreground")
+        images = self._sample_images()
+        rc = self.run()
+        if rc != 0:
+            return rc
+        try:
+            self._check_inference(images)
+        except BaseException:
+            self.stop()
+            raise
+        return self.stop()
+
+    def _sample_images(self) -> List[Path]:
+        names = ("orbbec_0_latest.jpg", "orbbec_1_latest.jpg", "orbbec_2_latest.jpg")
+        images = [self.repo_root / "examples" / "pi0" / name for name in names]
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise RunnerError(f"action=test needs the sample images, missing: {missing}")
+        return images
+
+    def _check_inference(self, images: List[Path]) -> None:
+        engine = self._engine(OmegaConf.to_container(self.cfg, resolve=True))
+        url = base_url(str(engine.get("host", "127.0.0.1")), int(engine.get("port", 9010)))
+        payload = sample_request(images, engine)
+        started = time.monotonic()
+        status, body = http_json(url + "/infer", payload, timeout=300)
+        elapsed_ms = (time.monotonic() - started) * 1000
+        actions = check_infer_response(status, body)
+        flat = np.round(actions.reshape(-1)[:6], 4).tolist()
+        logger.info(
+            "test /infer: HTTP %d in %.0f ms, actions shape %s, first values %s",
+            status,
+            elapsed_ms,
+            list(actions.shape),
+            flat,
+        )
+
+    # ----- action=stop ------------------------------------------------------------------------
+    def stop(self) -> int:
+        """Stop the recorded server tree. Nothing running is not an error (exit 0)."""
+        record = read_pid_record(self.pid_file)
+        leader = live_process(record) if record else None
+        rc = 0
+        if record is None:
+            logger.info(
+                "no server running for exp_dir %s (no pid file %s)", self.exp_dir, self.pid_file
+            )
+        elif leader is None:
+            logger.info(
+                "no server running for exp_dir %s: %s; removing the stale pid file",
+                self.exp_dir,
+                self._why_stale(record),
+            )
+            remove_pid_record(self.pid_file)
+        else:
+            rc = self._stop_leader(leader)
+        run_cmds(self.after_stop, "after_stop", self.repo_root, self._env())
+        return rc
+
+    def _stop_leader(self, leader) -> int:
+        procs = stop_tree(leader, self.stop_timeout)
+        survivors = wait_gone(procs, 0)
+        if survivors:
+            pids = [p.pid for p in survivors]
+            logger.error("could not stop %s; pid file kept at %s", pids, self.pid_file)
+            return 1
+        remove_pid_record(self.pid_file)
+        others = sorted(p.pid for p in procs if p.pid != leader.pid)
+        logger.info(
+            "stopped the server for exp_dir %s: pid %d and %d other process(es) %s",
+            self.exp_dir,
+            leader.pid,
+            len(others),
+            others,
+        )
+        return 0
+
+    def _why_stale(self, record: PidRecord) -> str:
+        if record.pid <= 0:
+            return f"{self.pid_file} does not hold a pid"
+        if record.create_time < 0:
+            return f"pid {record.pid} has no matching start record, so it is not known to be ours"
+        return f"pid {record.pid} is not running (or is another process now)"
