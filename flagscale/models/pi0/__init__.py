@@ -1,0 +1,7 @@
+"""Pi0 (PaliGemma + action expert) for inference."""
+
+from flagscale.models.pi0.config import PRESETS, PI0Config
+from flagscale.models.pi0.modeling_pi0 import PI0Model
+from flagscale.models.pi0.policy import PI0Policy
+
+__all__ = ["PI0Config", "PI0Model", "PI0Policy", "PRESETS"]

@@ -1,0 +1,200 @@
+"""Pi0 configuration: model dimensions (named presets) plus the lerobot `config.json` fields.
+
+A checkpoint directory's `config.json` is read with both lerobot spellings (G1 `num_steps`, G3
+`num_inference_steps`). Model dimensions come from, in order: an explicit `"pi0_dims"` block in
+config.json (`{"preset": "tiny"}` or every field of `TowerDims` per tower), openpi/G3
+`paligemma_variant` / `action_expert_variant` names, else the full-size `pi0` preset.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    width: int = 1152
+    depth: int = 27
+    heads: int = 16
+    mlp: int = 4304
+    patch: int = 14
+    image_size: int = 224
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+@dataclass(frozen=True)
+class TowerDims:
+    """A Gemma tower. Both towers must share depth, heads, kv_heads and head_dim (joint attention)."""
+
+    width: int
+    depth: int
+    mlp: int
+    heads: int = 8
+    kv_heads: int = 1
+    head_dim: int = 256
+
+
+GEMMA_VARIANTS = {
+    "gemma_2b": TowerDims(width=2048, depth=18, mlp=16384),
+    "gemma_300m": TowerDims(width=1024, depth=18, mlp=4096),
+    "dummy": TowerDims(width=64, depth=4, mlp=128, heads=8, kv_heads=1, head_dim=16),
+}
+
+PRESETS = {
+    "pi0": dict(
+        vision=VisionDims(),
+        llm=GEMMA_VARIANTS["gemma_2b"],
+        expert=GEMMA_VARIANTS["gemma_300m"],
+        vocab_size=257152,
+    ),
+    # Tiny: same code paths, seconds on a CPU. 56x56 images -> 16 tokens per camera.
+    "tiny": dict(
+        vision=VisionDims(width=32, depth=2, heads=2, mlp=64, patch=14, image_size=56),
+        llm=TowerDims(width=64, depth=2, mlp=128, heads=4, kv_heads=1, head_dim=16),
+        expert=TowerDims(width=32, depth=2, mlp=64, heads=4, kv_heads=1, head_dim=16),
+        vocab_size=512,
+    ),
+}
+
+
+@dataclass
+class PI0Config:
+    preset: str = "pi0"
+    vision: VisionDims = field(default_factory=VisionDims)
+    llm: TowerDims = field(default_factory=lambda: GEMMA_VARIANTS["gemma_2b"])
+    expert: TowerDims = field(default_factory=lambda: GEMMA_VARIANTS["gemma_300m"])
+    vocab_size: int = 257152
+    # lerobot config.json fields
+    chunk_size: int = 50
+    n_action_steps: int = 50
+    max_state_dim: int = 32
+    max_action_dim: int = 32
+    num_steps: int = 10
+    tokenizer_max_length: int = 48
+    resize_imgs_with_padding: Optional[Tuple[int, int]] = (224, 224)
+    empty_cameras: int = 0
+    adapt_to_pi_aloha: bool = False
+    image_keys: Tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+    input_features: dict = field(default_factory=dict)
+    output_features: dict = field(default_factory=dict)
+    rms_norm_eps: float = 1e-6
+    layer_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    min_period: float = 4e-3
+    max_period: float = 4.0
+
+    def __post_init__(self):
+        for name in ("depth", "heads", "kv_heads", "head_dim"):
+            if getattr(self.llm, name) != getattr(self.expert, name):
+                raise ValueError(f"llm and expert towers must share {name} (joint attention)")
+        if self.n_action_steps > self.chunk_size:
+            raise ValueError("n_action_steps must be <= chunk_size")
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "PI0Config":
+        if name not in PRESETS:
+            hint = difflib.get_close_matches(name, PRESETS, n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise ValueError(f"unknown Pi0 preset {name!r} (known: {sorted(PRESETS)}){extra}")
+        return cls(preset=name, **PRESETS[name], **overrides)
+
+    @classmethod
+    def from_json_dict(cls, raw: dict, default_preset: str = "pi0") -> "PI0Config":
+        dims = _dims_from_json(raw, default_preset)
+        return cls(**dims, **_fields_from_json(raw, dims["vision"].image_size))
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, default_preset: str = "pi0") -> "PI0Config":
+        path = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json in checkpoint directory {model_dir!r}")
+        with open(path) as f:
+            return cls.from_json_dict(json.load(f), default_preset)
+
+    def to_json_dict(self) -> dict:
+        """A lerobot-style config.json, plus the documented `pi0_dims` block."""
+        out = {"type": "pi0", "n_obs_steps": 1}
+        for name in _LEROBOT_FIELDS:
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        out["pi0_dims"] = {
+            "preset": self.preset,
+            "vision": dataclasses.asdict(self.vision),
+            "llm": dataclasses.asdict(self.llm),
+            "expert": dataclasses.asdict(self.expert),
+            "vocab_size": self.vocab_size,
+        }
+        return out
+
+
+_LEROBOT_FIELDS = (
+    "chunk_size",
+    "n_action_steps",
+    "max_state_dim",
+    "max_action_dim",
+    "num_steps",
+    "tokenizer_max_length",
+    "resize_imgs_with_padding",
+    "empty_cameras",
+    "adapt_to_pi_aloha",
+    "input_features",
+    "output_features",
+)
+
+
+def _dims_from_json(raw: dict, default_preset: str) -> dict:
+    block = raw.get("pi0_dims")
+    if block:
+        base = dict(
+            PRESETS[block.get("preset", default_preset)], preset=block.get("preset", "custom")
+        )
+        if "vision" in block:
+            base["vision"] = VisionDims(**block["vision"])
+        for tower in ("llm", "expert"):
+            if tower in block:
+                base[tower] = TowerDims(**block[tower])
+        base["vocab_size"] = block.get("vocab_size", base["vocab_size"])
+        return base
+    base = dict(PRESETS[default_preset], preset=default_preset)
+    variants = (("paligemma_variant", "llm"), ("action_expert_variant", "expert"))
+    for key, tower in variants:
+        if raw.get(key):
+            if raw[key] not in GEMMA_VARIANTS:
+                raise ValueError(
+                    f"config.json {key}={raw[key]!r} is not one of {list(GEMMA_VARIANTS)}"
+                )
+            base[tower] = GEMMA_VARIANTS[raw[key]]
+    return base
+
+
+def _fields_from_json(raw: dict, image_size: int) -> dict:
+    out = {}
+    for name in _LEROBOT_FIELDS:
+        if raw.get(name) is not None:
+            out[name] = raw[name]
+    steps = raw.get("num_inference_steps", raw.get("num_steps"))
+    if steps is not None:
+        out["num_steps"] = int(steps)
+    if raw.get("action_horizon") is not None:  # openpi converter config.json
+        out["chunk_size"] = out["n_action_steps"] = int(raw["action_horizon"])
+    resize = out.get("resize_imgs_with_padding") or raw.get("image_resolution")
+    out["resize_imgs_with_padding"] = tuple(resize) if resize else (image_size, image_size)
+    image_features = [k for k in out.get("input_features", {}) if k.startswith("observation.image")]
+    if image_features:
+        out["image_keys"] = tuple(k.split(".")[-1] for k in image_features)
+    return out

@@ -1,0 +1,298 @@
+"""PI0Policy: raw observations in, unnormalized action chunks out.
+
+policy = PI0Policy.from_pretrained("/models/lerobot/pi0", "/models/paligemma-3b-pt-224",
+                                   stat_path="/data/meta/stats.json")
+out = policy.infer({"images": {"base_0_rgb": img}, "state": state, "prompt": "pick up the cube"})
+out["actions"]  # float32 [chunk_size, action_dim]
+"""
+
+import os
+import tempfile
+import time
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from flagscale.logger import get_logger
+from flagscale.models.pi0 import processing as proc
+from flagscale.models.pi0.config import PI0Config
+from flagscale.models.pi0.modeling_pi0 import PI0Model
+from flagscale.models.pi0.tokenizer import build_test_tokenizer
+from flagscale.models.pi0.weights import init_random_weights, load_weights
+from flagscale.ops import build_ops
+
+logger = get_logger(__name__)
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def resolve_device(device=None) -> torch.device:
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use device=cpu")
+    return device
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).replace("torch.", "")
+    else:
+        name = str(dtype).replace("torch.", "").lower()
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: use bfloat16 or float32")
+    return DTYPES[name]
+
+
+def _has_tokenizer(path: Optional[str]) -> bool:
+    files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in files)
+
+
+class PI0Policy:
+    def __init__(self, model: PI0Model, tokenizer, normalizer=None, pad_mode="center", source=""):
+        self.model = model.eval()
+        self.config: PI0Config = model.config
+        self.tokenizer = tokenizer
+        self.normalizer = normalizer or proc.Normalizer()
+        self.pad_mode = pad_mode
+        self.source = source
+        self.sampler = model.sample_actions  # the engine may replace this with a graphed runner
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path,
+        tokenizer_path=None,
+        stat_path=None,
+        device=None,
+        dtype=None,
+        ops="native",
+        pad_mode="center",
+        preset=None,
+        progress=True,
+    ):
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        config = PI0Config.from_pretrained(model_path, default_preset=preset or "pi0")
+        op_table = build_ops(ops)
+        with torch.device("meta"):
+            model = PI0Model(config, op_table)
+        start = time.perf_counter()
+        info = load_weights(model, model_path, device, dtype, progress=progress)
+        logger.info("weights on %s in %.1f s", device, time.perf_counter() - start)
+        tokenizer_path = tokenizer_path or (model_path if _has_tokenizer(model_path) else None)
+        if tokenizer_path is None:
+            raise FileNotFoundError(
+                f"no tokenizer in {model_path!r}; pass tokenizer_path (google/paligemma-3b-pt-224)"
+            )
+        normalizer = cls._normalizer(stat_path, info["stats"])
+        policy = cls(model, proc.load_tokenizer(tokenizer_path), normalizer, pad_mode, model_path)
+        policy._log_ready()
+        return policy
+
+    @classmethod
+    def random(
+        cls,
+        preset="tiny",
+        device="cpu",
+        dtype=None,
+        seed=0,
+        tokenizer_path=None,
+        ops="native",
+        pad_mode="center",
+        stat_path=None,
+        **config_overrides,
+    ):
+        """Random weights (demo, tests, benchmarks). Its actions are meaningless."""
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        config = PI0Config.from_preset(preset, **config_overrides)
+        with torch.device("meta"):
+            model = PI0Model(config, build_ops(ops))
+        model = model.to_empty(device=device)
+        init_random_weights(model, seed)
+        model.to(dtype)
+        _restore_fp32(model)
+        if tokenizer_path is None:
+            tokenizer_path = os.path.join(tempfile.gettempdir(), "flagscale-pi0-test-tokenizer")
+            if not _has_tokenizer(tokenizer_path):
+                build_test_tokenizer(tokenizer_path, vocab_size=min(512, config.vocab_size))
+        normalizer = proc.load_stats(stat_path) if stat_path else None
+        policy = cls(
+            model, proc.load_tokenizer(tokenizer_path), normalizer, pad_mode, f"random:{preset}"
+        )
+        policy._log_ready()
+        return policy
+
+    @staticmethod
+    def _normalizer(stat_path, buffers):
+        if stat_path:
+            return proc.load_stats(stat_path)
+        from_ckpt = proc.stats_from_buffers(buffers)
+        if from_ckpt is None:
+            logger.warning(
+                "no normalization stats: state is used as given and actions are "
+                "returned in the model's normalized space (set stat_path)"
+            )
+        return from_ckpt
+
+    def _log_ready(self):
+        logger.info(
+            "Pi0 policy ready: %s, preset=%s, device=%s, dtype=%s, ops: %s",
+            self.source,
+            self.config.preset,
+            self.model.device,
+            self.model.dtype,
+            self.model.ops.describe(),
+        )
+
+    # ---- metadata --------------------------------------------------------------------------
+
+    @property
+    def image_keys(self):
+        return tuple(self.config.image_keys)
+
+    @property
+    def action_dim(self) -> int:
+        return self.normalizer.action_dim or self.config.max_action_dim
+
+    @property
+    def metadata(self) -> dict:
+        c = self.config
+        return {
+            "model": self.source,
+            "preset": c.preset,
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "device": str(self.model.device),
+            "op_backend": self.model.ops.backend,
+            "op_routes": dict(self.model.ops.routes),
+            "image_keys": list(self.image_keys),
+            "image_size": c.image_size,
+            "chunk_size": c.chunk_size,
+            "max_state_dim": c.max_state_dim,
+            "max_action_dim": c.max_action_dim,
+            "action_dim": self.action_dim,
+            "num_steps": c.num_steps,
+            "tokenizer_max_length": c.tokenizer_max_length,
+            "has_stats": self.normalizer.action is not None,
+            "pad_mode": self.pad_mode,
+        }
+
+    # ---- inference -------------------------------------------------------------------------
+
+    def infer(self, obs: dict, num_steps=None, noise=None, seed=None) -> dict:
+        return self.infer_batch([obs], num_steps, [noise], [seed])[0]
+
+    def infer_batch(self, observations: Sequence[dict], num_steps=None, noise=None, seeds=None):
+        """One model call for all observations; result i equals infer(observations[i]) with the
+        same noise or seed."""
+        n = len(observations)
+        noise = list(noise) if noise is not None else [None] * n
+        seeds = list(seeds) if seeds is not None else [None] * n
+        t0 = time.perf_counter()
+        inputs = self.preprocess(observations)
+        inputs["noise"] = self.make_noise(noise, seeds)
+        t1 = time.perf_counter()
+        actions = self.sampler(**inputs, num_steps=num_steps or self.config.num_steps)
+        actions = actions.float().cpu().numpy()  # synchronises with the device
+        t2 = time.perf_counter()
+        outs = [self.postprocess(a) for a in actions]
+        t3 = time.perf_counter()
+        timing = {
+            "preprocess_ms": (t1 - t0) * 1e3,
+            "model_ms": (t2 - t1) * 1e3,
+            "postprocess_ms": (t3 - t2) * 1e3,
+            "batch_size": n,
+        }
+        return [{"actions": a, "timing": dict(timing)} for a in outs]
+
+    def preprocess(self, observations: Sequence[dict]) -> dict:
+        c, device = self.config, self.model.device
+        images, masks = proc.prepare_images(
+            [o.get("images", {}) for o in observations],
+            self.image_keys,
+            c.image_size,
+            self.pad_mode,
+            device,
+        )
+        if not masks.any(dim=1).all():
+            raise ValueError("every observation needs at least one camera image")
+        prompts = [str(o.get("prompt") or "") for o in observations]
+        tokens, lang_masks = proc.tokenize_prompts(self.tokenizer, prompts, c.tokenizer_max_length)
+        states = [self._state(o.get("state")) for o in observations]
+        state = torch.as_tensor(np.stack(states), device=device)
+        return {
+            "images": images,
+            "img_masks": masks,
+            "lang_tokens": tokens.to(device),
+            "lang_masks": lang_masks.to(device),
+            "state": state,
+        }
+
+    def _state(self, state) -> np.ndarray:
+        state = (
+            np.zeros(0, np.float32) if state is None else np.asarray(state, np.float32).reshape(-1)
+        )
+        if self.config.adapt_to_pi_aloha:
+            state = proc.aloha_state_to_pi(state)
+        return proc.pad_vector(self.normalizer.normalize_state(state), self.config.max_state_dim)
+
+    def make_noise(self, noise, seeds) -> torch.Tensor:
+        c = self.config
+        shape = (c.chunk_size, c.max_action_dim)
+        rows = []
+        for given, seed in zip(noise, seeds):
+            if given is not None:
+                arr = torch.as_tensor(np.asarray(given, dtype=np.float32))
+                if tuple(arr.shape) != shape:
+                    raise ValueError(f"noise must have shape {list(shape)}, got {list(arr.shape)}")
+                rows.append(arr.clone())
+            else:
+                gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+                rows.append(torch.randn(shape, generator=gen, dtype=torch.float32))
+        return torch.stack(rows).to(self.model.device)
+
+    def postprocess(self, actions: np.ndarray) -> np.ndarray:
+        actions = self.normalizer.unnormalize_actions(actions)
+        if self.config.adapt_to_pi_aloha:
+            actions = proc.pi_actions_to_aloha(actions)
+        return np.ascontiguousarray(actions[..., : self.action_dim], dtype=np.float32)
+
+    def example_observation(self, n_cameras=None, height=480, width=640, seed=0) -> dict:
+        """A random observation with the policy's camera slots (warm-up, tests, benchmarks)."""
+        rng = np.random.default_rng(seed)
+        keys = self.image_keys[: n_cameras or len(self.image_keys)]
+        images = {k: rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for k in keys}
+        state_dim = self.normalizer.state_dim or min(14, self.config.max_state_dim)
+        return {
+            "images": images,
+            "state": rng.standard_normal(state_dim).astype(np.float32),
+            "prompt": "pick up the cube",
+        }
+
+    def warmup(self, batch_sizes: List[int] = (1,), num_steps_list: List[int] = (None,)):
+        for b in batch_sizes:
+            for steps in num_steps_list:
+                self.infer_batch([self.example_observation()] * b, num_steps=steps)
+
+
+def _restore_fp32(model):
+    from flagscale.models.pi0.weights import FP32_SUFFIXES
+
+    for name, param in model.named_parameters():
+        if name.endswith(FP32_SUFFIXES):
+            param.data = param.data.float()

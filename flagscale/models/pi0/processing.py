@@ -1,0 +1,237 @@
+"""Pre- and post-processing between raw robot data and Pi0 tensors (openpi/lerobot conventions).
+
+Inputs:  camera images (H x W x 3 uint8) -> resize-with-pad -> [-1, 1]; missing cameras -> black,
+         masked; state -> (adapt_to_pi_aloha) -> normalize -> zero-pad; prompt -> BOS + text + "\\n",
+         right-padded to tokenizer_max_length.
+Outputs: actions (normalized, padded) -> unnormalize -> (adapt_to_pi_aloha) -> cut to action dim.
+"""
+
+import json
+import os
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+
+PAD_MODES = ("center", "top_left")
+
+
+def resize_with_pad(images: torch.Tensor, size: int, pad_mode: str = "center") -> torch.Tensor:
+    """images [B, 3, H, W] float in [0, 1] -> [B, 3, size, size], aspect ratio kept, black padding.
+
+    openpi pads centered (extra pixel bottom/right); lerobot G1 / FlagScale v1 pads top and left.
+    """
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    ratio = max(w / size, h / size)
+    new_h, new_w = int(h / ratio), int(w / ratio)
+    resized = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    pad_h, pad_w = size - new_h, size - new_w
+    if pad_mode == "center":
+        top, left = pad_h // 2, pad_w // 2
+    else:
+        top, left = pad_h, pad_w
+    pads = (left, pad_w - left, top, pad_h - top)
+    return F.pad(resized.clamp(0.0, 1.0), pads, value=0.0)
+
+
+def prepare_images(
+    images: Sequence[Dict[str, np.ndarray]],
+    image_keys: Sequence[str],
+    size: int,
+    pad_mode: str = "center",
+    device="cpu",
+):
+    """Per-sample dicts {slot: H x W x 3 uint8} -> images [B, N, 3, S, S] in [-1, 1], masks [B, N]."""
+    b, n = len(images), len(image_keys)
+    out = torch.full((b, n, 3, size, size), -1.0, dtype=torch.float32, device=device)
+    masks = torch.zeros((b, n), dtype=torch.bool, device=device)
+    for i, sample in enumerate(images):
+        for j, key in enumerate(image_keys):
+            if key not in sample or sample[key] is None:
+                continue
+            img = torch.as_tensor(np.ascontiguousarray(sample[key]), device=device)
+            img = img.permute(2, 0, 1)[None].float() / 255.0
+            out[i, j] = resize_with_pad(img, size, pad_mode)[0] * 2.0 - 1.0
+            masks[i, j] = True
+    return out, masks
+
+
+# ---------------------------------------------------------------------------------------------
+# state / action padding and normalization
+# ---------------------------------------------------------------------------------------------
+
+
+def pad_vector(x: np.ndarray, dim: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32).reshape(-1)
+    if x.shape[0] > dim:
+        raise ValueError(f"vector of length {x.shape[0]} exceeds the model's maximum {dim}")
+    return np.pad(x, (0, dim - x.shape[0]))
+
+
+@dataclass(frozen=True)
+class NormStats:
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclass(frozen=True)
+class Normalizer:
+    """MEAN_STD normalization. lerobot: (x - mean) / (std + 1e-8), unnormalize x * std + mean.
+    openpi: eps 1e-6 on std both ways."""
+
+    state: Optional[NormStats] = None
+    action: Optional[NormStats] = None
+    eps: float = 1e-8
+    eps_in_unnormalize: bool = False
+
+    def normalize_state(self, x: np.ndarray) -> np.ndarray:
+        if self.state is None:
+            return np.asarray(x, dtype=np.float32)
+        s = self.state
+        _check_len(x, s.mean, "state")
+        return ((x - s.mean) / (s.std + self.eps)).astype(np.float32)
+
+    def unnormalize_actions(self, a: np.ndarray) -> np.ndarray:
+        if self.action is None:
+            return a
+        s = self.action
+        d = s.mean.shape[0]
+        std = s.std + self.eps if self.eps_in_unnormalize else s.std
+        return (a[..., :d] * std + s.mean).astype(np.float32)
+
+    @property
+    def action_dim(self) -> Optional[int]:
+        return None if self.action is None else int(self.action.mean.shape[0])
+
+    @property
+    def state_dim(self) -> Optional[int]:
+        return None if self.state is None else int(self.state.mean.shape[0])
+
+
+def _check_len(x, mean, what):
+    if np.asarray(x).shape[-1] != mean.shape[0]:
+        raise ValueError(
+            f"{what} has {np.asarray(x).shape[-1]} values, stats expect {mean.shape[0]}"
+        )
+
+
+def _stats(entry) -> NormStats:
+    return NormStats(
+        np.asarray(entry["mean"], np.float32).reshape(-1),
+        np.asarray(entry["std"], np.float32).reshape(-1),
+    )
+
+
+def load_stats(path: str, state_key="observation.state", action_key="action") -> Normalizer:
+    """lerobot dataset `meta/stats.json` or openpi `norm_stats.json` -> Normalizer."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"stats file not found: {path!r}")
+    with open(path) as f:
+        raw = json.load(f)
+    if "norm_stats" in raw:  # openpi assets/<id>/norm_stats.json
+        ns = raw["norm_stats"]
+        return Normalizer(_stats(ns["state"]), _stats(ns["actions"]), 1e-6, True)
+    missing = [k for k in (state_key, action_key) if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: stats file has no {missing} entries (found {sorted(raw)[:8]})")
+    return Normalizer(_stats(raw[state_key]), _stats(raw[action_key]))
+
+
+def stats_from_buffers(buffers: Dict[str, torch.Tensor]) -> Optional[Normalizer]:
+    """lerobot G1 fine-tunes keep stats as `normalize_inputs.buffer_observation_state.mean`, ..."""
+
+    def get(prefix, feature):
+        mean = buffers.get(
+            f"model.{prefix}.buffer_{feature}.mean", buffers.get(f"{prefix}.buffer_{feature}.mean")
+        )
+        std = buffers.get(
+            f"model.{prefix}.buffer_{feature}.std", buffers.get(f"{prefix}.buffer_{feature}.std")
+        )
+        if mean is None or std is None or not torch.isfinite(mean).all():
+            return None
+        return NormStats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
+
+    state = get("normalize_inputs", "observation_state")
+    action = get("unnormalize_outputs", "action")
+    return Normalizer(state, action) if state is not None or action is not None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# ALOHA <-> pi conversions (lerobot G1 adapt_to_pi_aloha)
+# ---------------------------------------------------------------------------------------------
+
+ALOHA_FLIP = np.array([1, -1, -1, 1, 1, 1, 1, 1, -1, -1, 1, 1, 1, 1], dtype=np.float32)
+ALOHA_GRIPPERS = (6, 13)
+
+
+def _unnorm(x, lo, hi):
+    return x * (hi - lo) + lo
+
+
+def _norm(x, lo, hi):
+    return (x - lo) / (hi - lo)
+
+
+def aloha_gripper_to_angular(v):
+    v = _unnorm(v, 0.01844, 0.05800)  # puppet gripper position, open/closed
+    arm, horn = 0.036, 0.022
+    value = (horn**2 + v**2 - arm**2) / (2 * horn * v)
+    return _norm(np.arcsin(np.clip(value, -1.0, 1.0)), 0.4, 1.5)
+
+
+def aloha_gripper_from_angular(v):
+    return _norm(_unnorm(v, 0.4, 1.5), -0.6213, 1.4910)
+
+
+def aloha_state_to_pi(state: np.ndarray) -> np.ndarray:
+    out = np.asarray(state, np.float32).copy()
+    out[..., :14] *= ALOHA_FLIP
+    for g in ALOHA_GRIPPERS:
+        out[..., g] = aloha_gripper_to_angular(out[..., g])
+    return out
+
+
+def pi_actions_to_aloha(actions: np.ndarray) -> np.ndarray:
+    out = np.asarray(actions, np.float32).copy()
+    out[..., :14] *= ALOHA_FLIP
+    for g in ALOHA_GRIPPERS:
+        out[..., g] = aloha_gripper_from_angular(out[..., g])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenize_prompts(tokenizer, prompts: List[str], max_length: int):
+    """BOS + prompt + "\\n", right-padded with 0 to max_length (lerobot G1-G3 convention)."""
+    texts = [p if p.endswith("\n") else p + "\n" for p in prompts]
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        return_tensors="pt",
+        padding_side="right",
+    )
+    return enc["input_ids"], enc["attention_mask"].bool()
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory not found: {path!r}")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,363 @@
+"""Checkpoint loading and saving for Pi0 (safetensors), in the lerobot/pi0 and openpi/pi0_base layouts.
+
+One declarative table maps each model parameter to the checkpoint tensor(s) it is made of (fused
+q|k|v and gate|up are concatenated along dim 0 at load and split again at save). Key names are
+first brought to one canonical spelling (openpi's, no `model.` prefix); see `canonical_key`.
+
+Loading is strict: every expected tensor must be present with the expected shape (the error names
+the key), unknown tensors are an error, and only the documented unused tensors are skipped
+(the expert's lm_head and token embedding). The model is built on the `meta` device and each
+parameter is materialised from the memory-mapped file one at a time, so a 14 GB float32 checkpoint
+never needs two full copies in RAM.
+"""
+
+import json
+import os
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from flagscale.logger import get_logger
+
+logger = get_logger(__name__)
+
+R = "paligemma_with_expert"
+PG = f"{R}.paligemma.model"
+VISION = f"{PG}.vision_tower.vision_model"
+LM = f"{PG}.language_model"
+EXPERT = f"{R}.gemma_expert.model"
+EMBED_KEYS = (f"{LM}.embed_tokens.weight", f"{R}.paligemma.lm_head.weight")
+IGNORED_KEYS = (f"{R}.gemma_expert.lm_head.weight", f"{EXPERT}.embed_tokens.weight")
+STATS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
+HEADS = (
+    "state_proj",
+    "action_in_proj",
+    "action_out_proj",
+    "action_time_mlp_in",
+    "action_time_mlp_out",
+)
+
+# lerobot G1 (transformers 4.48 names) -> canonical (openpi / lerobot G3) spelling
+_G1_RENAMES = (
+    (f"{R}.paligemma.vision_tower.", f"{PG}.vision_tower."),
+    (f"{R}.paligemma.multi_modal_projector.", f"{PG}.multi_modal_projector."),
+    (f"{R}.paligemma.language_model.model.", f"{LM}."),
+    (f"{R}.paligemma.language_model.lm_head.", f"{R}.paligemma.lm_head."),
+)
+
+# Parameters that stay float32 whatever the serving dtype (openpi's precision policy).
+FP32_SUFFIXES = (
+    "norm.weight",
+    "ln1.weight",
+    "ln1.bias",
+    "ln2.weight",
+    "ln2.bias",
+    "post_ln.weight",
+    "post_ln.bias",
+    "vision.patch_embed",
+    "vision.patch_bias",
+    "vision.pos_embed",
+)
+
+
+def canonical_key(key: str) -> str:
+    if key.startswith("model."):
+        key = key[len("model.") :]
+    for old, new in _G1_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def to_layout(key: str, layout: str) -> str:
+    """Canonical name -> name in `layout` ("lerobot" = G1 lerobot/pi0, "openpi" = no prefix)."""
+    if layout == "openpi":
+        return key
+    for old, new in _G1_RENAMES:
+        if key.startswith(new):
+            key = old + key[len(new) :]
+            break
+    return "model." + key
+
+
+def _vision_spec(config) -> Iterable[Tuple[str, List[str]]]:
+    yield "vision.patch_embed", [f"{VISION}.embeddings.patch_embedding.weight"]
+    yield "vision.patch_bias", [f"{VISION}.embeddings.patch_embedding.bias"]
+    yield "vision.pos_embed", [f"{VISION}.embeddings.position_embedding.weight"]
+    for i in range(config.vision.depth):
+        src, dst = f"{VISION}.encoder.layers.{i}", f"vision.layers.{i}"
+        for part in ("weight", "bias"):
+            yield f"{dst}.qkv.{part}", [f"{src}.self_attn.{n}_proj.{part}" for n in "qkv"]
+            yield f"{dst}.out.{part}", [f"{src}.self_attn.out_proj.{part}"]
+            for mine, theirs in (
+                ("ln1", "layer_norm1"),
+                ("ln2", "layer_norm2"),
+                ("fc1", "mlp.fc1"),
+                ("fc2", "mlp.fc2"),
+            ):
+                yield f"{dst}.{mine}.{part}", [f"{src}.{theirs}.{part}"]
+    for part in ("weight", "bias"):
+        yield f"vision.post_ln.{part}", [f"{VISION}.post_layernorm.{part}"]
+        yield f"vision.projector.{part}", [f"{PG}.multi_modal_projector.linear.{part}"]
+
+
+def _tower_spec(name: str, prefix: str, depth: int) -> Iterable[Tuple[str, List[str]]]:
+    for i in range(depth):
+        src, dst = f"{prefix}.layers.{i}", f"{name}.layers.{i}"
+        yield f"{dst}.input_norm.weight", [f"{src}.input_layernorm.weight"]
+        yield f"{dst}.qkv_proj.weight", [f"{src}.self_attn.{n}_proj.weight" for n in "qkv"]
+        yield f"{dst}.o_proj.weight", [f"{src}.self_attn.o_proj.weight"]
+        yield f"{dst}.ffw_norm.weight", [f"{src}.post_attention_layernorm.weight"]
+        yield f"{dst}.gate_up_proj.weight", [
+            f"{src}.mlp.gate_proj.weight",
+            f"{src}.mlp.up_proj.weight",
+        ]
+        yield f"{dst}.down_proj.weight", [f"{src}.mlp.down_proj.weight"]
+    yield f"{name}.norm.weight", [f"{prefix}.norm.weight"]
+
+
+def weight_spec(config) -> Dict[str, List[str]]:
+    """model parameter name -> canonical checkpoint keys (concatenated along dim 0)."""
+    spec = dict(_vision_spec(config))
+    spec["llm.embed"] = [EMBED_KEYS[0]]
+    spec.update(_tower_spec("llm", LM, config.llm.depth))
+    spec.update(_tower_spec("expert", EXPERT, config.expert.depth))
+    for head in HEADS:
+        for part in ("weight", "bias"):
+            spec[f"{head}.{part}"] = [f"{head}.{part}"]
+    return spec
+
+
+def part_shapes(param_shape, n_parts: int, config, name: str) -> List[Tuple[int, ...]]:
+    """Shapes of the checkpoint tensors that make up a (possibly fused) parameter."""
+    if n_parts == 1:
+        return [tuple(param_shape)]
+    rest = tuple(param_shape[1:])
+    if name.startswith("vision."):
+        sizes = [param_shape[0] // 3] * 3
+    elif name.endswith("gate_up_proj.weight"):
+        sizes = [param_shape[0] // 2] * 2
+    else:  # Gemma q|k|v
+        tower = config.llm if name.startswith("llm.") else config.expert
+        kv = tower.kv_heads * tower.head_dim
+        sizes = [tower.heads * tower.head_dim, kv, kv]
+    return [(s,) + rest for s in sizes]
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def checkpoint_files(model_dir: str) -> List[str]:
+    """One `model.safetensors`, or the shards named by `model.safetensors.index.json` (never both)."""
+    single = os.path.join(model_dir, "model.safetensors")
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(model_dir, s) for s in shards]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise CheckpointError(f"shards listed in {index} are missing: {missing}")
+        return files
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {model_dir!r}")
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to the tensors of a checkpoint by canonical name."""
+
+    def __init__(self, model_dir: str):
+        self.files = checkpoint_files(model_dir)
+        self.handles = [safe_open(f, framework="pt", device="cpu") for f in self.files]
+        self.where: Dict[str, Tuple[int, str]] = {}
+        for i, handle in enumerate(self.handles):
+            for key in handle.keys():
+                canon = canonical_key(key)
+                if canon in self.where:
+                    raise CheckpointError(f"tensor {key!r} appears twice in the checkpoint")
+                self.where[canon] = (i, key)
+        self.layout = (
+            "lerobot" if any(k.startswith("model.") for _, k in self.where.values()) else "openpi"
+        )
+
+    def raw_name(self, canon: str) -> str:
+        return self.where[canon][1] if canon in self.where else to_layout(canon, self.layout)
+
+    def shape(self, canon: str) -> Tuple[int, ...]:
+        i, key = self.where[canon]
+        return tuple(self.handles[i].get_slice(key).get_shape())
+
+    def get(self, canon: str) -> torch.Tensor:
+        i, key = self.where[canon]
+        return self.handles[i].get_tensor(key)
+
+    def stats_tensors(self) -> Dict[str, torch.Tensor]:
+        return {
+            raw: self.get(c) for c, (_, raw) in self.where.items() if c.startswith(STATS_PREFIXES)
+        }
+
+
+def resolve_embed_key(reader: CheckpointReader) -> str:
+    for key in EMBED_KEYS:
+        if key in reader.where:
+            return key
+    raise CheckpointError(
+        f"checkpoint has no token embedding: expected {reader.raw_name(EMBED_KEYS[0])!r} "
+        f"or {reader.raw_name(EMBED_KEYS[1])!r}"
+    )
+
+
+def check_keys(reader: CheckpointReader, spec: Dict[str, List[str]]):
+    expected = {k for keys in spec.values() for k in keys}
+    missing = sorted(k for k in expected if k not in reader.where)
+    if missing:
+        names = [reader.raw_name(k) for k in missing[:10]]
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        raise CheckpointError(f"checkpoint is missing tensor(s): {names}{more}")
+    allowed = expected | set(EMBED_KEYS) | set(IGNORED_KEYS)
+    unexpected = sorted(
+        k for k in reader.where if k not in allowed and not k.startswith(STATS_PREFIXES)
+    )
+    if unexpected:
+        names = [reader.raw_name(k) for k in unexpected[:10]]
+        raise CheckpointError(
+            f"checkpoint has unexpected tensor(s) the model does not use: {names}"
+        )
+
+
+def load_weights(model, model_dir: str, device, dtype, progress: bool = True) -> dict:
+    """Fill a (meta-device or materialised) model from `model_dir`. Returns info incl. stats buffers."""
+    reader = CheckpointReader(model_dir)
+    spec = weight_spec(model.config)
+    spec["llm.embed"] = [resolve_embed_key(reader)]
+    check_keys(reader, spec)
+    params = dict(model.named_parameters())
+    if set(params) != set(spec):
+        raise RuntimeError(f"weight table out of sync with the model: {set(params) ^ set(spec)}")
+    bar = tqdm(
+        spec.items(),
+        desc=f"loading {os.path.basename(os.path.abspath(model_dir))}",
+        unit="tensor",
+        disable=not progress,
+    )
+    for name, keys in bar:
+        tensor = _read_param(reader, name, keys, params[name].shape, model.config)
+        target = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
+        _assign(model, name, tensor.to(device=device, dtype=target))
+    logger.info("loaded %d tensors from %s (%s layout)", len(spec), model_dir, reader.layout)
+    return {"layout": reader.layout, "files": reader.files, "stats": reader.stats_tensors()}
+
+
+def _read_param(reader, name, keys, param_shape, config) -> torch.Tensor:
+    shapes = part_shapes(param_shape, len(keys), config, name)
+    parts = []
+    for key, want in zip(keys, shapes):
+        got = reader.shape(key)
+        if got != want:
+            raise CheckpointError(
+                f"tensor {reader.raw_name(key)!r} has shape {list(got)}, expected {list(want)}"
+            )
+        parts.append(reader.get(key))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _assign(model, name: str, tensor: torch.Tensor):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+
+def export_state(model, layout: str = "lerobot", dtype=torch.float32, include_unused=True):
+    """model -> {checkpoint key: CPU tensor} in `layout`, fused tensors split back."""
+    if layout not in ("lerobot", "openpi"):
+        raise ValueError(f"layout must be 'lerobot' or 'openpi', got {layout!r}")
+    params = dict(model.named_parameters())
+    out = {}
+    for name, keys in weight_spec(model.config).items():
+        tensor = params[name].detach().to("cpu", dtype)
+        sizes = [s[0] for s in part_shapes(tensor.shape, len(keys), model.config, name)]
+        for key, part in zip(keys, tensor.split(sizes, dim=0)):
+            out[to_layout(key, layout)] = part.contiguous()
+    if layout == "openpi":  # token embedding stored only as lm_head (tied, de-duplicated)
+        out[to_layout(EMBED_KEYS[1], layout)] = out.pop(to_layout(EMBED_KEYS[0], layout))
+    if include_unused:  # the expert's lm_head: stored (zeros) by the converters, never used
+        shape = (model.config.vocab_size, model.config.expert.width)
+        out[to_layout(IGNORED_KEYS[0], layout)] = torch.zeros(shape, dtype=dtype)
+    return out
+
+
+def save_pretrained(
+    model,
+    out_dir: str,
+    layout="lerobot",
+    dtype=torch.float32,
+    max_shard_bytes: Optional[int] = None,
+    include_unused=True,
+):
+    """Write config.json + model.safetensors (or shards + index) that `from_pretrained` loads."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(model.config.to_json_dict(), f, indent=2)
+    state = export_state(model, layout, dtype, include_unused)
+    if not max_shard_bytes:
+        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# random weights (demo, tests, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_random_weights(model, seed: int = 0, std: float = 0.02):
+    """Random weights; norm weights are randomised too so a (w) vs (1 + w) mix-up cannot hide."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith(("norm.weight", "ln1.weight", "ln2.weight", "post_ln.weight")):
+            param.uniform_(-0.2, 0.2, generator=gen)
+            if not name.split(".")[-2].endswith("norm"):  # LayerNorm: around 1
+                param.add_(1.0)
+        elif name.endswith("bias"):
+            param.normal_(0.0, std, generator=gen)
+        elif name in ("llm.embed", "vision.pos_embed"):
+            param.normal_(
+                0.0,
+                std if name == "vision.pos_embed" else 1.0 / param.shape[1] ** 0.5,
+                generator=gen,
+            )
+        else:
+            param.normal_(0.0, param[0].numel() ** -0.5, generator=gen)  # fan-in scaling

@@ -1,0 +1,95 @@
+"""Native (torch) ops: the reference implementation of every primitive the Pi0 model uses.
+
+Shapes: x [..., D]; attention q [B, Lq, H, Dh], k/v [B, Lk, Hkv, Dh], mask [B, 1 | Lq, Lk] additive.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x, weight, bias=None):
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x, weight, eps=1e-6):
+    """Gemma RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + w), computed in fp32, cast back to x.dtype.
+
+    NOTE: Gemma scales by (1 + w) (weights initialise to zero), not by w.
+    """
+    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (y * (1.0 + weight.float())).to(x.dtype)
+
+
+def layer_norm(x, weight, bias, eps=1e-6):
+    y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
+    return y.to(x.dtype)
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def geglu(gate_up):
+    """GeGLU on a fused [..., 2*F] gate|up tensor: gelu_tanh(gate) * up."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def silu(x):
+    return F.silu(x)
+
+
+def fold_heads(q, k, v, mask):
+    """MQA with one K/V head is single-head attention over H*Lq queries: fold heads into the rows.
+
+    Returns q [B, 1, H*Lq, Dh], k/v [B, 1, Lk, Dh], mask [B, 1, H*Lq | 1, Lk].
+    """
+    b, lq, h, dh = q.shape
+    q = q.transpose(1, 2).reshape(b, 1, h * lq, dh)
+    k = k.transpose(1, 2)
+    v = v.transpose(1, 2)
+    if mask is not None and mask.shape[-2] != 1:
+        mask = mask[:, None].expand(b, h, lq, mask.shape[-1]).reshape(b, 1, h * lq, -1)
+    elif mask is not None:
+        mask = mask[:, None]
+    return q, k, v, mask
+
+
+def attention(q, k, v, mask=None, scale=None):
+    """Softmax attention with fp32 softmax; q [B, Lq, H, Dh], k/v [B, Lk, Hkv, Dh] -> [B, Lq, H*Dh].
+
+    `mask` is an additive float mask [B, Lq | 1, Lk] in q's dtype (0 = keep, -2.38e38 = drop).
+    Hkv is 1 (Gemma MQA) or H (SigLIP).
+    """
+    b, lq, h, dh = q.shape
+    scale = dh**-0.5 if scale is None else scale
+    if k.shape[2] == 1 and h > 1:
+        qf, kf, vf, mf = fold_heads(q, k, v, mask)
+        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mf, scale=scale)
+        return out.reshape(b, h, lq, dh).transpose(1, 2).reshape(b, lq, h * dh)
+    mask = None if mask is None else mask[:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2).reshape(b, lq, h * dh)
+
+
+def attention_reference(q, k, v, mask=None, scale=None):
+    """Plain eager attention (fp32 logits and softmax, probabilities cast back), for tests."""
+    b, lq, h, dh = q.shape
+    scale = dh**-0.5 if scale is None else scale
+    rep = h // k.shape[2]
+    k = k.repeat_interleave(rep, dim=2)
+    v = v.repeat_interleave(rep, dim=2)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if mask is not None:
+        logits = logits + mask[:, None].float()
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.reshape(b, lq, h * dh)
+
+
+MASK_VALUE = -2.3819763e38
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
