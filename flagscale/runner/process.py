@@ -13,7 +13,7 @@ import time
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import psutil
 
@@ -116,8 +116,10 @@ def _in_session(proc: psutil.Process, leader: psutil.Process) -> bool:
         return False
 
 
-def stop_tree(leader: psutil.Process, timeout: float) -> List[psutil.Process]:
-    """SIGTERM the tree, wait up to ``timeout`` s, SIGKILL survivors. Returns the processes hit."""
+def stop_tree(
+    leader: psutil.Process, timeout: float
+) -> Tuple[List[psutil.Process], List[psutil.Process]]:
+    """SIGTERM the tree, wait up to ``timeout`` s, SIGKILL survivors. Returns (hit, survivors)."""
     procs = process_tree(leader)
     _signal_all(procs, signal.SIGTERM)
     survivors = wait_gone(procs, timeout)
@@ -127,9 +129,7 @@ def stop_tree(leader: psutil.Process, timeout: float) -> List[psutil.Process]:
         )
         _signal_all(survivors, signal.SIGKILL)
         survivors = wait_gone(survivors, 5.0)
-    if survivors:
-        logger.error("could not stop: %s", [p.pid for p in survivors])
-    return procs
+    return procs, survivors
 
 
 def _signal_all(procs: Sequence[psutil.Process], sig: int) -> None:

@@ -29,7 +29,6 @@ from flagscale.runner.process import (
     start_background,
     stop_tree,
     tail,
-    wait_gone,
     write_pid_record,
 )
 from flagscale.runner.runner_base import RunnerBase, RunnerError
@@ -59,20 +58,21 @@ class ServeRunner(RunnerBase):
         cmds = plain(cfg.experiment.get("cmds")) or {}
         self.before_start = parse_cmds(cmds.get("before_start"), "before_start")
         self.after_stop = parse_cmds(cmds.get("after_stop"), "after_stop")
+        self.serve_cfg = None  # ServeConfig once run() validated it
 
     # ----- action=run -------------------------------------------------------------------------
     def run(self) -> int:
         entrypoint = self._check_supported()
         self._refuse_if_running()
         resolved = self._write_resolved_config()
-        host, port = self._preflight(resolved)
         env = self._env()
+        self.serve_cfg = self._preflight(resolved, env)
         run_cmds(self.before_start, "before_start", self.repo_root, env)
         argv = [sys.executable, str(entrypoint), "--config-path", str(self.config_path)]
         argv += ["--log-dir", str(self.log_dir)]
         if self.foreground:
             exec_foreground(argv, self.repo_root, env, self.pid_file)
-        return self._start_and_wait(argv, env, base_url(host, port))
+        return self._start_and_wait(argv, env, self._url())
 
     def _check_supported(self) -> Path:
         """Refuse what this launcher cannot do; return the absolute server entry point."""
@@ -119,31 +119,21 @@ class ServeRunner(RunnerBase):
         logger.info("resolved config written to %s", self.config_path)
         return resolved
 
-    def _preflight(self, resolved: Dict[str, Any]):
-        """Validate the serve config with the server's own loader and check the port."""
+    def _preflight(self, resolved: Dict[str, Any], env: Dict[str, str]):
+        """Validate the serve config with the server's own loader; check the port is free."""
         try:
             from flagscale.serve.config import ConfigError, load_serve_config
         except ImportError as err:
             raise RunnerError(f"cannot import the server config loader: {err}") from err
         try:
-            load_serve_config(resolved)
+            serve_cfg = load_serve_config(resolved, env=env)
         except ConfigError as err:
             raise RunnerError(f"invalid serve config: {err}") from err
-        engine = self._engine(resolved)
-        host, port = str(engine.get("host", "127.0.0.1")), int(engine.get("port", 9010))
-        check_port_free(host, port)
-        return host, port
+        check_port_free(serve_cfg.host, serve_cfg.port)
+        return serve_cfg
 
-    @staticmethod
-    def _engine(resolved: Dict[str, Any]) -> Dict[str, Any]:
-        serve = resolved.get("serve")
-        if isinstance(serve, dict) and isinstance(serve.get("engine"), dict):
-            return serve["engine"]
-        if isinstance(serve, list) and serve and isinstance(serve[0], dict):
-            return serve[0].get("engine_args") or {}  # FlagScale v2 list form
-        raise RunnerError(
-            "serve.engine is missing: use a config whose defaults pull in serve/<task>"
-        )
+    def _url(self) -> str:
+        return base_url(self.serve_cfg.host, self.serve_cfg.port)
 
     def _env(self) -> Dict[str, str]:
         return build_env(plain(self.cfg.experiment.get("envs")), os.environ, self.repo_root)
@@ -222,9 +212,9 @@ class ServeRunner(RunnerBase):
         return images
 
     def _check_inference(self, images: List[Path]) -> None:
-        engine = self._engine(OmegaConf.to_container(self.cfg, resolve=True))
-        url = base_url(str(engine.get("host", "127.0.0.1")), int(engine.get("port", 9010)))
-        payload = sample_request(images, engine)
+        cfg = self.serve_cfg
+        payload = sample_request(images, list(cfg.cameras), cfg.state_dim, cfg.instruction)
+        url = self._url()
         started = time.monotonic()
         status, body = http_json(url + "/infer", payload, timeout=300)
         elapsed_ms = (time.monotonic() - started) * 1000
@@ -261,8 +251,7 @@ class ServeRunner(RunnerBase):
         return rc
 
     def _stop_leader(self, leader) -> int:
-        procs = stop_tree(leader, self.stop_timeout)
-        survivors = wait_gone(procs, 0)
+        procs, survivors = stop_tree(leader, self.stop_timeout)
         if survivors:
             pids = [p.pid for p in survivors]
             logger.error("could not stop %s; pid file kept at %s", pids, self.pid_file)

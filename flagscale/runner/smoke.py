@@ -9,23 +9,17 @@ import numpy as np
 
 from flagscale.runner.runner_base import RunnerError
 
-V1_CAMERAS = ("cam_high", "cam_left_wrist", "cam_right_wrist")
 
-
-def sample_request(images: Sequence[Path], engine: Dict[str, Any]) -> Dict[str, Any]:
-    """v1 body (as ``client_pi0.py`` sends it) with a fixed state ramp of ``engine.state_dim``."""
-    cameras = list(engine.get("cameras") or V1_CAMERAS)[: len(images)]
+def sample_request(
+    images: Sequence[Path], cameras: Sequence[str], state_dim: int, instruction: str
+) -> Dict[str, Any]:
+    """v1 body (as ``client_pi0.py`` sends it): one image per camera, a fixed state ramp."""
     encoded = {
         name: base64.b64encode(Path(path).read_bytes()).decode()
         for name, path in zip(cameras, images)
     }
-    state = np.linspace(-0.5, 0.5, int(engine.get("state_dim", 14))).round(4).tolist()
-    return {
-        "instruction": engine.get("instruction") or "Grab the orange and put it into the basket.",
-        "qpos": [state],
-        "eef_pose": [state],
-        "images": [encoded],
-    }
+    state = np.linspace(-0.5, 0.5, state_dim).round(4).tolist()
+    return {"instruction": instruction, "qpos": [state], "eef_pose": [state], "images": [encoded]}
 
 
 def check_infer_response(status: int, body: Any) -> np.ndarray:
