@@ -1,0 +1,572 @@
+"""FastAPI app factory for the Pi0 policy: POST /infer, GET /health, GET /info.
+
+State lives on app.state (cfg, worker); routes are thin: read body -> validate -> decode (thread pool)
+-> worker (one inference thread, micro-batching) -> response. Every error is JSON
+{"success": false, "error": "..."} naming the field.
+"""
+
+import contextlib
+import json
+import sys
+import time
+
+from typing import Any, Callable
+
+import numpy as np
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flagscale import __version__
+from flagscale.logger import get_logger
+from flagscale.serve.codec import ImageDecodeError, decode_image
+from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
+from flagscale.serve.schemas import InferRequest, InferResponse, Timing, describe_validation_error
+from flagscale.serve.worker import InferenceWorker, NotReady, QueueFull
+
+logger = get_logger("flagscale.serve.app")
+
+V2_IMAGE_PREFIX = "observation.images."
+
+
+class RequestError(Exception):
+    """A client error: answered as {"success": false, "error": message} with `status`."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def create_app(
+    policy=None, cfg=None, *, load_policy: Callable[[], Any] | None = None, on_failure=None
+) -> FastAPI:
+    """Build the app. Give a ready `policy`, or `load_policy` (called in the inference thread
+    after the server has started; /health answers "loading" with 503 until it is warmed up).
+
+    cfg: ServeConfig, or anything load_serve_config accepts. on_failure(exc) runs if loading fails.
+    """
+    cfg = load_serve_config(cfg if cfg is not None else {"engine": {"random_init": True}})
+    fixed_noise = _load_fixed_noise(cfg.fixed_noise)
+    worker = InferenceWorker(
+        policy,
+        load_policy=load_policy,
+        prepare=lambda p: prepare_policy(p, cfg, fixed_noise),
+        max_batch_size=cfg.max_batch_size,
+        max_wait_ms=cfg.max_wait_ms,
+        max_queue=cfg.max_queue,
+        on_failure=on_failure,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        await run_in_threadpool(worker.stop)
+
+    app = FastAPI(title="FlagScale Pi0 server", version=__version__, lifespan=lifespan)
+    app.state.cfg = cfg
+    app.state.worker = worker
+    app.state.fixed_noise = fixed_noise
+    _add_routes(app)
+    _add_error_handlers(app)
+    return app
+
+
+# ---------------------------------------------------------------- startup checks
+
+
+def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> None:
+    """Runs in the inference thread after load: check dims, warm up, probe one inference."""
+    meta = policy.metadata
+    _check_dims(policy, meta, cfg, fixed_noise)
+    if cfg.warmup and hasattr(policy, "warmup"):
+        start = time.perf_counter()
+        policy.warmup(
+            batch_sizes=list(range(1, cfg.max_batch_size + 1)), num_steps_list=[cfg.num_steps]
+        )
+        logger.info("warm-up done in %.1f s", time.perf_counter() - start)
+    probe = {
+        "images": {slot: np.zeros((224, 224, 3), np.uint8) for slot in cfg.cameras.values()},
+        "state": np.zeros(cfg.state_dim, np.float32),
+        "prompt": cfg.instruction,
+    }
+    out = policy.infer_batch([probe], num_steps=cfg.num_steps, noise=[None], seeds=[0])[0]
+    actions = np.asarray(out["actions"])
+    if (
+        actions.ndim != 2
+        or actions.shape[0] < cfg.action_horizon
+        or actions.shape[1] < cfg.action_dim
+    ):
+        raise ConfigError(
+            f"serve.engine.action_horizon/action_dim: the model returns actions of shape "
+            f"{list(actions.shape)}, cannot cut [:{cfg.action_horizon}, :{cfg.action_dim}]"
+        )
+
+
+def _check_dims(policy, meta, cfg: ServeConfig, fixed_noise) -> None:
+    if cfg.state_dim > meta["max_state_dim"]:
+        raise ConfigError(
+            f"serve.engine.state_dim: {cfg.state_dim} exceeds the model's max_state_dim "
+            f"{meta['max_state_dim']}"
+        )
+    if cfg.action_horizon > meta["chunk_size"]:
+        raise ConfigError(
+            f"serve.engine.action_horizon: {cfg.action_horizon} exceeds the model's chunk_size "
+            f"{meta['chunk_size']}"
+        )
+    missing = [s for s in cfg.cameras.values() if s not in tuple(policy.image_keys)]
+    if missing:
+        raise ConfigError(f"serve.engine.cameras: the model has no image slot {missing}")
+    expected = (meta["chunk_size"], meta["max_action_dim"])
+    if fixed_noise is not None and fixed_noise.shape != expected:
+        raise ConfigError(
+            f"serve.engine.fixed_noise: expected shape {list(expected)} "
+            f"(chunk_size x max_action_dim), got {list(fixed_noise.shape)}"
+        )
+
+
+def _load_fixed_noise(path: str | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    noise = np.load(path, allow_pickle=False).astype(np.float32)
+    if not np.isfinite(noise).all():
+        raise ConfigError(f"serve.engine.fixed_noise: {path} contains NaN or infinite values")
+    noise.setflags(write=False)
+    return noise
+
+
+# ---------------------------------------------------------------- routes
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health():
+        return _health(app.state.worker, app.state.cfg)
+
+    @app.get("/info")
+    async def info():
+        return JSONResponse(_jsonable(_info(app.state.worker, app.state.cfg)))
+
+    @app.post("/infer")
+    async def infer(request: Request):
+        return await _infer(request, app.state.cfg, app.state.worker, app.state.fixed_noise)
+
+
+def _health(worker: InferenceWorker, cfg: ServeConfig) -> JSONResponse:
+    status = {"ready": "healthy", "loading": "loading"}.get(worker.state, worker.state)
+    body = {
+        "status": status,
+        "model_loaded": worker.ready,
+        "gpu_info": gpu_info(),
+        "device": cfg.device,
+        "timestamp": time.time(),
+    }
+    if worker.error:
+        body["error"] = worker.error
+    return JSONResponse(body, status_code=200 if worker.ready else 503)
+
+
+def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
+    policy = worker.policy
+    return {
+        "status": worker.state,
+        "model_loaded": worker.ready,
+        "version": __version__,
+        "random_init": cfg.random_init,
+        "metadata": None if policy is None else dict(policy.metadata),
+        "ops": cfg.ops,
+        "device": cfg.device,
+        "dtype": cfg.torch_dtype,
+        "cameras": dict(cfg.cameras),
+        "image_slots": list(IMAGE_SLOTS),
+        "state_dim": cfg.state_dim,
+        "action_shape": [cfg.action_horizon, cfg.action_dim],
+        "num_steps": {"default": cfg.num_steps, "max": cfg.max_num_steps},
+        "instruction": cfg.instruction,
+        "seed": cfg.seed,
+        "fixed_noise": cfg.fixed_noise,
+        "limits": {
+            "max_batch_size": cfg.max_batch_size,
+            "max_wait_ms": cfg.max_wait_ms,
+            "max_queue": cfg.max_queue,
+            "max_body_mb": cfg.max_body_mb,
+            "max_image_side": cfg.max_image_side,
+        },
+        "queue_depth": worker.queue_depth,
+    }
+
+
+async def _infer(request: Request, cfg: ServeConfig, worker: InferenceWorker, fixed_noise):
+    start = time.perf_counter()
+    if not worker.ready:
+        raise RequestError(503, _not_ready(worker))
+    body = await read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
+    req = parse_request(body)
+    noise_shape = _noise_shape(worker.policy)
+    batch = await run_in_threadpool(build_batch, req, cfg, noise_shape, fixed_noise)
+    preprocess_ms = (time.perf_counter() - start) * 1000.0
+    try:
+        result = await worker.infer(batch.observations, batch.noises, batch.seeds, batch.num_steps)
+    except QueueFull as e:
+        raise RequestError(503, str(e)) from None
+    except NotReady as e:
+        raise RequestError(503, str(e)) from None
+    except Exception as e:
+        raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
+    actions = cut_actions(result.outputs, cfg)
+    timing = Timing(
+        queue_ms=result.queue_ms,
+        preprocess_ms=preprocess_ms,
+        model_ms=result.model_ms,
+        total_ms=(time.perf_counter() - start) * 1000.0,
+        batch_size=result.batch_size,
+    )
+    response = InferResponse(
+        actions=actions,
+        qpos=actions,
+        num_steps=batch.num_steps,
+        seed=batch.echo_seed,
+        timing=timing,
+    )
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
+def _not_ready(worker: InferenceWorker) -> str:
+    if worker.state == "failed":
+        return f"model failed to load: {worker.error}"
+    return f"model not loaded yet (status: {worker.state}); poll GET /health until it is healthy"
+
+
+def _noise_shape(policy) -> tuple:
+    meta = policy.metadata
+    return (int(meta["chunk_size"]), int(meta["max_action_dim"]))
+
+
+# ---------------------------------------------------------------- body and request parsing
+
+
+async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
+    """Read the body, stopping at `limit` bytes whatever Content-Length says (413 beyond it)."""
+    too_large = RequestError(
+        413, f"request body is larger than {limit_mb:g} MB (engine.max_body_mb)"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        await _discard(request, 0, limit)
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            await _discard(request, size, limit)
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _discard(request: Request, size: int, limit: int) -> None:
+    """Drain a bounded amount of an oversized body so the client reads the 413 instead of a reset."""
+    cap = 2 * limit + (8 << 20)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                return
+    except Exception:  # the stream may already be consumed or disconnected
+        return
+
+
+def parse_request(body: bytes) -> InferRequest:
+    if not body.strip():
+        raise RequestError(400, "empty request body; expected a JSON object")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise RequestError(400, f"invalid JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"body must be a JSON object, got {type(data).__name__}")
+    try:
+        return InferRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestError(422, describe_validation_error(e)) from None
+
+
+class Batch:
+    def __init__(self, observations, noises, seeds, num_steps, echo_seed):
+        self.observations = observations
+        self.noises = noises
+        self.seeds = seeds
+        self.num_steps = num_steps
+        self.echo_seed = echo_seed
+
+
+def build_batch(req: InferRequest, cfg: ServeConfig, noise_shape: tuple, fixed_noise) -> Batch:
+    """Validate against the config and decode images: one observation per `images` element."""
+    size = req.batch_size
+    if size > cfg.max_batch_size:
+        raise RequestError(
+            400,
+            f"images: {size} observations in one request; at most {cfg.max_batch_size} "
+            "(engine.max_batch_size)",
+        )
+    num_steps = _num_steps(req, cfg)
+    prompts = _prompts(req, cfg)
+    states = _states(req, cfg)
+    masks = _masks(req, cfg)
+    noises, seeds, echo = _noise_and_seeds(req, cfg, noise_shape, fixed_noise)
+    observations = [
+        {
+            "images": _images(i, req.images[i], masks[i], cfg),
+            "state": states[i],
+            "prompt": prompts[i],
+        }
+        for i in range(size)
+    ]
+    return Batch(observations, noises, seeds, num_steps, echo)
+
+
+def _num_steps(req: InferRequest, cfg: ServeConfig) -> int:
+    steps = cfg.num_steps if req.num_steps is None else req.num_steps
+    if not 1 <= steps <= cfg.max_num_steps:
+        raise RequestError(
+            400, f"num_steps: must be in 1..{cfg.max_num_steps} (engine.max_num_steps), got {steps}"
+        )
+    return steps
+
+
+def _prompts(req: InferRequest, cfg: ServeConfig) -> list:
+    value = cfg.instruction if req.instruction is None else req.instruction
+    if isinstance(value, str):
+        return [value] * req.batch_size
+    if len(value) != req.batch_size:
+        raise RequestError(
+            400,
+            f"instruction: a list needs one string per observation ({req.batch_size}), "
+            f"got {len(value)}",
+        )
+    return list(value)
+
+
+def _states(req: InferRequest, cfg: ServeConfig) -> list:
+    field = req.state_field
+    state = getattr(req, field)
+    if state is None:
+        raise RequestError(422, "state: field required (send `state`, or `eef_pose` as in v1)")
+    if state.ndim == 1:
+        state = state[None, :]
+    if state.ndim != 2:
+        raise RequestError(
+            400,
+            f"{field}: expected [batch, {cfg.state_dim}] numbers, got shape {list(state.shape)}",
+        )
+    if state.shape[0] != req.batch_size:
+        raise RequestError(
+            400,
+            f"{field}: {state.shape[0]} rows but images has {req.batch_size} observations; "
+            "send one row per observation",
+        )
+    if state.shape[1] != cfg.state_dim:
+        raise RequestError(
+            400,
+            f"{field}: expected {cfg.state_dim} values per observation (engine.state_dim), "
+            f"got {state.shape[1]}",
+        )
+    _check_finite(field, state)
+    return list(state.astype(np.float32))
+
+
+def _check_finite(field: str, array: np.ndarray) -> None:
+    if not np.isfinite(array).all():
+        raise RequestError(400, f"{field}: contains NaN or infinite values")
+
+
+def _slot_for(name: str, cfg: ServeConfig) -> str | None:
+    if name in cfg.cameras:
+        return cfg.cameras[name]
+    slot = name.removeprefix(V2_IMAGE_PREFIX)
+    return slot if slot in cfg.cameras.values() else None
+
+
+def _unknown_camera(field: str, name: str, cfg: ServeConfig) -> RequestError:
+    known = ", ".join(cfg.cameras)
+    slots = ", ".join(cfg.cameras.values())
+    return RequestError(
+        400,
+        f"{field}: unknown camera {name!r}; known cameras: {known} "
+        f"(or image slots {slots}, optionally prefixed '{V2_IMAGE_PREFIX}')",
+    )
+
+
+def _masks(req: InferRequest, cfg: ServeConfig) -> list:
+    """image_masks -> per observation, the set of slots masked out (value false)."""
+    value = req.image_masks
+    if value is None:
+        return [set() for _ in range(req.batch_size)]
+    items = [value] * req.batch_size if isinstance(value, dict) else value
+    if len(items) != req.batch_size:
+        raise RequestError(
+            400, f"image_masks: {len(items)} entries but images has {req.batch_size} observations"
+        )
+    masks = []
+    for i, item in enumerate(items):
+        masked = set()
+        for name, keep in item.items():
+            slot = _slot_for(name, cfg)
+            if slot is None:
+                raise _unknown_camera(f"image_masks[{i}]", name, cfg)
+            if not keep:
+                masked.add(slot)
+        masks.append(masked)
+    return masks
+
+
+def _images(index: int, cams: dict, masked: set, cfg: ServeConfig) -> dict:
+    images = {}
+    for name, text in cams.items():
+        slot = _slot_for(name, cfg)
+        if slot is None:
+            raise _unknown_camera(f"images[{index}]", name, cfg)
+        if slot in images:
+            raise RequestError(400, f"images[{index}].{name}: slot {slot} is given twice")
+        if text is None or slot in masked:
+            continue
+        try:
+            images[slot] = decode_image(text, cfg.max_image_side)
+        except ImageDecodeError as e:
+            raise RequestError(400, f"images[{index}].{name}: {e}") from None
+    if not images:
+        raise RequestError(
+            400,
+            f"images[{index}]: at least one (unmasked) camera image is required; "
+            f"known cameras: {', '.join(cfg.cameras)}",
+        )
+    return images
+
+
+def _noise_and_seeds(req: InferRequest, cfg: ServeConfig, shape: tuple, fixed_noise):
+    """Precedence: request noise > request seed > engine.fixed_noise > engine.seed > random."""
+    size = req.batch_size
+    if req.noise is not None:
+        return _request_noise(req.noise, size, shape), [None] * size, None
+    if req.seed is not None:
+        seeds = _request_seeds(req.seed, size)
+        return [None] * size, seeds, req.seed
+    if fixed_noise is not None:
+        return [fixed_noise] * size, [None] * size, None
+    if cfg.seed is not None:
+        return [None] * size, [cfg.seed] * size, cfg.seed
+    return [None] * size, [None] * size, None
+
+
+def _request_noise(noise: np.ndarray, size: int, shape: tuple) -> list:
+    if noise.ndim == 2 and size == 1:
+        noise = noise[None]
+    if noise.shape != (size, *shape):
+        raise RequestError(
+            400,
+            f"noise: expected shape {[size, *shape]} (batch x chunk_size x max_action_dim; "
+            f"the batch axis may be left out for one observation), got {list(noise.shape)}",
+        )
+    _check_finite("noise", noise)
+    return list(noise.astype(np.float32))
+
+
+def _request_seeds(seed, size: int) -> list:
+    seeds = [seed] * size if isinstance(seed, int) else list(seed)
+    if len(seeds) != size:
+        raise RequestError(
+            400, f"seed: a list needs one seed per observation ({size}), got {len(seeds)}"
+        )
+    for value in seeds:
+        if not 0 <= value < 2**63:
+            raise RequestError(400, f"seed: must be in 0..2**63-1, got {value}")
+    return seeds
+
+
+def cut_actions(outputs: list, cfg: ServeConfig) -> np.ndarray:
+    """Policy outputs -> [B, action_horizon, action_dim] float32 (v1 truncation)."""
+    chunks = []
+    for out in outputs:
+        actions = np.asarray(out["actions"], dtype=np.float32)
+        if (
+            actions.ndim != 2
+            or actions.shape[0] < cfg.action_horizon
+            or actions.shape[1] < cfg.action_dim
+        ):
+            raise RequestError(
+                500,
+                f"the model returned actions of shape {list(actions.shape)}; cannot cut "
+                f"[:{cfg.action_horizon}, :{cfg.action_dim}]",
+            )
+        chunks.append(actions[: cfg.action_horizon, : cfg.action_dim])
+    stacked = np.stack(chunks)
+    if not np.isfinite(stacked).all():
+        raise RequestError(500, "the model produced NaN or infinite actions")
+    return stacked.astype(np.float64).tolist()
+
+
+# ---------------------------------------------------------------- errors and helpers
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        if exc.status >= 500:
+            logger.error(
+                "%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message
+            )
+        return _error(exc.status, exc.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error(422, "; ".join(str(e) for e in exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception):
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error(500, f"internal server error: {type(exc).__name__}: {exc}")
+
+
+def _error(status: int, message: str, headers=None) -> JSONResponse:
+    return JSONResponse({"success": False, "error": message}, status_code=status, headers=headers)
+
+
+def gpu_info() -> dict:
+    """FlagScale robotics /health gpu_info (memory in bytes); torch is only used if already loaded."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {"available": False, "device_count": 0, "device_name": "cpu"}
+    index = torch.cuda.current_device()
+    return {
+        "available": True,
+        "device_count": torch.cuda.device_count(),
+        "current_device": index,
+        "device_name": torch.cuda.get_device_name(index),
+        "memory_allocated": torch.cuda.memory_allocated(index),
+        "memory_reserved": torch.cuda.memory_reserved(index),
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)

@@ -1,0 +1,94 @@
+"""base64 image text -> uint8 (H, W, 3) RGB arrays, with size checks before the pixels are decoded."""
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+import numpy as np
+
+from PIL import Image
+
+# Decoders we accept; exotic formats are refused rather than parsed.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_DATA_URL = re.compile(r"^data:([\w.+/-]*)(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class ImageDecodeError(ValueError):
+    """The image text is not valid base64, not a supported image, truncated or too large."""
+
+
+def decode_image(text: str, max_side: int = 4096) -> np.ndarray:
+    """Decode base64 image text (an optional `data:image/...;base64,` prefix is allowed).
+
+    The image header is checked first: a side above max_side is refused before decoding pixels.
+    """
+    raw = decode_base64(text)
+    with _open(raw) as img:
+        _check_size(img, max_side)
+        rgb = _load_rgb(img)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def decode_base64(text: str) -> bytes:
+    if not isinstance(text, str):
+        raise ImageDecodeError(f"expected base64 text, got {type(text).__name__}")
+    match = _DATA_URL.match(text)
+    if match:
+        if match.group(1) and not match.group(1).lower().startswith("image/"):
+            raise ImageDecodeError(f"data URL media type must be image/*, got {match.group(1)!r}")
+        text = text[match.end() :]
+    text = _WHITESPACE.sub("", text)
+    if not text:
+        raise ImageDecodeError("empty image data")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ImageDecodeError(f"invalid base64: {e}") from None
+
+
+def encode_image(image, fmt: str = "JPEG", quality: int = 90) -> str:
+    """uint8 (H, W, 3) array or PIL image -> base64 text (no data: prefix), as v1 clients send."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8), mode="RGB")
+    options = {"quality": quality} if fmt == "JPEG" else {}
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _open(raw: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"image too large: {e}") from None
+    except Image.UnidentifiedImageError:
+        kinds = ", ".join(IMAGE_FORMATS)
+        raise ImageDecodeError(f"not a recognised image (supported: {kinds})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(f"cannot read image header: {e}") from None
+
+
+def _check_size(img: Image.Image, max_side: int) -> None:
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has an empty size {width}x{height}")
+    if width > max_side or height > max_side:
+        raise ImageDecodeError(
+            f"image is {width}x{height}; each side must be at most {max_side} "
+            "(engine.max_image_side)"
+        )
+
+
+def _load_rgb(img: Image.Image) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"image data is truncated or corrupt: {e}") from None

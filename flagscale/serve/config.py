@@ -1,0 +1,408 @@
+"""Serve config: the `serve` section (`engine` + legacy `generate`) mapped onto a validated dataclass.
+
+Import-light on purpose (no torch): the launcher calls `load_serve_config` for pre-flight checks.
+Every problem raises one `ConfigError` naming the key, e.g. "serve.engine.num_steps: must be in 1..100, got 0".
+"""
+
+import dataclasses
+import difflib
+import os
+import re
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from flagscale.logger import get_logger
+
+logger = get_logger("flagscale.serve.config")
+
+IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+DEFAULT_CAMERAS = {
+    "cam_high": "base_0_rgb",
+    "cam_left_wrist": "left_wrist_0_rgb",
+    "cam_right_wrist": "right_wrist_0_rgb",
+}
+PRESETS = ("pi0", "tiny")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+OPS_BACKENDS = ("native", "flaggems")
+
+# FlagScale v1 keys that are accepted so old YAMLs load, but do nothing here.
+V1_UNUSED_ENGINE_KEYS = ("loader", "results_path", "output_format", "transformations")
+# v1 `generate` block: only action_dim / action_horizon are used (as fallbacks for engine keys).
+GENERATE_KEYS = (
+    "images_keys",
+    "images_shape",
+    "batch_size",
+    "action_dim",
+    "action_horizon",
+    "state_key",
+    "instruction",
+)
+SERVE_KEYS = ("engine", "generate")
+
+_DTYPES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+_REFUSED_DTYPES = ("float16", "fp16", "half", "float64", "fp64", "double")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+_warned_unused = set()
+
+
+class ConfigError(ValueError):
+    """A serve config value is missing, unknown or out of range (the message names the key)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 9010
+    model: str | None = None
+    tokenizer: str | None = None
+    stat_path: str | None = None
+    device: str = "cuda"
+    torch_dtype: str = "bfloat16"
+    preset: str | None = None
+    random_init: bool = False
+    ops: str = "native"
+    num_steps: int = 10
+    max_num_steps: int = 100
+    cameras: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CAMERAS))
+    state_dim: int = 14
+    action_dim: int = 14
+    action_horizon: int = 50
+    instruction: str = "Grab the orange and put it into the basket."
+    seed: int | None = None
+    deterministic: bool = False
+    fixed_noise: str | None = None
+    max_batch_size: int = 8
+    max_wait_ms: float = 2.0
+    max_queue: int = 64
+    max_body_mb: float = 32.0
+    max_image_side: int = 4096
+    cuda_graphs: bool = True
+    warmup: bool = True
+    flaggems_cache_dir: str | None = None
+    uvicorn_log_level: str = "warning"
+    # v1 keys kept only so old YAMLs load
+    loader: str | None = None
+    results_path: str | None = None
+    output_format: str | None = None
+    transformations: Any = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["cameras"] = dict(self.cameras)
+        return out
+
+
+ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(ServeConfig))
+
+
+def load_serve_config(source, env: Mapping[str, str] | None = None) -> ServeConfig:
+    """Build a validated ServeConfig.
+
+    source: a path to a YAML file (a resolved full config with top-level `serve`, or the serve
+    task file itself), a dict (either form), an OmegaConf DictConfig, or a ServeConfig.
+    env: environment used for USE_FLAGGEMS (default os.environ).
+    """
+    if isinstance(source, ServeConfig):
+        return source
+    data = _to_plain(source)
+    serve = data["serve"] if isinstance(data, Mapping) and "serve" in data else data
+    return parse_serve_section(serve, os.environ if env is None else env)
+
+
+def parse_serve_section(serve, env: Mapping[str, str]) -> ServeConfig:
+    if not isinstance(serve, Mapping):
+        raise ConfigError(
+            "serve: expected a mapping with an 'engine' block (FlagScale v1 form), got "
+            f"{type(serve).__name__}; the list form (serve_id/engine_args) is not supported"
+        )
+    _check_known("serve", serve, SERVE_KEYS)
+    engine = serve.get("engine")
+    if not isinstance(engine, Mapping):
+        raise ConfigError("serve.engine: missing or not a mapping")
+    generate = serve.get("generate") or {}
+    if not isinstance(generate, Mapping):
+        raise ConfigError("serve.generate: expected a mapping")
+    _check_known("serve.engine", engine, ENGINE_KEYS)
+    _check_known("serve.generate", generate, GENERATE_KEYS)
+    _warn_unused(engine, generate)
+    values = _engine_values(dict(engine), generate, env)
+    cfg = ServeConfig(**values)
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def use_flaggems_env(env: Mapping[str, str]) -> bool:
+    return str(env.get("USE_FLAGGEMS", "false")).strip().lower() in ("1", "true", "yes")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _to_plain(source):
+    if isinstance(source, (str, Path)):
+        return _read_yaml(Path(source))
+    if type(source).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(source, resolve=True)
+    if isinstance(source, Mapping):
+        return source
+    raise ConfigError(
+        f"config: expected a path, a mapping or a ServeConfig, got {type(source).__name__}"
+    )
+
+
+def _read_yaml(path: Path):
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def _check_known(where: str, data: Mapping, known) -> None:
+    for key in data:
+        if key in known:
+            continue
+        hint = difflib.get_close_matches(str(key), known, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(f"{where}.{key}: unknown key{suggestion}")
+
+
+def _warn_unused(engine: Mapping, generate: Mapping) -> None:
+    unused = [f"engine.{k}" for k in V1_UNUSED_ENGINE_KEYS if k in engine]
+    unused += [f"generate.{k}" for k in generate if k not in ("action_dim", "action_horizon")]
+    new = [k for k in unused if k not in _warned_unused]
+    if new:
+        _warned_unused.update(new)
+        logger.warning(
+            "serve config: accepted for FlagScale v1 compatibility and ignored: %s", ", ".join(new)
+        )
+
+
+# ---------------------------------------------------------------- field parsing
+
+
+def _engine_values(engine: dict, generate: Mapping, env: Mapping[str, str]) -> dict:
+    for key in ("action_dim", "action_horizon"):
+        if engine.get(key) is None and generate.get(key) is not None:
+            engine[key] = generate[key]
+    if engine.get("state_dim") is None and generate.get("action_dim") is not None:
+        engine["state_dim"] = generate["action_dim"]  # v1: generate.action_dim is the state dim too
+    defaults = ServeConfig()
+    out = {}
+    for name in ENGINE_KEYS:
+        value = engine.get(name)
+        out[name] = getattr(defaults, name) if value is None else value
+    for name in ENGINE_KEYS:
+        if engine.get(name) is not None and name in _PARSERS:
+            out[name] = _PARSERS[name](f"serve.engine.{name}", out[name])
+    if use_flaggems_env(env):
+        out["ops"] = "flaggems"
+    return out
+
+
+def _as_bool(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _as_int(key: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    _check_range(key, value, lo, hi)
+    return value
+
+
+def _as_float(key: str, value, lo: float | None = None, hi: float | None = None) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    _check_range(key, number, lo, hi)
+    return number
+
+
+def _check_range(key: str, value, lo, hi) -> None:
+    if hi is None and lo is not None and value < lo:
+        raise ConfigError(f"{key}: must be >= {lo}, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}: must be in {lo}..{hi}, got {value}")
+
+
+def _as_str(key: str, value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _as_text(key: str, value) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _as_choice(key: str, value, choices) -> str:
+    text = _as_str(key, value).lower()
+    if text not in choices:
+        hint = difflib.get_close_matches(text, choices, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {value!r}{suggestion}")
+    return text
+
+
+def _as_dtype(key: str, value) -> str:
+    text = _as_str(key, str(value)).lower().removeprefix("torch.")
+    if text in _REFUSED_DTYPES:
+        raise ConfigError(f"{key}: {value!r} is not supported (use bfloat16 or float32)")
+    if text not in _DTYPES:
+        raise ConfigError(f"{key}: unknown dtype {value!r} (use bfloat16 or float32)")
+    return _DTYPES[text]
+
+
+def _as_device(key: str, value) -> str:
+    text = _as_str(key, str(value)).lower()
+    if not _DEVICE_RE.match(text):
+        raise ConfigError(f"{key}: expected cpu, cuda or cuda:N, got {value!r}")
+    return text
+
+
+def _as_cameras(key: str, value) -> dict:
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{key}: expected a non-empty mapping of camera name -> image slot")
+    cameras = {}
+    for name, slot in value.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{key}: camera names must be non-empty strings, got {name!r}")
+        if slot not in IMAGE_SLOTS:
+            raise ConfigError(
+                f"{key}.{name}: unknown image slot {slot!r}; must be one of {', '.join(IMAGE_SLOTS)}"
+            )
+        if slot in cameras.values():
+            raise ConfigError(f"{key}.{name}: slot {slot!r} is already used by another camera")
+        cameras[name] = slot
+    return cameras
+
+
+def _as_dir(key: str, value) -> str:
+    path = Path(_as_str(key, str(value))).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{key}: directory not found: {path}")
+    return str(path)
+
+
+def _as_file(key: str, value) -> str:
+    path = Path(_as_str(key, str(value))).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{key}: file not found: {path}")
+    return str(path)
+
+
+def _as_noise_file(key: str, value) -> str:
+    path = _as_file(key, value)
+    if not path.endswith(".npy"):
+        raise ConfigError(f"{key}: expected a .npy file (chunk_size x max_action_dim), got {path}")
+    import numpy as np
+
+    try:
+        noise = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e}") from None
+    if noise.ndim != 2 or noise.dtype.kind != "f":
+        raise ConfigError(
+            f"{key}: expected a 2-D float array (chunk_size x max_action_dim), "
+            f"got shape {noise.shape} dtype {noise.dtype}"
+        )
+    return path
+
+
+def _as_seed(key: str, value) -> int:
+    return _as_int(key, value, 0, 2**63 - 1)
+
+
+_PARSERS = {
+    "host": _as_str,
+    "port": lambda k, v: _as_int(k, v, 1, 65535),
+    "model": _as_str,
+    "tokenizer": _as_dir,
+    "stat_path": _as_file,
+    "device": _as_device,
+    "torch_dtype": _as_dtype,
+    "preset": lambda k, v: _as_choice(k, v, PRESETS),
+    "random_init": _as_bool,
+    "ops": lambda k, v: _as_choice(k, v, OPS_BACKENDS),
+    "num_steps": lambda k, v: _as_int(k, v, 1),
+    "max_num_steps": lambda k, v: _as_int(k, v, 1, 1000),
+    "cameras": _as_cameras,
+    "state_dim": lambda k, v: _as_int(k, v, 1, 1024),
+    "action_dim": lambda k, v: _as_int(k, v, 1, 1024),
+    "action_horizon": lambda k, v: _as_int(k, v, 1, 4096),
+    "instruction": _as_text,
+    "seed": _as_seed,
+    "deterministic": _as_bool,
+    "fixed_noise": _as_noise_file,
+    "max_batch_size": lambda k, v: _as_int(k, v, 1, 256),
+    "max_wait_ms": lambda k, v: _as_float(k, v, 0.0, 1000.0),
+    "max_queue": lambda k, v: _as_int(k, v, 1, 100000),
+    "max_body_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),
+    "max_image_side": lambda k, v: _as_int(k, v, 16, 65536),
+    "cuda_graphs": _as_bool,
+    "warmup": _as_bool,
+    "flaggems_cache_dir": _as_str,
+    "uvicorn_log_level": lambda k, v: _as_choice(k, v, LOG_LEVELS),
+}
+
+
+def _check_cross_fields(cfg: ServeConfig) -> None:
+    if not cfg.random_init:
+        if cfg.model is None:
+            raise ConfigError(
+                "serve.engine.model: required when random_init is false "
+                "(a directory with config.json + model.safetensors)"
+            )
+        _as_dir("serve.engine.model", cfg.model)
+    if cfg.random_init and cfg.model is not None:
+        logger.warning("serve.engine.model is ignored because random_init is true")
+    if not 1 <= cfg.num_steps <= cfg.max_num_steps:
+        raise ConfigError(
+            f"serve.engine.num_steps: must be in 1..{cfg.max_num_steps} "
+            f"(serve.engine.max_num_steps), got {cfg.num_steps}"
+        )
+    if cfg.host in ("", "*"):
+        raise ConfigError(f"serve.engine.host: invalid bind address {cfg.host!r}")

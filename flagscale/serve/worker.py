@@ -1,0 +1,256 @@
+"""One inference thread that owns the policy: load, warm up, then micro-batched `infer_batch` calls.
+
+Requests are queued (bounded by max_queue). The thread takes the oldest request, then gathers more
+requests with the same num_steps until max_batch_size observations are collected or max_wait_ms has
+passed, and calls `policy.infer_batch` once. Only this thread ever touches the policy, so two model
+calls never run concurrently. If a batch of several requests fails, each request is re-run alone so
+only the faulty one gets the error.
+"""
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import threading
+import time
+
+from typing import Any, Callable
+
+from flagscale.logger import get_logger
+
+logger = get_logger("flagscale.serve.worker")
+
+LOADING, READY, FAILED, STOPPED = "loading", "ready", "failed", "stopped"
+
+
+class QueueFull(RuntimeError):
+    """The request queue holds max_queue requests already."""
+
+
+class NotReady(RuntimeError):
+    """The policy is still loading (or failed to load, or the worker stopped)."""
+
+
+@dataclasses.dataclass
+class Job:
+    observations: list
+    noises: list
+    seeds: list
+    num_steps: int
+    future: concurrent.futures.Future
+    enqueued: float
+
+    @property
+    def size(self) -> int:
+        return len(self.observations)
+
+
+@dataclasses.dataclass
+class JobResult:
+    outputs: list  # policy outputs, one per observation of the job
+    queue_ms: float  # enqueue -> start of the model call
+    model_ms: float  # wall time of the infer_batch call that served the job
+    batch_size: int  # observations in that call
+
+
+class InferenceWorker:
+    def __init__(
+        self,
+        policy=None,
+        *,
+        load_policy: Callable[[], Any] | None = None,
+        prepare: Callable[[Any], None] | None = None,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 2.0,
+        max_queue: int = 64,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ):
+        if policy is None and load_policy is None:
+            raise ValueError("InferenceWorker needs a policy or a load_policy callable")
+        self._policy = policy
+        self._load_policy = load_policy
+        self._prepare = prepare
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.on_failure = on_failure
+        self.state = LOADING
+        self.error: str | None = None
+        self._queue = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pi0-inference", daemon=True)
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def policy(self):
+        return self._policy if self.state == READY else None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            pending = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in pending:
+            _fail(job, NotReady("server is shutting down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self.state != FAILED:
+            self.state = STOPPED
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.state == LOADING:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return self.state == READY
+
+    def submit(self, observations, noises, seeds, num_steps: int) -> concurrent.futures.Future:
+        """Queue one request (one or more observations); the future gets a JobResult."""
+        job = Job(observations, noises, seeds, num_steps, concurrent.futures.Future(), 0.0)
+        with self._cond:
+            if self.state != READY or self._stopping:
+                raise NotReady(self._not_ready_message())
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(
+                    f"server busy: {len(self._queue)} requests already queued "
+                    f"(engine.max_queue={self.max_queue}); retry later"
+                )
+            job.enqueued = time.perf_counter()
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job.future
+
+    async def infer(self, observations, noises, seeds, num_steps: int) -> JobResult:
+        future = self.submit(observations, noises, seeds, num_steps)
+        return await asyncio.wrap_future(future)
+
+    # ------------------------------------------------------------ thread body
+
+    def _run(self) -> None:
+        if not self._load():
+            return
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._execute(batch)
+
+    def _load(self) -> bool:
+        try:
+            if self._policy is None:
+                self._policy = self._load_policy()
+            if self._prepare is not None:
+                self._prepare(self._policy)
+        except Exception as e:
+            self.state = FAILED
+            self.error = f"{type(e).__name__}: {e}"
+            logger.exception("loading the policy failed")
+            if self.on_failure is not None:
+                self.on_failure(e)
+            return False
+        with self._cond:
+            if not self._stopping:
+                self.state = READY
+        logger.info("policy ready")
+        return True
+
+    def _next_batch(self) -> list | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            first = self._queue.popleft()
+            batch, size = [first], first.size
+            deadline = time.monotonic() + self.max_wait_s
+            while size < self.max_batch_size and not self._stopping:
+                job = self._take_compatible(first.num_steps, self.max_batch_size - size)
+                if job is not None:
+                    batch.append(job)
+                    size += job.size
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _take_compatible(self, num_steps: int, room: int) -> Job | None:
+        for job in self._queue:
+            if job.num_steps == num_steps and job.size <= room:
+                self._queue.remove(job)
+                return job
+        return None
+
+    def _execute(self, batch: list) -> None:
+        jobs = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        if not jobs:
+            return
+        try:
+            self._run_jobs(jobs)
+        except Exception as e:
+            if len(jobs) == 1:
+                logger.exception("inference failed")
+                _fail(jobs[0], e)
+                return
+            logger.warning(
+                "batched inference failed (%s); re-running %d requests alone", e, len(jobs)
+            )
+            for job in jobs:
+                try:
+                    self._run_jobs([job])
+                except Exception as solo_error:
+                    logger.exception("inference failed")
+                    _fail(job, solo_error)
+
+    def _run_jobs(self, jobs: list) -> None:
+        observations = [obs for job in jobs for obs in job.observations]
+        noises = [noise for job in jobs for noise in job.noises]
+        seeds = [seed for job in jobs for seed in job.seeds]
+        start = time.perf_counter()
+        outputs = self._policy.infer_batch(
+            observations, num_steps=jobs[0].num_steps, noise=noises, seeds=seeds
+        )
+        model_ms = (time.perf_counter() - start) * 1000.0
+        if len(outputs) != len(observations):
+            raise RuntimeError(
+                f"infer_batch returned {len(outputs)} outputs for {len(observations)} observations"
+            )
+        offset = 0
+        for job in jobs:
+            result = JobResult(
+                outputs=list(outputs[offset : offset + job.size]),
+                queue_ms=(start - job.enqueued) * 1000.0,
+                model_ms=model_ms,
+                batch_size=len(observations),
+            )
+            offset += job.size
+            job.future.set_result(result)
+
+    def _not_ready_message(self) -> str:
+        if self.state == FAILED:
+            return f"model failed to load: {self.error}"
+        if self.state == LOADING:
+            return "model not loaded yet (status: loading); poll GET /health until it is healthy"
+        return "server is shutting down"
+
+
+def _fail(job: Job, error: BaseException) -> None:
+    if not job.future.done():
+        if job.future.running() or job.future.set_running_or_notify_cancel():
+            job.future.set_exception(error)
