@@ -1,0 +1,92 @@
+"""Independent check: our SigLIP and Gemma blocks against transformers' own implementations
+(used here only as a reference; the serving path never uses transformers model classes)."""
+
+import pytest
+import torch
+
+from flagscale.models.pi0 import PI0Config, PI0Model
+from flagscale.models.pi0.modeling_pi0 import additive_mask, rope_cos_sin
+from flagscale.models.pi0.weights import export_state, init_random_weights
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def model():
+    with torch.device("meta"):
+        m = PI0Model(PI0Config.from_preset("tiny"))
+    m = m.to_empty(device="cpu")
+    init_random_weights(m, seed=1)
+    return m.eval()
+
+
+def _sub_state(model, prefix):
+    state = export_state(model, layout="openpi", include_unused=False)
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_siglip_matches_transformers(model):
+    d = model.config.vision
+    cfg = transformers.SiglipVisionConfig(
+        hidden_size=d.width,
+        intermediate_size=d.mlp,
+        num_hidden_layers=d.depth,
+        num_attention_heads=d.heads,
+        image_size=d.image_size,
+        patch_size=d.patch,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        attn_implementation="eager",
+        vision_use_head=False,
+    )
+    hf = transformers.SiglipVisionModel(cfg).eval()
+    state = _sub_state(model, "paligemma_with_expert.paligemma.model.vision_tower.")
+    own = set(hf.state_dict())
+    if not any(k.startswith("vision_model.") for k in own):  # transformers >= 5 drops the prefix
+        state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in k or k.startswith("head.") for k in missing)
+    images = torch.rand(2, 3, d.image_size, d.image_size) * 2 - 1
+    with torch.no_grad():
+        ref = hf(pixel_values=images).last_hidden_state
+        ref = torch.nn.functional.linear(
+            ref, model.vision.projector.weight, model.vision.projector.bias
+        )
+        ours = model.vision(images)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma_tower_matches_transformers(model):
+    d = model.config.llm
+    cfg = transformers.GemmaConfig(
+        vocab_size=model.config.vocab_size,
+        hidden_size=d.width,
+        intermediate_size=d.mlp,
+        num_hidden_layers=d.depth,
+        num_attention_heads=d.heads,
+        num_key_value_heads=d.kv_heads,
+        head_dim=d.head_dim,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        attn_implementation="eager",
+    )
+    hf = transformers.GemmaModel(cfg).eval()
+    state = _sub_state(model, "paligemma_with_expert.paligemma.model.language_model.")
+    state["embed_tokens.weight"] = model.llm.embed.detach().clone()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    tokens = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        ref = hf(input_ids=tokens).last_hidden_state  # causal attention, positions 0..10
+        x = model.llm.embed[tokens] * d.width**0.5
+        pos = torch.arange(11)[None].expand(2, 11)
+        cos, sin = rope_cos_sin(pos, d.head_dim, 10000.0)
+        mask = additive_mask(
+            torch.ones(11, 11, dtype=torch.bool).tril()[None].expand(2, 11, 11), x.dtype
+        )
+        for layer in model.llm.layers:
+            q, k, v = layer.qkv(x, cos, sin)
+            x = layer.finish(x, model.ops.attention(q, k, v, mask))
+        ours = model.llm.norm(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)

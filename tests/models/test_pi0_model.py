@@ -1,0 +1,117 @@
+"""Whole-model behaviour on the tiny preset (CPU, float32)."""
+
+import numpy as np
+import pytest
+import torch
+
+from flagscale.models.pi0 import PI0Config, PI0Model
+from flagscale.models.pi0.weights import init_random_weights
+
+
+def test_cached_prefix_equals_uncached(tiny_policy):
+    obs = [tiny_policy.example_observation(seed=1), tiny_policy.example_observation(2, seed=2)]
+    obs[1]["prompt"] = "a much longer instruction that uses more of the token budget"
+    inputs = tiny_policy.preprocess(obs)
+    noise = tiny_policy.make_noise([None, None], [3, 4])
+    cached = tiny_policy.model.sample_actions(**inputs, noise=noise, num_steps=4)
+    uncached = tiny_policy.model.sample_actions_uncached(**inputs, noise=noise, num_steps=4)
+    assert cached.shape == (2, 50, 32)
+    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_noise_is_bit_identical_and_untouched(tiny_policy):
+    inputs = tiny_policy.preprocess([tiny_policy.example_observation(seed=5)])
+    noise = torch.randn(1, 50, 32)
+    keep = noise.clone()
+    a = tiny_policy.model.sample_actions(**inputs, noise=noise, num_steps=3)
+    b = tiny_policy.model.sample_actions(**inputs, noise=noise, num_steps=3)
+    assert torch.equal(a, b)
+    assert torch.equal(noise, keep)
+    assert not torch.equal(a, noise)
+
+
+def test_list_inputs_follow_lerobot_conventions(tiny_policy):
+    inputs = tiny_policy.preprocess([tiny_policy.example_observation(seed=6)])
+    images = list(inputs["images"].unbind(1))
+    masks = list(inputs["img_masks"].unbind(1))
+    noise = torch.randn(1, 50, 32)
+    stacked = tiny_policy.model.sample_actions(**inputs, noise=noise, num_steps=2)
+    listed = tiny_policy.model.sample_actions(
+        images, masks, inputs["lang_tokens"], inputs["lang_masks"], inputs["state"], noise, 2
+    )
+    assert torch.equal(stacked, listed)
+
+
+def test_batch_equals_solo_runs(tiny_policy):
+    obs = [tiny_policy.example_observation(seed=s) for s in (7, 8, 9)]
+    obs[1]["images"].pop("right_wrist_0_rgb")  # a masked camera in the middle of a batch
+    batch = tiny_policy.infer_batch(obs, num_steps=3, seeds=[1, 2, 3])
+    for o, seed, out in zip(obs, (1, 2, 3), batch):
+        solo = tiny_policy.infer(o, num_steps=3, seed=seed)
+        np.testing.assert_allclose(out["actions"], solo["actions"], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_camera_is_ignored(tiny_policy):
+    obs = tiny_policy.example_observation(seed=10)
+    two = dict(obs, images={k: v for k, v in obs["images"].items() if k != "left_wrist_0_rgb"})
+    other = dict(two["images"])
+    noise = np.random.default_rng(0).standard_normal((50, 32)).astype(np.float32)
+    a = tiny_policy.infer(two, noise=noise)["actions"]
+    # the masked slot's content must not matter: same result whatever would be there
+    inputs = tiny_policy.preprocess([dict(two, images=other)])
+    inputs["images"][:, 1] = torch.rand_like(inputs["images"][:, 1])
+    b = tiny_policy.model.sample_actions(**inputs, noise=torch.as_tensor(noise)[None], num_steps=10)
+    np.testing.assert_allclose(a, b[0, :, : a.shape[1]].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_num_steps_changes_result_and_is_validated(tiny_policy):
+    obs = tiny_policy.example_observation(seed=11)
+    a = tiny_policy.infer(obs, num_steps=2, seed=0)["actions"]
+    b = tiny_policy.infer(obs, num_steps=5, seed=0)["actions"]
+    assert not np.allclose(a, b)
+    inputs = tiny_policy.preprocess([obs])
+    with pytest.raises(ValueError, match="num_steps"):
+        tiny_policy.model.sample_actions(**inputs, num_steps=0)
+
+
+def test_state_token_cache_matches_recomputation(tiny_policy):
+    """The state token's K/V are computed once; recomputing them each step gives the same."""
+    model = tiny_policy.model
+    inputs = tiny_policy.preprocess([tiny_policy.example_observation(seed=12)])
+    from flagscale.models.pi0.modeling_pi0 import _stack_cameras
+
+    images, masks = _stack_cameras(inputs["images"], inputs["img_masks"])
+    embs, pad = model.embed_prefix(images, masks, inputs["lang_tokens"], inputs["lang_masks"])
+    k1, v1 = model.new_cache(1, embs.shape[1])
+    model.fill_prefix_cache(embs, pad, k1, v1)
+    model.fill_state_cache(inputs["state"], pad, k1, v1)
+    snapshot = k1[:, :, : embs.shape[1] + 1].clone()
+    model.euler(torch.randn(1, 50, 32), 3, pad, k1, v1)
+    assert torch.equal(k1[:, :, : embs.shape[1] + 1], snapshot)  # prefix + state never rewritten
+
+
+def test_full_size_parameter_table_on_meta():
+    config = PI0Config.from_preset("pi0")
+    with torch.device("meta"):
+        model = PI0Model(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 3_238_048_528  # unique Pi0 parameters (pi0-model.md section 1.5)
+    shapes = {k: tuple(v.shape) for k, v in model.named_parameters()}
+    assert shapes["llm.layers.0.qkv_proj.weight"] == (2048 + 2 * 256, 2048)
+    assert shapes["expert.layers.17.qkv_proj.weight"] == (2048 + 2 * 256, 1024)
+    assert shapes["expert.layers.0.o_proj.weight"] == (1024, 2048)
+    assert shapes["vision.layers.26.fc1.weight"] == (4304, 1152)
+    assert shapes["llm.embed"] == (257152, 2048)
+
+
+def test_tiny_model_is_deterministic_from_seed():
+    def build():
+        with torch.device("meta"):
+            m = PI0Model(PI0Config.from_preset("tiny"))
+        m = m.to_empty(device="cpu")
+        init_random_weights(m, seed=3)
+        return m
+
+    a, b = build(), build()
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), na

@@ -1,0 +1,154 @@
+"""Checkpoint save -> load round trips and strict loading errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from safetensors.torch import load_file, save_file
+
+from flagscale.models.pi0 import PI0Policy
+from flagscale.models.pi0.weights import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from flagscale.models.pi0.tokenizer import build_test_tokenizer
+
+    return build_test_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(scope="module")
+def source(tokenizer_dir):
+    return PI0Policy.random(
+        "tiny", device="cpu", dtype="float32", seed=42, tokenizer_path=tokenizer_dir
+    )
+
+
+def actions(policy, seed=0):
+    return policy.infer(policy.example_observation(seed=seed), num_steps=3, seed=seed)["actions"]
+
+
+@pytest.mark.parametrize("layout", ["lerobot", "openpi"])
+def test_round_trip_gives_identical_actions(tmp_path, source, tokenizer_dir, layout):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path), layout=layout)
+    keys = load_file(str(tmp_path / "model.safetensors")).keys()
+    if layout == "lerobot":
+        assert (
+            "model.paligemma_with_expert.paligemma.language_model.model.embed_tokens.weight" in keys
+        )
+        assert "model.state_proj.weight" in keys
+    else:  # token embedding stored only as lm_head
+        assert "paligemma_with_expert.paligemma.lm_head.weight" in keys
+        assert not any(k.endswith("embed_tokens.weight") for k in keys)
+    loaded = PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+    assert np.array_equal(actions(source), actions(loaded))
+
+
+def test_sharded_checkpoint_loads(tmp_path, source, tokenizer_dir):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path), max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not (tmp_path / "model.safetensors").exists()
+    loaded = PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+    assert np.array_equal(actions(source, 1), actions(loaded, 1))
+
+
+def test_bf16_load_keeps_norms_fp32(tmp_path, source, tokenizer_dir):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path))
+    loaded = PI0Policy.from_pretrained(
+        str(tmp_path), tokenizer_dir, device="cpu", dtype="bfloat16", progress=False
+    )
+    params = dict(loaded.model.named_parameters())
+    assert params["llm.layers.0.qkv_proj.weight"].dtype == torch.bfloat16
+    assert params["llm.layers.0.input_norm.weight"].dtype == torch.float32
+    assert params["vision.patch_embed"].dtype == torch.float32
+    out = actions(loaded)
+    assert np.isfinite(out).all()
+    ref = actions(source)
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()  # bf16 noise, not garbage
+
+
+def _rewrite(tmp_path, edit):
+    path = str(tmp_path / "model.safetensors")
+    state = load_file(path)
+    edit(state)
+    save_file(state, path)
+
+
+def test_missing_tensor_is_named(tmp_path, source, tokenizer_dir):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path))
+    key = "model.paligemma_with_expert.gemma_expert.model.layers.1.self_attn.k_proj.weight"
+    _rewrite(tmp_path, lambda s: s.pop(key))
+    with pytest.raises(CheckpointError, match="missing.*layers.1.self_attn.k_proj"):
+        PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+
+
+def test_misshaped_tensor_is_named(tmp_path, source, tokenizer_dir):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path))
+    key = "model.action_out_proj.weight"
+    _rewrite(tmp_path, lambda s: s.__setitem__(key, torch.zeros(31, 32)))
+    with pytest.raises(CheckpointError, match=r"action_out_proj.weight.*\[31, 32\].*\[32, 32\]"):
+        PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+
+
+def test_unexpected_tensor_is_an_error_but_expert_lm_head_is_skipped(
+    tmp_path, source, tokenizer_dir
+):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path))  # includes the unused expert lm_head
+    assert "model.paligemma_with_expert.gemma_expert.lm_head.weight" in load_file(
+        str(tmp_path / "model.safetensors")
+    )
+    _rewrite(tmp_path, lambda s: s.__setitem__("model.extra_head.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match="unexpected.*extra_head"):
+        PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+
+
+def test_config_json_both_spellings(tmp_path, source, tokenizer_dir):
+    from flagscale.models.pi0.config import PI0Config
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["num_steps"] == 10 and raw["pi0_dims"]["preset"] == "tiny"
+    raw.pop("num_steps")
+    raw["num_inference_steps"] = 7
+    cfg = PI0Config.from_json_dict(raw)
+    assert cfg.num_steps == 7 and cfg.llm.width == 64
+    g3 = PI0Config.from_json_dict(
+        {
+            "paligemma_variant": "dummy",
+            "action_expert_variant": "dummy",
+            "chunk_size": 10,
+            "n_action_steps": 10,
+        }
+    )
+    assert g3.expert.width == 64 and g3.llm.depth == 4 and g3.chunk_size == 10
+    with pytest.raises(ValueError, match="share depth"):
+        PI0Config.from_json_dict(
+            {"paligemma_variant": "gemma_2b", "action_expert_variant": "dummy"}
+        )
+    with pytest.raises(ValueError, match="preset"):
+        PI0Config.from_preset("tinny")
+
+
+def test_missing_directory_errors_are_clear(tmp_path, tokenizer_dir):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu")
