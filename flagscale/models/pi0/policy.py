@@ -222,14 +222,12 @@ class PI0Policy:
 
     def preprocess(self, observations: Sequence[dict]) -> dict:
         c, device = self.config, self.model.device
-        images, masks = proc.prepare_images(
-            [o.get("images", {}) for o in observations],
-            self.image_keys,
-            c.image_size,
-            self.pad_mode,
-            device,
-        )
-        if not masks.any(dim=1).all():
+        frames = [o.get("images") or {} for o in observations]
+        # Slots missing from every observation are dropped rather than masked: same result (masked
+        # cameras neither attend nor advance positions), 256 fewer tokens each.
+        keys = [k for k in self.image_keys if any(f.get(k) is not None for f in frames)]
+        images, masks = proc.prepare_images(frames, keys, c.image_size, self.pad_mode, device)
+        if not keys or not masks.any(dim=1).all():
             raise ValueError("every observation needs at least one camera image")
         prompts = [str(o.get("prompt") or "") for o in observations]
         tokens, lang_masks = proc.tokenize_prompts(self.tokenizer, prompts, c.tokenizer_max_length)
@@ -283,6 +281,13 @@ class PI0Policy:
             "state": rng.standard_normal(state_dim).astype(np.float32),
             "prompt": "pick up the cube",
         }
+
+    def enable_cuda_graphs(self, batch_buckets=(1, 2, 4, 8)):
+        """Replay whole-request CUDA graphs instead of eager kernels (GPU only)."""
+        from flagscale.engine.cuda_graph import CudaGraphSampler
+
+        self.sampler = CudaGraphSampler(self.model, batch_buckets)
+        return self.sampler
 
     def warmup(self, batch_sizes: List[int] = (1,), num_steps_list: List[int] = (None,)):
         for b in batch_sizes:

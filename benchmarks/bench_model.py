@@ -1,0 +1,162 @@
+"""Model latency of Pi0 on one GPU: p50/p90/p99 per (batch, cameras, steps), graphs on/off.
+
+    python benchmarks/bench_model.py --preset pi0 --ops native --graphs on off \
+        --batch 1 2 4 8 --cameras 1 2 3 --steps 10 20 --iters 30 --out results.json
+
+Random weights (timing does not depend on values). Times are CUDA-event measurements of the model
+call (`policy.sampler`, inputs already on the GPU); `--phases` adds an eager per-phase split.
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from flagscale.models.pi0 import PI0Policy
+
+
+def percentiles(samples):
+    a = np.asarray(samples)
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": float(a.mean()),
+        "n": len(a),
+    }
+
+
+def cuda_time(fn, iters, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def make_inputs(policy, batch, cameras, seed=0):
+    obs = []
+    for i in range(batch):
+        o = policy.example_observation(n_cameras=cameras, seed=seed + i)
+        obs.append(o)
+    inputs = policy.preprocess(obs)
+    inputs["noise"] = policy.make_noise([None] * batch, list(range(batch)))
+    return obs, inputs
+
+
+def phase_split(policy, inputs, steps, iters):
+    """Eager per-phase times: vision, prefix (language + Gemma), state, denoise loop."""
+    m = policy.model
+    images, masks = inputs["images"], inputs["img_masks"]
+    b = images.shape[0]
+    out = {}
+    out["vision_ms"] = percentiles(cuda_time(lambda: m.vision(images.flatten(0, 1)), iters))["p50"]
+    embs, pad = m.embed_prefix(images, masks, inputs["lang_tokens"], inputs["lang_masks"])
+    k, v = m.new_cache(b, embs.shape[1])
+    out["prefix_ms"] = percentiles(cuda_time(lambda: m.fill_prefix_cache(embs, pad, k, v), iters))[
+        "p50"
+    ]
+    out["state_ms"] = percentiles(
+        cuda_time(lambda: m.fill_state_cache(inputs["state"], pad, k, v), iters)
+    )["p50"]
+    out["denoise_ms"] = percentiles(
+        cuda_time(lambda: m.euler(inputs["noise"], steps, pad, k, v), iters)
+    )["p50"]
+    return out
+
+
+def run(args):
+    results = []
+    for ops in args.ops:
+        t0 = time.perf_counter()
+        policy = PI0Policy.random(args.preset, device="cuda", dtype=args.dtype, ops=ops)
+        build_s = time.perf_counter() - t0
+        for graphs in args.graphs:
+            policy.sampler = policy.model.sample_actions
+            if graphs == "on":
+                policy.enable_cuda_graphs(args.batch)
+            for b in args.batch:
+                for cams in args.cameras:
+                    for steps in args.steps:
+                        results.append(one(policy, args, ops, graphs, b, cams, steps, build_s))
+                        print(json.dumps(results[-1]), flush=True)
+        del policy
+        torch.cuda.empty_cache()
+    return results
+
+
+def one(policy, args, ops, graphs, b, cams, steps, build_s):
+    obs, inputs = make_inputs(policy, b, cams)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    policy.sampler(**inputs, num_steps=steps)  # first call: capture (graphs) / warm-up
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    times = cuda_time(lambda: policy.sampler(**inputs, num_steps=steps), args.iters)
+    row = {
+        "ops": ops,
+        "graphs": graphs,
+        "batch": b,
+        "cameras": cams,
+        "steps": steps,
+        "model_ms": percentiles(times),
+        "chunks_per_s": 1000.0 * b / np.median(times),
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "first_call_s": first_s,
+        "build_s": build_s,
+    }
+    e2e = []
+    for _ in range(max(5, args.iters // 3)):
+        t = time.perf_counter()
+        policy.infer_batch(obs, num_steps=steps)
+        e2e.append((time.perf_counter() - t) * 1e3)
+    row["infer_ms_p50"] = float(np.median(e2e))  # + preprocessing of 640x480 uint8 images
+    if args.phases and graphs == "off":
+        row["phases"] = phase_split(policy, inputs, steps, args.iters)
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="pi0")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--ops", nargs="+", default=["native"])
+    p.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--cameras", nargs="+", type=int, default=[3])
+    p.add_argument("--steps", nargs="+", type=int, default=[10])
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--phases", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_model.py needs a CUDA GPU")
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "args": vars(args),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(json.dumps(info), flush=True)
+    results = run(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
