@@ -44,13 +44,25 @@ def native_ops() -> Ops:
     return Ops("native", {name: "native" for name in OP_NAMES}, impls)
 
 
+def resolve_backend(backend: str = "auto", env=None) -> str:
+    """Backend "auto" (or None): "flaggems" when USE_FLAGGEMS is on, else "native"; others as given."""
+    backend = (backend or "auto").lower()
+    if backend == "auto":
+        return "flaggems" if flaggems_requested(env) else "native"
+    return backend
+
+
 def build_ops(backend: str = "native", **kwargs) -> Ops:
-    """Build the op table for `backend` ("native" or "flaggems")."""
-    backend = (backend or "native").lower()
+    """Build the op table for `backend` ("native", "flaggems" or "auto": USE_FLAGGEMS decides).
+
+    FlagGems kwargs (flagscale.ops.flaggems.flaggems_ops): routes={"linear": "native", ...} keeps
+    chosen ops native; cache_dir sets FLAGGEMS_CACHE_DIR before flag_gems is imported.
+    """
+    backend = resolve_backend(backend or "native")
     if backend == "native":
         return native_ops()
     if backend == "flaggems":
         from flagscale.ops.flaggems import flaggems_ops
 
         return flaggems_ops(**kwargs)
-    raise ValueError(f"unknown op backend {backend!r}; choose 'native' or 'flaggems'")
+    raise ValueError(f"unknown op backend {backend!r}; choose 'native', 'flaggems' or 'auto'")
