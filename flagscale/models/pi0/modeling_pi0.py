@@ -40,8 +40,9 @@ def make_attn_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tenso
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.tensor(MASK_VALUE, dtype=dtype, device=allowed.device))
+    """bool mask -> additive float mask (0 keep, -2.3819763e38 drop); no host copies (graph-safe)."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, MASK_VALUE)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
