@@ -51,17 +51,23 @@ def test_batch_equals_solo_runs(tiny_policy):
         np.testing.assert_allclose(out["actions"], solo["actions"], rtol=1e-5, atol=1e-5)
 
 
-def test_masked_camera_is_ignored(tiny_policy):
+def test_masked_camera_is_ignored_and_dropping_it_is_equivalent(tiny_policy):
+    from flagscale.models.pi0 import processing as proc
+
     obs = tiny_policy.example_observation(seed=10)
     two = dict(obs, images={k: v for k, v in obs["images"].items() if k != "left_wrist_0_rgb"})
-    other = dict(two["images"])
     noise = np.random.default_rng(0).standard_normal((50, 32)).astype(np.float32)
-    a = tiny_policy.infer(two, noise=noise)["actions"]
-    # the masked slot's content must not matter: same result whatever would be there
-    inputs = tiny_policy.preprocess([dict(two, images=other)])
-    inputs["images"][:, 1] = torch.rand_like(inputs["images"][:, 1])
-    b = tiny_policy.model.sample_actions(**inputs, noise=torch.as_tensor(noise)[None], num_steps=10)
-    np.testing.assert_allclose(a, b[0, :, : a.shape[1]].numpy(), rtol=1e-5, atol=1e-5)
+    dropped = tiny_policy.infer(two, noise=noise)["actions"]  # slot dropped: 2 cameras
+    assert tiny_policy.preprocess([two])["images"].shape[1] == 2
+    # all 3 slots, the left one masked and filled with garbage: must not matter
+    size = tiny_policy.config.image_size
+    images, masks = proc.prepare_images([two["images"]], tiny_policy.image_keys, size)
+    assert masks.tolist() == [[True, False, True]]
+    images[:, 1] = torch.rand_like(images[:, 1])
+    inputs = tiny_policy.preprocess([two])
+    inputs.update(images=images, img_masks=masks)
+    masked = tiny_policy.model.sample_actions(**inputs, noise=torch.as_tensor(noise)[None])
+    np.testing.assert_allclose(dropped, masked[0, :, : dropped.shape[1]].numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_num_steps_changes_result_and_is_validated(tiny_policy):
