@@ -96,13 +96,22 @@ def load_flag_gems(cache_dir: Optional[str] = None):
 # ------------------------------------------------------------------------------------------------
 
 
+def tma_ready(x2):
+    """Hopper mm reads A through TMA descriptors: 16-byte aligned base and row stride."""
+    if x2.stride(-1) != 1 or (x2.stride(0) * x2.element_size()) % 16:
+        x2 = x2.contiguous()
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
+    return x2
+
+
 def make_linear(fg) -> Callable:
     def linear(x, weight, bias=None):
         if x.dtype not in FAST_DTYPES or weight.dtype != x.dtype:
             return native.linear(x, weight, bias)
         if bias is not None and bias.dtype != x.dtype:
             return native.linear(x, weight, bias)
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = tma_ready(x.reshape(-1, x.shape[-1]))
         out = fg.mm(x2, weight.t()) if bias is None else fg.addmm(bias, x2, weight.t())
         return out.view(*x.shape[:-1], weight.shape[0])
 

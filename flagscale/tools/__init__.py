@@ -1,0 +1,1 @@
+"""Command-line tools: `python -m flagscale.tools.compare_backends` (native vs FlagGems accuracy and latency)."""
