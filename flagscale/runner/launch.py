@@ -25,7 +25,6 @@ from flagscale.runner.runner_base import RunnerError
 
 logger = get_logger("flagscale.runner")
 
-SHELL_OPERATORS = {"&&", "||", ";", ";;", "|", "&", ">", ">>", "<", "<<", "2>", "2>&1", "&>"}
 SHELL_BUILTINS = {"source", ".", "export", "unset", "cd", "set", "alias", "eval", "exec"}
 
 
@@ -65,7 +64,7 @@ def parse_cmds(value: Any, name: str) -> List[List[str]]:
 def parse_argv(item: Any, where: str) -> List[str]:
     if isinstance(item, str):
         argv = shlex.split(item)
-        shellish = [t for t in argv if t in SHELL_OPERATORS or "$" in t or "`" in t]
+        shellish = _shell_syntax(item)
         if shellish:
             raise RunnerError(
                 f"{where}: {item!r} uses shell syntax {shellish}; commands run without a shell. "
@@ -84,6 +83,18 @@ def parse_argv(item: Any, where: str) -> List[str]:
             "activate environments before calling run.py and set variables in experiment.envs"
         )
     return argv
+
+
+def _shell_syntax(text: str) -> List[str]:
+    """Operators (``;``, ``&&``, ``|``, ``>``...) and expansions (``$``, backquote) in ``text``.
+
+    Quoted operator characters are reported too: give such arguments as an argv list instead.
+    """
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    tokens = list(lexer)
+    found = [t for t in tokens if t and set(t) <= set(lexer.punctuation_chars)]
+    return found + [t for t in tokens if "$" in t or "`" in t]
 
 
 def run_cmds(cmds: Sequence[List[str]], name: str, cwd: Path, env: Mapping[str, str]) -> None:

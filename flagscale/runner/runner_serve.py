@@ -62,8 +62,8 @@ class ServeRunner(RunnerBase):
 
     # ----- action=run -------------------------------------------------------------------------
     def run(self) -> int:
-        entrypoint = self._check_supported()
         self._refuse_if_running()
+        entrypoint = self._check_supported()
         resolved = self._write_resolved_config()
         env = self._env()
         self.serve_cfg = self._preflight(resolved, env)

@@ -1,0 +1,49 @@
+"""Helpers for launcher tests: run ``run.py`` as users do, free ports, process checks."""
+
+import socket
+import subprocess
+import sys
+import time
+
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = "./examples/pi0/conf"
+SAMPLE_IMAGES = [REPO_ROOT / "examples" / "pi0" / f"orbbec_{i}_latest.jpg" for i in range(3)]
+
+
+def run_cli(*overrides, config="serve_demo", timeout=600):
+    """``python run.py --config-path ./examples/pi0/conf --config-name <config> <overrides>``."""
+    argv = [sys.executable, "run.py", "--config-path", CONF_DIR, "--config-name", config]
+    return subprocess.run(
+        argv + list(overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def output(result) -> str:
+    return result.stdout + result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
