@@ -82,7 +82,7 @@ def run(args):
         for graphs in args.graphs:
             policy.sampler = policy.model.sample_actions
             if graphs == "on":
-                policy.enable_cuda_graphs(args.batch)
+                policy.enable_cuda_graphs(args.batch, compile=args.compile and ops == "native")
             for b in args.batch:
                 for cams in args.cameras:
                     for steps in args.steps:
@@ -135,6 +135,8 @@ def main():
     p.add_argument("--steps", nargs="+", type=int, default=[10])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--phases", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the passes (native)")
+    p.add_argument("--no-cudnn", action="store_true", help="disable the cuDNN SDPA backend")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -152,6 +154,8 @@ def main():
     except ImportError:
         pass
     print(json.dumps(info), flush=True)
+    if args.no_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     results = run(args)
     if args.out:
         with open(args.out, "w") as f:

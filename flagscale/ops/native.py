@@ -58,22 +58,42 @@ def fold_heads(q, k, v, mask):
 
 
 def attention(q, k, v, mask=None, scale=None):
-    """Softmax attention with fp32 softmax; q [B, Lq, H, Dh], k/v [B, Lk, Hkv, Dh] -> [B, Lq, H*Dh].
+    """Softmax attention with fp32 logits and softmax; q [B, Lq, H, Dh], k/v [B, Lk, Hkv, Dh]
+    -> [B, Lq, H*Dh].
 
     `mask` is an additive float mask [B, Lq | 1, Lk] in q's dtype (0 = keep, -2.38e38 = drop).
-    Hkv is 1 (Gemma MQA) or H (SigLIP).
+    Hkv is 1 (Gemma MQA) or H (SigLIP). Short MQA queries (the expert's suffix) use explicit fp32
+    matmuls (cheap, fusable under torch.compile); long ones use SDPA (fp32 accumulation inside).
     """
     b, lq, h, dh = q.shape
     scale = dh**-0.5 if scale is None else scale
     if k.shape[2] == 1 and h > 1:
         qf, kf, vf, mf = fold_heads(q, k, v, mask)
-        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mf, scale=scale)
+        if h * lq <= MATH_ROWS:
+            out = mqa_math(qf[:, 0], kf[:, 0], vf[:, 0], None if mf is None else mf[:, 0], scale)
+        else:
+            out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mf, scale=scale)
         return out.reshape(b, h, lq, dh).transpose(1, 2).reshape(b, lq, h * dh)
     mask = None if mask is None else mask[:, None]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )
     return out.transpose(1, 2).reshape(b, lq, h * dh)
+
+
+MATH_ROWS = 1024
+
+
+def mqa_math(q, k, v, mask, scale):
+    """q [B, R, Dh], k/v [B, Lk, Dh], mask [B, R | 1, Lk] -> [B, R, Dh]; fp32 logits and softmax."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        logits = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32) * scale
+    else:
+        logits = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
+    if mask is not None:
+        logits = logits + mask.float()
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    return torch.bmm(probs, v)
 
 
 def attention_reference(q, k, v, mask=None, scale=None):

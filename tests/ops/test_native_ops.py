@@ -90,8 +90,9 @@ def attention64(q, k, v, allowed, scale):
 
 @pytest.mark.parametrize("kv_heads", [1, 4])
 @pytest.mark.parametrize("mask_rows", ["full", "keys"])
-def test_masked_attention_matches_float64(kv_heads, mask_rows):
-    b, lq, lk, h, d = 2, 7, 13, 4, 16
+@pytest.mark.parametrize("lq", [7, 300])  # 4 * 300 rows > MATH_ROWS: the SDPA path
+def test_masked_attention_matches_float64(kv_heads, mask_rows, lq):
+    b, lk, h, d = 2, 13, 4, 16
     q = torch.randn(b, lq, h, d, dtype=torch.float64)
     k = torch.randn(b, lk, kv_heads, d, dtype=torch.float64)
     v = torch.randn(b, lk, kv_heads, d, dtype=torch.float64)

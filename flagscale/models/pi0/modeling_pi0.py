@@ -173,11 +173,11 @@ class GemmaLayer(nn.Module):
         b, t, _ = x.shape
         d = self.dims
         qkv = self.qkv_proj(self.input_norm(x))
-        kv_size = d.kv_heads * d.head_dim
-        q, k, v = qkv.split([d.heads * d.head_dim, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(b, t, d.heads, d.head_dim), cos, sin)
-        k = apply_rope(k.view(b, t, d.kv_heads, d.head_dim), cos, sin)
-        return q, k, v.view(b, t, d.kv_heads, d.head_dim)
+        n_qk = d.heads + d.kv_heads
+        # q and k are adjacent in the fused output: one RoPE op for both
+        qk = apply_rope(qkv[..., : n_qk * d.head_dim].view(b, t, n_qk, d.head_dim), cos, sin)
+        v = qkv[..., n_qk * d.head_dim :].view(b, t, d.kv_heads, d.head_dim)
+        return qk[:, :, : d.heads], qk[:, :, d.heads :], v
 
     def finish(self, x, attn):
         x = x + self.o_proj(attn)
@@ -213,6 +213,21 @@ class PI0Model(nn.Module):
         self.action_time_mlp_in = Linear(ops, 2 * w, w)
         self.action_time_mlp_out = Linear(ops, w, w)
         self.action_out_proj = Linear(ops, w, c.max_action_dim)
+        self._passes = {}  # torch.compile'd versions of the passes, see compile_passes()
+
+    def compile_passes(self, parts=("state", "denoise", "prefix"), mode=None):
+        """torch.compile the given passes: fuses the norms, RoPE, GeGLU and residual adds that
+        otherwise cost hundreds of tiny kernels per denoising step. Native ops only."""
+        fns = {
+            "prefix": self.fill_prefix_cache,
+            "state": self.fill_state_cache,
+            "denoise": self.denoise_step,
+        }
+        for part in parts:
+            self._passes[part] = torch.compile(fns[part], dynamic=True, mode=mode)
+
+    def _pass(self, name, default):
+        return self._passes.get(name, default)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -331,17 +346,18 @@ class PI0Model(nn.Module):
             lang_masks.to(self.device),
         )
         cache_k, cache_v = self.new_cache(b, embs.shape[1])
-        self.fill_prefix_cache(embs, pad, cache_k, cache_v)
-        self.fill_state_cache(state.to(self.device), pad, cache_k, cache_v)
+        self._pass("prefix", self.fill_prefix_cache)(embs, pad, cache_k, cache_v)
+        self._pass("state", self.fill_state_cache)(state.to(self.device), pad, cache_k, cache_v)
         return self.euler(noise.to(self.device, torch.float32), num_steps, pad, cache_k, cache_v)
 
     def euler(self, noise, num_steps, pad, cache_k, cache_v):
         dt = -1.0 / num_steps
         x_t = noise.clone()
         time = torch.empty(noise.shape[0], dtype=torch.float32, device=noise.device)
+        step = self._pass("denoise", self.denoise_step)
         for i in range(num_steps):  # Python-int loop: no host sync, same schedule as openpi
             time.fill_(1.0 + i * dt)
-            x_t = x_t + dt * self.denoise_step(x_t, time, pad, cache_k, cache_v)
+            x_t = x_t + dt * step(x_t, time, pad, cache_k, cache_v)
         return x_t
 
     # ---- uncached reference (tests) -----------------------------------------------------

@@ -282,10 +282,15 @@ class PI0Policy:
             "prompt": "pick up the cube",
         }
 
-    def enable_cuda_graphs(self, batch_buckets=(1, 2, 4, 8)):
-        """Replay whole-request CUDA graphs instead of eager kernels (GPU only)."""
+    def enable_cuda_graphs(self, batch_buckets=(1, 2, 4, 8), compile=False):
+        """Replay whole-request CUDA graphs instead of eager kernels (GPU only). With `compile`,
+        the passes are first torch.compile'd (native ops only; compiled during warm-up)."""
         from flagscale.engine.cuda_graph import CudaGraphSampler
 
+        if compile:
+            if self.model.ops.backend != "native":
+                raise ValueError("compile=True needs the native op backend (FlagGems: graphs only)")
+            self.model.compile_passes()
         self.sampler = CudaGraphSampler(self.model, batch_buckets)
         return self.sampler
 
