@@ -62,6 +62,12 @@ class ServeRunner(RunnerBase):
 
     # ----- action=run -------------------------------------------------------------------------
     def run(self) -> int:
+        rc = self._launch()
+        if rc == 0:
+            logger.info("stop it with the same command and action=stop")
+        return rc
+
+    def _launch(self) -> int:
         self._refuse_if_running()
         entrypoint = self._check_supported()
         resolved = self._write_resolved_config()
@@ -151,7 +157,6 @@ class ServeRunner(RunnerBase):
                 return 130
             raise
         logger.info("server ready at %s after %.1fs (pid %d)", url, elapsed, proc.pid)
-        logger.info("stop it with the same command and action=stop")
         return 0
 
     def _wait_ready(self, proc, url: str) -> float:
@@ -193,7 +198,7 @@ class ServeRunner(RunnerBase):
         if self.foreground:
             raise RunnerError("action=test starts the server in the background; unset foreground")
         images = self._sample_images()
-        rc = self.run()
+        rc = self._launch()
         if rc != 0:
             return rc
         try:
@@ -258,13 +263,8 @@ class ServeRunner(RunnerBase):
             return 1
         remove_pid_record(self.pid_file)
         others = sorted(p.pid for p in procs if p.pid != leader.pid)
-        logger.info(
-            "stopped the server for exp_dir %s: pid %d and %d other process(es) %s",
-            self.exp_dir,
-            leader.pid,
-            len(others),
-            others,
-        )
+        extra = f" and {len(others)} other process(es) {others}" if others else ""
+        logger.info("stopped the server for exp_dir %s: pid %d%s", self.exp_dir, leader.pid, extra)
         return 0
 
     def _why_stale(self, record: PidRecord) -> str:

@@ -1,9 +1,11 @@
 """Helpers for launcher tests: run ``run.py`` as users do, free ports, process checks."""
 
+import json
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 from pathlib import Path
 
@@ -47,3 +49,12 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local server: no proxy
+
+
+def get_health(port: int):
+    """(status, parsed JSON) of GET /health on 127.0.0.1:port; raises OSError if nothing answers."""
+    with _OPENER.open(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+        return response.status, json.loads(response.read())

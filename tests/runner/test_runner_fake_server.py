@@ -5,17 +5,24 @@ so these tests pin the launcher contract: env export, log file, pid record, read
 failure reporting, process-tree stop and foreground exec.
 """
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import urllib.request
 
 import pytest
 
-from runner_helpers import CONF_DIR, REPO_ROOT, free_port, gone, output, run_cli, wait_until
+from runner_helpers import (
+    CONF_DIR,
+    REPO_ROOT,
+    free_port,
+    get_health,
+    gone,
+    output,
+    run_cli,
+    wait_until,
+)
 
 FAKE_SERVER = textwrap.dedent("""
     import argparse, http.server, json, os, signal, subprocess, sys, yaml
@@ -57,11 +64,6 @@ def fake(tmp_path):
     return _write
 
 
-def health(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-        return json.loads(response.read())
-
-
 def common(exp_dir, entry, port):
     return [
         f"experiment.exp_dir={exp_dir}",
@@ -76,7 +78,7 @@ def test_run_then_stop_kills_the_whole_tree(exp_dir, fake):
     result = run_cli(*args, "action=run", timeout=120)
     assert result.returncode == 0, output(result)
     assert "server ready at http://127.0.0.1:" in output(result)
-    info = health(port)
+    info = get_health(port)[1]
     pid_text = (exp_dir / "serve_logs" / "pids" / "host_0_localhost.pid").read_text()
     assert int(pid_text) == info["pid"]
     assert info["env"]["USE_FLAGGEMS"] == "false" and info["env"]["CUDA_VISIBLE_DEVICES"] == ""
@@ -100,7 +102,7 @@ def test_stubborn_server_is_killed_after_stop_timeout(exp_dir, fake):
     port, entry = free_port(), fake(FAKE_SERVER)
     args = common(exp_dir, entry, port) + ["+experiment.envs.IGNORE_TERM=true"]
     assert run_cli(*args, "action=run", timeout=120).returncode == 0
-    info = health(port)
+    info = get_health(port)[1]
     stopped = run_cli(*args, "experiment.runner.stop_timeout=1", "action=stop", timeout=120)
     assert stopped.returncode == 0, output(stopped)
     assert "sending SIGKILL" in output(stopped)
@@ -125,11 +127,12 @@ def test_server_never_ready_times_out_and_is_stopped(exp_dir, fake, tmp_path):
         "print('still loading...', flush=True)\n"
         "time.sleep(300)\n"
     )
-    args = common(exp_dir, entry, free_port()) + ["experiment.runner.ready_timeout=2"]
+    args = common(exp_dir, entry, free_port()) + ["experiment.runner.ready_timeout=6"]
     result = run_cli(*args, "action=run", timeout=120)
     assert result.returncode != 0
     text = output(result)
-    assert "not ready after 2s (experiment.runner.ready_timeout)" in text
+    assert "s elapsed; log: still loading..." in text  # progress while waiting
+    assert "not ready after 6s (experiment.runner.ready_timeout)" in text
     assert "still loading..." in text
     assert wait_until(lambda: gone(int(pid_out.read_text())), 5)
     assert not (exp_dir / "serve_logs" / "pids" / "host_0_localhost.pid").exists()
@@ -156,7 +159,7 @@ def test_foreground_execs_in_place(exp_dir, fake, tmp_path):
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         assert wait_until(lambda: _answers(port) or proc.poll() is not None, 60, 0.2)
-        info = health(port)
+        info = get_health(port)[1]
         assert info["pid"] == proc.pid  # exec'd in place: same process
         pid_file = exp_dir / "serve_logs" / "pids" / "host_0_localhost.pid"
         assert int(pid_file.read_text()) == proc.pid
@@ -172,7 +175,7 @@ def test_foreground_execs_in_place(exp_dir, fake, tmp_path):
 
 def _answers(port):
     try:
-        health(port)
+        get_health(port)
         return True
     except OSError:
         return False
