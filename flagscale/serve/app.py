@@ -6,6 +6,7 @@ State lives on app.state (cfg, worker); routes are thin: read body -> validate -
 """
 
 import contextlib
+import importlib.metadata
 import json
 import sys
 import time
@@ -21,7 +22,6 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flagscale import __version__
 from flagscale.logger import get_logger
 from flagscale.serve.codec import ImageDecodeError, decode_image
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
@@ -31,6 +31,16 @@ from flagscale.serve.worker import InferenceWorker, NotReady, QueueFull
 logger = get_logger("flagscale.serve.app")
 
 V2_IMAGE_PREFIX = "observation.images."
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("flagscale-pi0")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _package_version()
 
 
 class RequestError(Exception):
@@ -162,7 +172,7 @@ def _health(worker: InferenceWorker, cfg: ServeConfig) -> JSONResponse:
     body = {
         "status": status,
         "model_loaded": worker.ready,
-        "gpu_info": gpu_info(),
+        "gpu_info": gpu_info(worker.ready),
         "device": cfg.device,
         "timestamp": time.time(),
     }
@@ -517,7 +527,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
         headers = {"Retry-After": "1"} if exc.status == 503 else None
-        if exc.status >= 500:
+        if exc.status >= 500 and exc.status != 503:
             logger.error(
                 "%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message
             )
@@ -542,20 +552,24 @@ def _error(status: int, message: str, headers=None) -> JSONResponse:
     return JSONResponse({"success": False, "error": message}, status_code=status, headers=headers)
 
 
-def gpu_info() -> dict:
-    """FlagScale robotics /health gpu_info (memory in bytes); torch is only used if already loaded."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return {"available": False, "device_count": 0, "device_name": "cpu"}
-    index = torch.cuda.current_device()
-    return {
-        "available": True,
-        "device_count": torch.cuda.device_count(),
-        "current_device": index,
-        "device_name": torch.cuda.get_device_name(index),
-        "memory_allocated": torch.cuda.memory_allocated(index),
-        "memory_reserved": torch.cuda.memory_reserved(index),
-    }
+def gpu_info(model_loaded: bool = True) -> dict:
+    """FlagScale robotics /health gpu_info (memory in bytes). torch is only queried once the model
+    is loaded (it may be mid-import in the loading thread before that)."""
+    torch = sys.modules.get("torch") if model_loaded else None
+    try:
+        if torch is None or not torch.cuda.is_available():
+            return {"available": False, "device_count": 0, "device_name": "cpu"}
+        index = torch.cuda.current_device()
+        return {
+            "available": True,
+            "device_count": torch.cuda.device_count(),
+            "current_device": index,
+            "device_name": torch.cuda.get_device_name(index),
+            "memory_allocated": torch.cuda.memory_allocated(index),
+            "memory_reserved": torch.cuda.memory_reserved(index),
+        }
+    except Exception as e:  # health must answer whatever the driver says
+        return {"available": False, "error": f"{type(e).__name__}: {e}"}
 
 
 def _jsonable(value):

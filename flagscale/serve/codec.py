@@ -29,7 +29,7 @@ def decode_image(text: str, max_side: int = 4096) -> np.ndarray:
     with _open(raw) as img:
         _check_size(img, max_side)
         rgb = _load_rgb(img)
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
 
 
 def decode_base64(text: str) -> bytes:

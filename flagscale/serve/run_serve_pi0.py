@@ -1,0 +1,158 @@
+"""Pi0 server entry (FlagScale v1 name and CLI).
+
+    python flagscale/serve/run_serve_pi0.py --config-path <resolved serve.yaml> [--log-dir <dir>]
+    python -m flagscale.serve.run_serve_pi0 --config-path examples/pi0/conf/serve/pi0_demo.yaml
+
+The port opens at once; /health answers "loading" (503) while the policy loads and warms up in the
+inference thread, then "healthy". SIGTERM / SIGINT shut down gracefully (exit 0); a failed load
+exits 1. Logs go to stdout/stderr (the launcher redirects them).
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script path: make the repo root importable
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+from flagscale.logger import get_logger  # noqa: E402
+from flagscale.serve.config import ConfigError, ServeConfig, load_serve_config  # noqa: E402
+
+logger = get_logger("flagscale.serve.run_serve_pi0")
+
+RANDOM_BANNER = """
+############################################################################
+#  engine.random_init=true: the policy has RANDOM WEIGHTS.                 #
+#  Its actions are MEANINGLESS. Never send them to a real robot.           #
+############################################################################"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="FlagScale Pi0 inference server")
+    parser.add_argument(
+        "--config-path",
+        required=True,
+        help="YAML with a top-level `serve` section (the launcher's resolved config) "
+        "or a serve task file with an `engine` block",
+    )
+    parser.add_argument(
+        "--log-dir", default=None, help="directory for serve_pi0_config.json (effective config)"
+    )
+    return parser.parse_args(argv)
+
+
+def set_environment(cfg: ServeConfig) -> None:
+    """Env vars that must be set before torch / flag_gems are imported."""
+    if cfg.flaggems_cache_dir:
+        os.environ["FLAGGEMS_CACHE_DIR"] = str(Path(cfg.flaggems_cache_dir).expanduser())
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def set_determinism(cfg: ServeConfig) -> None:
+    import numpy as np
+    import torch
+
+    if cfg.seed is not None:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def build_policy(cfg: ServeConfig):
+    from flagscale.models.pi0 import PI0Policy
+
+    set_determinism(cfg)
+    if cfg.random_init:
+        logger.warning(RANDOM_BANNER)
+        return PI0Policy.random(
+            preset=cfg.preset or "tiny",
+            device=cfg.device,
+            dtype=cfg.torch_dtype,
+            seed=cfg.seed or 0,
+            tokenizer_path=cfg.tokenizer,
+            ops=cfg.ops,
+            stat_path=cfg.stat_path,
+        )
+    return PI0Policy.from_pretrained(
+        cfg.model,
+        tokenizer_path=cfg.tokenizer,
+        stat_path=cfg.stat_path,
+        device=cfg.device,
+        dtype=cfg.torch_dtype,
+        ops=cfg.ops,
+        preset=cfg.preset,
+    )
+
+
+def write_effective_config(cfg: ServeConfig, log_dir: str | None) -> None:
+    if not log_dir:
+        return
+    path = Path(log_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "serve_pi0_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+
+def serve(cfg: ServeConfig) -> int:
+    import uvicorn
+
+    from flagscale.serve.app import create_app
+
+    exit_code = {"value": 0}
+    server = None
+
+    def on_failure(error: BaseException) -> None:
+        exit_code["value"] = 1
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(None, cfg, load_policy=lambda: build_policy(cfg), on_failure=on_failure)
+    config = uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level=cfg.uvicorn_log_level, access_log=False
+    )
+    server = uvicorn.Server(config)
+    _install_signal_handlers(server)
+    logger.info(
+        "serving on http://%s:%d (ops=%s, device=%s)", cfg.host, cfg.port, cfg.ops, cfg.device
+    )
+    server.run()
+    if not server.started:
+        logger.error("the server did not start (is %s:%d free?)", cfg.host, cfg.port)
+        return 1
+    return exit_code["value"]
+
+
+def _install_signal_handlers(server) -> None:
+    """uvicorn handles SIGTERM/SIGINT while serving, then re-raises them after shutdown; these
+    handlers receive that re-raise (and any signal before serving starts) so we exit 0."""
+
+    def handle(signum, frame):
+        server.should_exit = True
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_serve_config(args.config_path)
+    except ConfigError as e:
+        logger.error("invalid serve config %s: %s", args.config_path, e)
+        return 2
+    set_environment(cfg)
+    write_effective_config(cfg, args.log_dir)
+    return serve(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
