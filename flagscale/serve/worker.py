@@ -31,7 +31,7 @@ class NotReady(RuntimeError):
     """The policy is still loading (or failed to load, or the worker stopped)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity equality: deque.remove must not compare arrays
 class Job:
     observations: list
     noises: list
@@ -145,10 +145,15 @@ class InferenceWorker:
         if not self._load():
             return
         while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            self._execute(batch)
+            batch = []
+            try:
+                if not self._next_batch(batch):
+                    return
+                self._execute(batch)
+            except Exception as e:  # never let the thread die: callers would wait forever
+                logger.exception("inference worker error")
+                for job in batch:
+                    _fail(job, e)
 
     def _load(self) -> bool:
         try:
@@ -157,11 +162,11 @@ class InferenceWorker:
             if self._prepare is not None:
                 self._prepare(self._policy)
         except Exception as e:
-            self.state = FAILED
             self.error = f"{type(e).__name__}: {e}"
             logger.exception("loading the policy failed")
             if self.on_failure is not None:
                 self.on_failure(e)
+            self.state = FAILED
             return False
         with self._cond:
             if not self._stopping:
@@ -169,14 +174,16 @@ class InferenceWorker:
         logger.info("policy ready")
         return True
 
-    def _next_batch(self) -> list | None:
+    def _next_batch(self, batch: list) -> bool:
+        """Fill `batch` with the oldest job plus compatible ones; False once stopping."""
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
             if self._stopping:
-                return None
+                return False
             first = self._queue.popleft()
-            batch, size = [first], first.size
+            batch.append(first)
+            size = first.size
             deadline = time.monotonic() + self.max_wait_s
             while size < self.max_batch_size and not self._stopping:
                 job = self._take_compatible(first.num_steps, self.max_batch_size - size)
@@ -188,7 +195,7 @@ class InferenceWorker:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            return batch
+            return True
 
     def _take_compatible(self, num_steps: int, room: int) -> Job | None:
         for job in self._queue:
