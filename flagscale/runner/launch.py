@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence
 
 from flagscale.logger import get_logger
-from flagscale.runner.process import write_pid_record
+from flagscale.runner.process import remove_pid_record, write_pid_record
 from flagscale.runner.runner_base import RunnerError
 
 logger = get_logger("flagscale.runner")
@@ -120,4 +120,8 @@ def exec_foreground(argv: Sequence[str], cwd: Path, env: Mapping[str, str], pid_
     logger.info("exec (foreground): %s", shlex.join(argv))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(argv[0], list(argv), dict(env))
+    try:
+        os.execve(argv[0], list(argv), dict(env))
+    except OSError as err:
+        remove_pid_record(pid_file)
+        raise RunnerError(f"cannot exec {argv[0]}: {err}") from err

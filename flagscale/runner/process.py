@@ -97,30 +97,44 @@ def process_tree(leader: psutil.Process) -> List[psutil.Process]:
     """The leader, its descendants, and (if it leads a session) orphans left in its session."""
     procs = {leader.pid: leader}
     try:
-        for child in leader.children(recursive=True):
-            procs[child.pid] = child
-        leads_session = os.getsid(leader.pid) == leader.pid
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        return list(procs.values())
-    if leads_session:
-        for proc in psutil.process_iter():
-            if proc.pid not in procs and _in_session(proc, leader):
-                procs[proc.pid] = proc
+        procs.update((child.pid, child) for child in leader.children(recursive=True))
+    except psutil.NoSuchProcess:
+        pass
+    if _leads_session(leader):
+        since = leader.create_time()
+        procs.update((p.pid, p) for p in session_members(leader.pid, since) if p.pid not in procs)
     return list(procs.values())
 
 
-def _in_session(proc: psutil.Process, leader: psutil.Process) -> bool:
+def _leads_session(proc: psutil.Process) -> bool:
     try:
-        return os.getsid(proc.pid) == leader.pid and proc.create_time() >= leader.create_time()
-    except (OSError, psutil.Error):
+        return os.getsid(proc.pid) == proc.pid
+    except OSError:
         return False
+
+
+def session_members(sid: int, since: float) -> List[psutil.Process]:
+    """Live processes of session ``sid`` created at or after ``since`` (the leader's start)."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.create_time() >= since - CREATE_TIME_TOLERANCE_S:
+                members.append(proc)
+        except (OSError, psutil.Error):
+            pass
+    return members
 
 
 def stop_tree(
     leader: psutil.Process, timeout: float
 ) -> Tuple[List[psutil.Process], List[psutil.Process]]:
-    """SIGTERM the tree, wait up to ``timeout`` s, SIGKILL survivors. Returns (hit, survivors)."""
+    """Stop ``process_tree(leader)``. Returns (processes hit, survivors)."""
     procs = process_tree(leader)
+    return procs, stop_procs(procs, timeout)
+
+
+def stop_procs(procs: Sequence[psutil.Process], timeout: float) -> List[psutil.Process]:
+    """SIGTERM, wait up to ``timeout`` s, SIGKILL survivors. Returns what still runs."""
     _signal_all(procs, signal.SIGTERM)
     survivors = wait_gone(procs, timeout)
     if survivors:
@@ -129,7 +143,7 @@ def stop_tree(
         )
         _signal_all(survivors, signal.SIGKILL)
         survivors = wait_gone(survivors, 5.0)
-    return procs, survivors
+    return survivors
 
 
 def _signal_all(procs: Sequence[psutil.Process], sig: int) -> None:
@@ -170,6 +184,20 @@ def start_background(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def exit_status(proc: subprocess.Popen) -> Optional[int]:
+    """The child's exit code (negative: killed by that signal) once it exited, else None.
+
+    Unlike ``Popen.poll`` this does not reap it: the zombie keeps its pid (and so its session id)
+    reserved until the caller has stopped what it left behind and calls ``wait``.
+    """
+    if proc.returncode is not None:
+        return proc.returncode
+    info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
 def tail(path: Path, lines: int = 40) -> List[str]:

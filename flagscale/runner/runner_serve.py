@@ -6,6 +6,7 @@ server reads), ``host_0_localhost.output`` (server stdout+stderr, appended), ``p
 """
 
 import os
+import subprocess
 import sys
 import time
 
@@ -23,6 +24,7 @@ from flagscale.runner.launch import build_env, exec_foreground, parse_cmds, run_
 from flagscale.runner.probe import base_url, check_port_free, health, http_json, is_ready
 from flagscale.runner.process import (
     PidRecord,
+    exit_status,
     live_process,
     read_pid_record,
     remove_pid_record,
@@ -163,10 +165,9 @@ class ServeRunner(RunnerBase):
         start = time.monotonic()
         next_report = start + REPORT_EVERY_S
         while True:
-            if proc.poll() is not None:
-                raise RunnerError(
-                    f"the server exited with code {proc.returncode} before it was ready"
-                )
+            code = exit_status(proc)
+            if code is not None:
+                raise RunnerError(f"the server exited with code {code} before it was ready")
             status, body = health(url)
             elapsed = time.monotonic() - start
             if is_ready(status, body):
@@ -182,14 +183,14 @@ class ServeRunner(RunnerBase):
                 next_report += REPORT_EVERY_S
             time.sleep(POLL_S)
 
-    def _abort(self, proc) -> None:
-        """Show the log tail, stop the tree we started (unreaped, so its pid is still ours)."""
+    def _abort(self, proc: subprocess.Popen) -> None:
+        """Show the log tail; stop the child we started and anything left in its session.
+
+        The child is reaped only at the end, so its pid (= session id) cannot be reused meanwhile.
+        """
         lines = tail(self.log_path)
         logger.error("last %d lines of %s:\n%s", len(lines), self.log_path, "\n".join(lines))
-        try:
-            stop_tree(psutil.Process(proc.pid), self.stop_timeout)
-        except psutil.NoSuchProcess:
-            pass
+        stop_tree(psutil.Process(proc.pid), self.stop_timeout)
         proc.wait()
         remove_pid_record(self.pid_file)
 

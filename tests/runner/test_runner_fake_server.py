@@ -109,13 +109,22 @@ def test_stubborn_server_is_killed_after_stop_timeout(exp_dir, fake):
     assert wait_until(lambda: gone(info["pid"]) and gone(info["child"]), 5)
 
 
-def test_server_that_exits_early_is_reported_with_its_log(exp_dir, fake):
-    entry = fake("import sys\nprint('boom: weights not found', flush=True)\nsys.exit(3)\n")
+def test_server_that_exits_early_is_reported_with_its_log(exp_dir, fake, tmp_path):
+    # It leaves an orphan in its session: the launcher must stop that one too.
+    orphan_pid = tmp_path / "orphan.txt"
+    entry = fake(
+        "import subprocess, sys\n"
+        "orphan = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(orphan_pid)!r}, 'w').write(str(orphan.pid))\n"
+        "print('boom: weights not found', flush=True)\n"
+        "sys.exit(3)\n"
+    )
     result = run_cli(*common(exp_dir, entry, free_port()), "action=run", timeout=120)
     assert result.returncode != 0
     text = output(result)
     assert "the server exited with code 3 before it was ready" in text
     assert "boom: weights not found" in text
+    assert wait_until(lambda: gone(int(orphan_pid.read_text())), 5)
     assert not (exp_dir / "serve_logs" / "pids" / "host_0_localhost.pid").exists()
 
 

@@ -3,14 +3,20 @@
 import base64
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
+import psutil
 import pytest
+
+from runner_helpers import wait_until
 
 from flagscale.runner.launch import build_env, parse_cmds
 from flagscale.runner.probe import base_url, check_port_free, is_ready
 from flagscale.runner.process import (
     PidRecord,
+    exit_status,
     live_process,
     read_pid_record,
     remove_pid_record,
@@ -148,3 +154,11 @@ def test_check_infer_response():
     ]:
         with pytest.raises(RunnerError):
             check_infer_response(status, body)
+
+
+def test_exit_status_does_not_reap():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(4)"])
+    assert wait_until(lambda: exit_status(proc) is not None, 10)
+    assert exit_status(proc) == 4
+    assert psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE  # pid still reserved
+    assert proc.wait() == 4 and exit_status(proc) == 4
