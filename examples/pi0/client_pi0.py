@@ -1,7 +1,8 @@
 """Client for the FlagScale Pi0 server (POST /infer, FlagScale v1 body).
 
     python examples/pi0/client_pi0.py --host 127.0.0.1 --port 9010 \\
-        --base-img examples/pi0/orbbec_0_latest.jpg --left-wrist-img examples/pi0/orbbec_1_latest.jpg \\
+        --base-img examples/pi0/orbbec_0_latest.jpg \\
+        --left-wrist-img examples/pi0/orbbec_1_latest.jpg \\
         --right-wrist-img examples/pi0/orbbec_2_latest.jpg --num-steps 20
 
 Sends the JPEG files as base64 (cam_high / cam_left_wrist / cam_right_wrist), the state as
@@ -46,9 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--left-wrist-img", help="JPEG/PNG for cam_left_wrist (left_wrist_0_rgb)")
     p.add_argument("--right-wrist-img", help="JPEG/PNG for cam_right_wrist (right_wrist_0_rgb)")
     p.add_argument("--num-steps", type=int, default=10, help="flow-matching steps (default 10)")
-    p.add_argument(
-        "--instruction", default=None, help=f"task prompt (default {DEFAULT_INSTRUCTION!r})"
-    )
+    p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="task prompt")
     p.add_argument("--state", default=None, help="comma-separated robot state (default zeros)")
     p.add_argument(
         "--state-dim", type=int, default=14, help="length of the zero state (default 14)"
@@ -58,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     p.add_argument("--repeat", type=int, default=1, help="send the request N times, print latency")
     p.add_argument("--health", action="store_true", help="only query GET /health and exit")
-    # FlagScale v1 leftovers: accepted, sent, ignored by the server
+    # FlagScale v1 leftovers: accepted and sent as v1 did; the server ignores them
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -98,7 +97,7 @@ def build_body(args) -> dict:
     state = parse_state(args.state, args.state_dim)
     images, masks = read_images(args)
     body = {
-        "instruction": args.instruction or args.high_level_instruction,
+        "instruction": args.instruction,
         "images": [images],
         "image_masks": [masks],
         "eef_pose": [state],

@@ -1,7 +1,7 @@
 """FastAPI app factory for the Pi0 policy: POST /infer, GET /health, GET /info.
 
-State lives on app.state (cfg, worker); routes are thin: read body -> validate -> decode (thread pool)
--> worker (one inference thread, micro-batching) -> response. Every error is JSON
+State lives on app.state (cfg, worker); routes are thin: read body -> validate -> decode
+(thread pool) -> worker (one inference thread, micro-batching) -> response. Every error is JSON
 {"success": false, "error": "..."} naming the field.
 """
 
@@ -280,7 +280,7 @@ async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
 
 
 async def _discard(request: Request, size: int, limit: int) -> None:
-    """Drain a bounded amount of an oversized body so the client reads the 413 instead of a reset."""
+    """Drain a bounded part of an oversized body so the client reads the 413, not a reset."""
     cap = 2 * limit + (8 << 20)
     try:
         async for chunk in request.stream():

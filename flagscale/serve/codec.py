@@ -1,4 +1,4 @@
-"""base64 image text -> uint8 (H, W, 3) RGB arrays, with size checks before the pixels are decoded."""
+"""base64 image text -> uint8 (H, W, 3) RGB arrays; sizes are checked before pixels are decoded."""
 
 import base64
 import binascii
@@ -68,9 +68,11 @@ def _open(raw: bytes) -> Image.Image:
         raise ImageDecodeError(f"image too large: {e}") from None
     except Image.UnidentifiedImageError:
         kinds = ", ".join(IMAGE_FORMATS)
-        raise ImageDecodeError(f"not a recognised image (supported: {kinds})") from None
+        raise ImageDecodeError(
+            f"not a recognised image (supported: {kinds}), or its header is truncated"
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise ImageDecodeError(f"cannot read image header: {e}") from None
+        raise ImageDecodeError(f"image header is truncated or corrupt: {e}") from None
 
 
 def _check_size(img: Image.Image, max_side: int) -> None:

@@ -1,7 +1,8 @@
-"""Serve config: the `serve` section (`engine` + legacy `generate`) mapped onto a validated dataclass.
+"""Serve config: the `serve` section (`engine` + legacy `generate`) as a validated dataclass.
 
 Import-light on purpose (no torch): the launcher calls `load_serve_config` for pre-flight checks.
-Every problem raises one `ConfigError` naming the key, e.g. "serve.engine.num_steps: must be in 1..100, got 0".
+Every problem raises one `ConfigError` naming the key, e.g.
+"serve.engine.num_steps: must be in 1..100 (serve.engine.max_num_steps), got 200".
 """
 
 import dataclasses
@@ -312,7 +313,8 @@ def _as_cameras(key: str, value) -> dict:
             raise ConfigError(f"{key}: camera names must be non-empty strings, got {name!r}")
         if slot not in IMAGE_SLOTS:
             raise ConfigError(
-                f"{key}.{name}: unknown image slot {slot!r}; must be one of {', '.join(IMAGE_SLOTS)}"
+                f"{key}.{name}: unknown image slot {slot!r}; "
+                f"must be one of {', '.join(IMAGE_SLOTS)}"
             )
         if slot in cameras.values():
             raise ConfigError(f"{key}.{name}: slot {slot!r} is already used by another camera")

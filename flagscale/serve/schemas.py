@@ -1,10 +1,12 @@
 """Wire contract of POST /infer (FlagScale v1 body, v2 body accepted too) and its response.
 
 v1 (what FlagScale's examples/pi0/client_pi0.py sends):
-    {"instruction": str, "images": [{"cam_high": b64, "cam_left_wrist": b64, "cam_right_wrist": b64}],
+    {"instruction": str,
+     "images": [{"cam_high": b64, "cam_left_wrist": b64, "cam_right_wrist": b64}],
      "eef_pose": [[14 floats]], "qpos": [[14 floats]], "state": [[14 floats]], "num_steps": 20,
      "image_masks": [{"base_0_rgb": true, ...}], "temperature": 0.8, ...}
-    eef_pose is the model's state (as in v1); `state` is used only when eef_pose is absent; qpos is ignored.
+    eef_pose is the model's state (as in v1); `state` is used only when eef_pose is absent;
+    qpos is ignored.
 v2: {"instruction": str, "state": [[...]], "images": [{"observation.images.base_0_rgb": b64, ...}]}
 
 Each element of `images` is one observation; a request with B elements gets actions [B, H, A].
@@ -99,7 +101,7 @@ class ErrorResponse(BaseModel):
 
 
 def describe_validation_error(err: ValidationError) -> str:
-    """One line per problem, each naming the field, e.g. "images.0.cam_high: Input should be ..."."""
+    """One part per problem, each naming the field: "images.0.cam_high: Input should be ..."."""
     lines = []
     for item in err.errors(include_url=False):
         loc = ".".join(str(part) for part in item["loc"] if not _is_union_tag(part)) or "body"
@@ -114,5 +116,5 @@ _TYPE_TAGS = ("int", "str", "float", "bool", "list", "dict", "none")
 
 
 def _is_union_tag(part) -> bool:
-    """pydantic names union branches in `loc` ("int", "list[int]"); they mean nothing to a client."""
+    """pydantic names union branches in `loc` ("int", "list[int]"); meaningless to a client."""
     return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)

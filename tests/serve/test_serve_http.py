@@ -18,7 +18,7 @@ V1_INSTRUCTION = "Grab the orange and put it into the basket."
 
 
 def v1_body_like_flagscale_client(num_steps=20) -> dict:
-    """The payload FlagScale v1's examples/pi0/client_pi0.py builds (build_payload), field by field."""
+    """The payload FlagScale v1's examples/pi0/client_pi0.py builds (build_payload), as is."""
     state = np.random.uniform(-1, 1, size=(1, STATE_DIM)).tolist()
     return {
         "instruction": V1_INSTRUCTION,

@@ -1,0 +1,94 @@
+"""decode_image: accepted encodings, and refusals before any pixel is decoded."""
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from PIL import Image
+
+from flagscale.serve.codec import ImageDecodeError, decode_image, encode_image
+
+
+def b64_of(image: Image.Image, fmt="PNG") -> str:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def png_header_only(width: int, height: int) -> str:
+    """A PNG whose IHDR claims width x height, with a tiny (wrong) IDAT: decoding would fail or
+    allocate width*height*3 bytes, so a refusal proves the size was checked first."""
+
+    def chunk(kind, data):
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+    return base64.b64encode(raw + chunk(b"IEND", b"")).decode()
+
+
+def test_png_round_trip_is_exact():
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    out = decode_image(encode_image(pixels, "PNG"))
+    assert out.dtype == np.uint8 and out.shape == (30, 40, 3)
+    np.testing.assert_array_equal(out, pixels)
+    assert out.flags.writeable
+
+
+def test_jpeg_with_data_url_prefix_and_line_breaks():
+    text = encode_image(np.full((16, 24, 3), 200, np.uint8))
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    out = decode_image("data:image/jpeg;base64," + wrapped)
+    assert out.shape == (16, 24, 3)
+    assert abs(int(out.mean()) - 200) <= 2
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_other_modes_become_rgb(mode):
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    out = decode_image(b64_of(Image.new(mode, (5, 7)), fmt))
+    assert out.shape == (7, 5, 3)
+
+
+def test_side_limit_is_checked_from_the_header():
+    with pytest.raises(ImageDecodeError, match="image is 5000x10; each side must be at most 4096"):
+        decode_image(png_header_only(5000, 10), max_side=4096)
+
+
+@pytest.mark.parametrize("side", [12000, 60000])  # above PIL's warning / error thresholds
+def test_decompression_bomb_is_refused_before_decoding(side):
+    with pytest.raises(ImageDecodeError, match="image too large: .*decompression bomb"):
+        decode_image(png_header_only(side, side), max_side=65536)
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_truncated_image(keep):
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    raw = base64.b64decode(encode_image(pixels))
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        decode_image(base64.b64encode(raw[: int(len(raw) * keep)]).decode())
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("", "empty image data"),
+        ("@@@@", "invalid base64"),
+        (base64.b64encode(b"GIF89a not really").decode(), "not a recognised image"),
+        ("data:text/plain;base64,aGVsbG8=", "media type must be image/*"),
+        (b64_of(Image.new("RGB", (4, 4)), "GIF"), "not a recognised image"),  # format not allowed
+    ],
+)
+def test_refusals(text, message):
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(text)
+
+
+def test_non_string_input():
+    with pytest.raises(ImageDecodeError, match="expected base64 text"):
+        decode_image(b"abc")

@@ -1,0 +1,234 @@
+"""load_serve_config: every file form, v1 compatibility, and one clear error per bad key."""
+
+import numpy as np
+import pytest
+import yaml
+
+from serve_helpers import REPO
+
+from flagscale.serve import config as config_module
+from flagscale.serve.config import ConfigError, ServeConfig, load_serve_config
+
+CONF = REPO / "examples" / "pi0" / "conf"
+
+
+def engine(**values):
+    return {"engine": {"random_init": True, **values}}
+
+
+def error_of(serve, env=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_serve_config(serve, env=env or {})
+    return str(info.value)
+
+
+@pytest.fixture
+def warnings_seen(monkeypatch):
+    """Collect config warnings (the flagscale logger does not propagate to caplog)."""
+    seen = []
+    monkeypatch.setattr(config_module, "_warned_unused", set())
+    monkeypatch.setattr(config_module.logger, "warning", lambda msg, *a: seen.append(msg % a))
+    return seen
+
+
+def test_demo_task_file_loads():
+    cfg = load_serve_config(CONF / "serve" / "pi0_demo.yaml", env={})
+    assert cfg.random_init and cfg.preset == "tiny" and cfg.device == "cpu"
+    assert cfg.port == 9010 and cfg.host == "127.0.0.1"
+    assert cfg.cameras == {
+        "cam_high": "base_0_rgb",
+        "cam_left_wrist": "left_wrist_0_rgb",
+        "cam_right_wrist": "right_wrist_0_rgb",
+    }
+
+
+def test_resolved_full_config_file_with_real_dirs(tmp_path):
+    """What the launcher writes: experiment + serve + action; the production task file's keys."""
+    model, tok = tmp_path / "pi0", tmp_path / "tok"
+    model.mkdir(), tok.mkdir()
+    stats = tmp_path / "stats.json"
+    stats.write_text("{}")
+    serve = yaml.safe_load((CONF / "serve" / "pi0.yaml").read_text())
+    serve["engine"].update(model=str(model), tokenizer=str(tok), stat_path=str(stats))
+    serve["engine"]["results_path"] = "outputs/pi0/results"
+    full = {"experiment": {"exp_name": "pi0"}, "serve": serve, "action": "run"}
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(full))
+    cfg = load_serve_config(path, env={})
+    assert cfg.model == str(model) and cfg.tokenizer == str(tok) and cfg.stat_path == str(stats)
+    assert cfg.torch_dtype == "bfloat16" and not cfg.random_init
+    assert cfg.max_body_bytes == 32 * 1024 * 1024
+
+
+def test_omegaconf_dictconfig_is_accepted():
+    from omegaconf import OmegaConf
+
+    cfg = load_serve_config(OmegaConf.create({"serve": engine(port=9011)}), env={})
+    assert cfg.port == 9011
+
+
+def test_v1_task_file_keys_load_and_unused_ones_warn_once(warnings_seen):
+    v1 = {
+        "engine": {
+            "host": "0.0.0.0",
+            "port": 5000,
+            "random_init": True,
+            "uvicorn_log_level": "warning",
+            "loader": "pi0",
+            "results_path": "outputs/pi0/results",
+            "device": "cuda",
+            "output_format": "image",
+            "torch_dtype": "torch.float32",
+            "transformations": {"LogIOTransformation": {"log_level": "info"}},
+        },
+        "generate": {
+            "images_keys": ["observation.images.camera0"],
+            "images_shape": [3, 480, 640],
+            "batch_size": 2,
+            "action_dim": 7,
+            "action_horizon": 10,
+            "state_key": "observation.state",
+            "instruction": {"task": ["retro cars"]},
+        },
+    }
+    cfg = load_serve_config(v1, env={})
+    load_serve_config(v1, env={})
+    assert cfg.torch_dtype == "float32" and cfg.host == "0.0.0.0"
+    assert (cfg.state_dim, cfg.action_dim, cfg.action_horizon) == (7, 7, 10)  # from generate
+    assert len(warnings_seen) == 1
+    for key in ("engine.loader", "engine.transformations", "generate.images_keys"):
+        assert key in warnings_seen[0]
+    assert "generate.action_dim" not in warnings_seen[0]
+
+
+def test_engine_dims_win_over_generate():
+    cfg = load_serve_config(
+        {**engine(action_dim=14, action_horizon=50), "generate": {"action_horizon": 10}}, env={}
+    )
+    assert (cfg.action_dim, cfg.action_horizon) == (14, 50)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        ("1", "flaggems"),
+        ("true", "flaggems"),
+        ("True", "flaggems"),
+        ("YES", "flaggems"),
+        ("false", "native"),
+        ("0", "native"),
+        ("", "native"),
+    ],
+)
+def test_use_flaggems_env(value, expected):
+    assert load_serve_config(engine(), env={"USE_FLAGGEMS": value}).ops == expected
+
+
+def test_config_ops_flaggems_without_env():
+    assert load_serve_config(engine(ops="FlagGems"), env={}).ops == "flaggems"
+
+
+BAD = [
+    (
+        "unknown key",
+        engine(num_step=4),
+        "serve.engine.num_step: unknown key; did you mean 'num_steps'?",
+    ),
+    (
+        "unknown section",
+        {**engine(), "generat": {}},
+        "serve.generat: unknown key; did you mean 'generate'?",
+    ),
+    (
+        "unknown generate key",
+        {**engine(), "generate": {"action_dims": 3}},
+        "did you mean 'action_dim'",
+    ),
+    ("no engine", {"generate": {}}, "serve.engine: missing"),
+    ("list form", {"serve": [{"serve_id": "vllm_model"}]}, "list form"),
+    (
+        "float16",
+        engine(torch_dtype="float16"),
+        "serve.engine.torch_dtype: 'float16' is not supported",
+    ),
+    ("unknown dtype", engine(torch_dtype="int8"), "serve.engine.torch_dtype: unknown dtype 'int8'"),
+    ("steps zero", engine(num_steps=0), "serve.engine.num_steps: must be >= 1, got 0"),
+    ("steps above max", engine(num_steps=20, max_num_steps=10), "num_steps: must be in 1..10"),
+    ("steps not int", engine(num_steps="ten"), "serve.engine.num_steps: expected an integer"),
+    ("port range", engine(port=70000), "serve.engine.port: must be in 1..65535, got 70000"),
+    ("bad device", engine(device="gpu"), "serve.engine.device: expected cpu, cuda or cuda:N"),
+    ("bad ops", engine(ops="flaggem"), "did you mean 'flaggems'?"),
+    ("bad preset", engine(preset="pi05"), "serve.engine.preset: must be one of pi0, tiny"),
+    ("bad bool", engine(warmup="maybe"), "serve.engine.warmup: expected true or false"),
+    (
+        "bad slot",
+        engine(cameras={"cam_high": "base_rgb"}),
+        "serve.engine.cameras.cam_high: unknown image slot",
+    ),
+    ("slot twice", engine(cameras={"a": "base_0_rgb", "b": "base_0_rgb"}), "already used"),
+    ("no cameras", engine(cameras={}), "serve.engine.cameras: expected a non-empty mapping"),
+    (
+        "log level",
+        engine(uvicorn_log_level="loud"),
+        "serve.engine.uvicorn_log_level: must be one of",
+    ),
+    ("batch size", engine(max_batch_size=0), "serve.engine.max_batch_size: must be in 1..256"),
+    ("wait", engine(max_wait_ms=-1), "serve.engine.max_wait_ms: must be in 0.0..1000.0"),
+    ("seed", engine(seed=-3), "serve.engine.seed: must be in 0.."),
+    (
+        "no model",
+        {"engine": {"random_init": False}},
+        "serve.engine.model: required when random_init is false",
+    ),
+    (
+        "model dir",
+        {"engine": {"model": "/no/such/model"}},
+        "serve.engine.model: directory not found: /no/such/model",
+    ),
+    (
+        "tokenizer dir",
+        engine(tokenizer="/no/such/tok"),
+        "serve.engine.tokenizer: directory not found",
+    ),
+    (
+        "stat file",
+        engine(stat_path="/no/stats.json"),
+        "serve.engine.stat_path: file not found: /no/stats.json",
+    ),
+    ("noise file", engine(fixed_noise="/no/noise.npy"), "serve.engine.fixed_noise: file not found"),
+]
+
+
+@pytest.mark.parametrize("serve,message", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_config_names_the_key(serve, message):
+    assert message in error_of(serve)
+
+
+def test_fixed_noise_file_is_checked(tmp_path):
+    good, flat = tmp_path / "noise.npy", tmp_path / "flat.npy"
+    np.save(good, np.zeros((50, 32), np.float32))
+    np.save(flat, np.zeros(50, np.float32))
+    assert load_serve_config(engine(fixed_noise=str(good)), env={}).fixed_noise == str(good)
+    assert "expected a 2-D float array" in error_of(engine(fixed_noise=str(flat)))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    assert "config file not found" in error_of(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve: [unclosed")
+    assert "invalid YAML" in error_of(bad)
+
+
+def test_serve_config_passes_through_and_is_import_light():
+    cfg = ServeConfig()
+    assert load_serve_config(cfg) is cfg
+    import subprocess
+    import sys
+
+    code = "import sys, flagscale.serve.config; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_env_default_is_os_environ(monkeypatch):
+    monkeypatch.setenv("USE_FLAGGEMS", "1")
+    assert load_serve_config(engine()).ops == "flaggems"
