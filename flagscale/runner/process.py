@@ -114,9 +114,11 @@ def _leads_session(proc: psutil.Process) -> bool:
 
 
 def session_members(sid: int, since: float) -> List[psutil.Process]:
-    """Live processes of session ``sid`` created at or after ``since`` (the leader's start)."""
+    """Live processes of session ``sid`` created at or after ``since`` (never this process)."""
     members = []
     for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
         try:
             if os.getsid(proc.pid) == sid and proc.create_time() >= since - CREATE_TIME_TOLERANCE_S:
                 members.append(proc)
