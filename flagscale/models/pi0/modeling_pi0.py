@@ -223,8 +223,9 @@ class PI0Model(nn.Module):
             "state": self.fill_state_cache,
             "denoise": self.denoise_step,
         }
-        for part in parts:
-            self._passes[part] = torch.compile(fns[part], dynamic=True, mode=mode)
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        for part in parts:  # static shapes: one compile per (batch bucket, cameras)
+            self._passes[part] = torch.compile(fns[part], dynamic=False, mode=mode)
 
     def _pass(self, name, default):
         return self._passes.get(name, default)
