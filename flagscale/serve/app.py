@@ -6,6 +6,7 @@ State lives on app.state (cfg, worker); routes are thin: read body -> validate -
 """
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import sys
@@ -53,14 +54,16 @@ class RequestError(Exception):
 
 
 def create_app(
-    policy=None, cfg=None, *, load_policy: Callable[[], Any] | None = None, on_failure=None
+    policy, cfg, *, load_policy: Callable[[], Any] | None = None, on_failure=None
 ) -> FastAPI:
-    """Build the app. Give a ready `policy`, or `load_policy` (called in the inference thread
-    after the server has started; /health answers "loading" with 503 until it is warmed up).
+    """Build the app around a ready `policy`, or pass policy=None and `load_policy` (called in the
+    inference thread once the server runs; /health answers "loading" (503) until it is warmed up).
 
-    cfg: ServeConfig, or anything load_serve_config accepts. on_failure(exc) runs if loading fails.
+    cfg: a ServeConfig, or anything load_serve_config accepts. on_failure(exc) runs in the
+    inference thread if loading or warm-up fails (the server keeps answering /health "failed").
+    The inference thread starts and stops with the app's lifespan.
     """
-    cfg = load_serve_config(cfg if cfg is not None else {"engine": {"random_init": True}})
+    cfg = load_serve_config(cfg)
     fixed_noise = _load_fixed_noise(cfg.fixed_noise)
     worker = InferenceWorker(
         policy,
@@ -96,9 +99,7 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
     _check_dims(policy, meta, cfg, fixed_noise)
     if cfg.warmup and hasattr(policy, "warmup"):
         start = time.perf_counter()
-        policy.warmup(
-            batch_sizes=list(range(1, cfg.max_batch_size + 1)), num_steps_list=[cfg.num_steps]
-        )
+        policy.warmup(batch_sizes=batch_buckets(cfg.max_batch_size), num_steps_list=[cfg.num_steps])
         logger.info("warm-up done in %.1f s", time.perf_counter() - start)
     probe = {
         "images": {slot: np.zeros((224, 224, 3), np.uint8) for slot in cfg.cameras.values()},
@@ -116,6 +117,13 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
             f"serve.engine.action_horizon/action_dim: the model returns actions of shape "
             f"{list(actions.shape)}, cannot cut [:{cfg.action_horizon}, :{cfg.action_dim}]"
         )
+
+
+def batch_buckets(max_batch_size: int) -> list:
+    """Batch sizes to warm up / capture: powers of two below max_batch_size, and max_batch_size
+    (CUDA graphs pad a batch up to the next bucket)."""
+    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < max_batch_size]
+    return buckets + [max_batch_size]
 
 
 def _check_dims(policy, meta, cfg: ServeConfig, fixed_noise) -> None:
@@ -213,11 +221,12 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
 
 async def _infer(request: Request, cfg: ServeConfig, worker: InferenceWorker, fixed_noise):
     start = time.perf_counter()
-    if not worker.ready:
+    policy = worker.policy
+    if policy is None:
         raise RequestError(503, _not_ready(worker))
     body = await read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
     req = parse_request(body)
-    noise_shape = _noise_shape(worker.policy)
+    noise_shape = _noise_shape(policy)
     batch = await run_in_threadpool(build_batch, req, cfg, noise_shape, fixed_noise)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
     try:
@@ -306,13 +315,13 @@ def parse_request(body: bytes) -> InferRequest:
         raise RequestError(422, describe_validation_error(e)) from None
 
 
+@dataclasses.dataclass
 class Batch:
-    def __init__(self, observations, noises, seeds, num_steps, echo_seed):
-        self.observations = observations
-        self.noises = noises
-        self.seeds = seeds
-        self.num_steps = num_steps
-        self.echo_seed = echo_seed
+    observations: list  # policy observations {"images", "state", "prompt"}
+    noises: list  # per observation: float32 (chunk_size, max_action_dim) or None
+    seeds: list  # per observation: int or None
+    num_steps: int
+    echo_seed: Any  # the request's or the config's seed, echoed in the response
 
 
 def build_batch(req: InferRequest, cfg: ServeConfig, noise_shape: tuple, fixed_noise) -> Batch:

@@ -69,6 +69,18 @@ def set_determinism(cfg: ServeConfig) -> None:
 
 
 def build_policy(cfg: ServeConfig):
+    """Runs in the inference thread: build or load the policy, then turn on CUDA graphs."""
+    policy = _construct_policy(cfg)
+    if cfg.cuda_graphs and cfg.device.startswith("cuda"):
+        from flagscale.serve.app import batch_buckets
+
+        policy.enable_cuda_graphs(batch_buckets(cfg.max_batch_size))
+    elif cfg.cuda_graphs:
+        logger.info("engine.cuda_graphs ignored on device %s", cfg.device)
+    return policy
+
+
+def _construct_policy(cfg: ServeConfig):
     from flagscale.models.pi0 import PI0Policy
 
     set_determinism(cfg)
