@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from flagscale.logger import get_logger
 from flagscale.serve.codec import ImageDecodeError, decode_image
@@ -279,12 +280,15 @@ async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
         await _discard(request, 0, limit)
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            await _discard(request, size, limit)
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                await _discard(request, size, limit)
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RequestError(400, "the client disconnected while sending the body") from None
     return b"".join(chunks)
 
 

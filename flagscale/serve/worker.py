@@ -159,7 +159,7 @@ class InferenceWorker:
         try:
             if self._policy is None:
                 self._policy = self._load_policy()
-            if self._prepare is not None:
+            if self._prepare is not None and not self._stopping:
                 self._prepare(self._policy)
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
@@ -169,8 +169,9 @@ class InferenceWorker:
             self.state = FAILED
             return False
         with self._cond:
-            if not self._stopping:
-                self.state = READY
+            if self._stopping:
+                return False
+            self.state = READY
         logger.info("policy ready")
         return True
 
