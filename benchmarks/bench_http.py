@@ -1,0 +1,113 @@
+"""HTTP end-to-end latency and throughput against a running Pi0 server (loopback only).
+
+    python benchmarks/bench_http.py --port 9010 --clients 1 4 8 --requests 50
+
+Each client thread sends FlagScale v1 bodies with the three 640x480 sample JPEGs from examples/pi0/,
+one request at a time, for a bounded number of requests (and at most --max-seconds). Reports
+round-trip p50/p90/p99, requests/s, errors, and the server's own timing split (queue, model).
+"""
+
+import argparse
+import base64
+import ipaddress
+import json
+import threading
+import time
+import urllib.request
+
+from pathlib import Path
+
+import numpy as np
+
+SAMPLES = Path(__file__).resolve().parent.parent / "examples" / "pi0"
+CAMERAS = {
+    "cam_high": "orbbec_0_latest.jpg",
+    "cam_left_wrist": "orbbec_1_latest.jpg",
+    "cam_right_wrist": "orbbec_2_latest.jpg",
+}
+
+
+def body(seed: int, steps: int, state_dim: int) -> bytes:
+    images = {
+        cam: base64.b64encode((SAMPLES / f).read_bytes()).decode() for cam, f in CAMERAS.items()
+    }
+    state = [[0.0] * state_dim]
+    return json.dumps(
+        {
+            "images": [images],
+            "instruction": "pick up the cube",
+            "eef_pose": state,
+            "qpos": state,
+            "num_steps": steps,
+            "seed": seed,
+        }
+    ).encode()
+
+
+def client(url, payload, n, deadline, out, timeout):
+    for _ in range(n):
+        if time.monotonic() > deadline:
+            return
+        req = urllib.request.Request(
+            url, data=payload, headers={"Content-Type": "application/json"}
+        )
+        t = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                reply = json.loads(resp.read())
+            out.append(((time.perf_counter() - t) * 1e3, reply.get("timing", {}), None))
+        except Exception as exc:  # counted, reported
+            out.append(((time.perf_counter() - t) * 1e3, {}, repr(exc)))
+
+
+def run_level(args, clients):
+    url = f"http://{args.host}:{args.port}/infer"
+    payload = body(0, args.steps, args.state_dim)
+    client(url, payload, 2, time.monotonic() + 60, [], args.timeout)  # warm-up
+    results, threads = [], []
+    deadline = time.monotonic() + args.max_seconds
+    start = time.perf_counter()
+    for _ in range(clients):
+        th = threading.Thread(
+            target=client, args=(url, payload, args.requests, deadline, results, args.timeout)
+        )
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - start
+    ok = [r for r in results if r[2] is None]
+    lat = np.array([r[0] for r in ok]) if ok else np.array([np.nan])
+    split = {k: float(np.mean([r[1].get(k, np.nan) for r in ok])) for k in ("queue_ms", "model_ms")}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "req_per_s": len(ok) / wall,
+        **split,
+        "first_error": next((r[2] for r in results if r[2]), None),
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9010)
+    p.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
+    p.add_argument("--requests", type=int, default=50, help="per client")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--state-dim", type=int, default=14)
+    p.add_argument("--max-seconds", type=float, default=120.0, help="per concurrency level")
+    p.add_argument("--timeout", type=float, default=60.0)
+    args = p.parse_args()
+    if not ipaddress.ip_address(args.host).is_loopback:
+        raise SystemExit("bench_http.py only targets loopback addresses")
+    for clients in args.clients:
+        print(json.dumps(run_level(args, clients)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
