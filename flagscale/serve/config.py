@@ -362,7 +362,7 @@ _PARSERS = {
     "host": _as_str,
     "port": lambda k, v: _as_int(k, v, 1, 65535),
     "model": _as_str,
-    "tokenizer": _as_dir,
+    "tokenizer": lambda k, v: _check_tokenizer_dir(k, _as_dir(k, v)),
     "stat_path": _as_file,
     "device": _as_device,
     "torch_dtype": _as_dtype,
@@ -391,14 +391,37 @@ _PARSERS = {
 }
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _check_tokenizer_dir(key: str, path: str) -> str:
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{key}: no {', '.join(TOKENIZER_FILES)} in {path}")
+    return path
+
+
+def _check_checkpoint(cfg: ServeConfig) -> None:
+    if cfg.model is None:
+        raise ConfigError(
+            "serve.engine.model: required when random_init is false "
+            "(a directory with config.json + model.safetensors)"
+        )
+    model = Path(_as_dir("serve.engine.model", cfg.model))
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"serve.engine.model: no config.json in {model}")
+    if not any((model / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"serve.engine.model: no {' or '.join(WEIGHT_FILES)} in {model}")
+    if cfg.tokenizer is None and not any((model / n).is_file() for n in TOKENIZER_FILES):
+        raise ConfigError(
+            f"serve.engine.tokenizer: required, {model} has no tokenizer "
+            "(a google/paligemma-3b-pt-224 directory)"
+        )
+
+
 def _check_cross_fields(cfg: ServeConfig) -> None:
     if not cfg.random_init:
-        if cfg.model is None:
-            raise ConfigError(
-                "serve.engine.model: required when random_init is false "
-                "(a directory with config.json + model.safetensors)"
-            )
-        _as_dir("serve.engine.model", cfg.model)
+        _check_checkpoint(cfg)
     if cfg.random_init and cfg.model is not None:
         logger.warning("serve.engine.model is ignored because random_init is true")
     if not 1 <= cfg.num_steps <= cfg.max_num_steps:

@@ -42,10 +42,18 @@ def test_demo_task_file_loads():
     }
 
 
-def test_resolved_full_config_file_with_real_dirs(tmp_path):
-    """What the launcher writes: experiment + serve + action; the production task file's keys."""
+def fake_checkpoint(tmp_path, files=("config.json", "model.safetensors")):
     model, tok = tmp_path / "pi0", tmp_path / "tok"
     model.mkdir(), tok.mkdir()
+    for name in files:
+        (model / name).write_text("{}")
+    (tok / "tokenizer.model").write_text("")
+    return model, tok
+
+
+def test_resolved_full_config_file_with_real_dirs(tmp_path):
+    """What the launcher writes: experiment + serve + action; the production task file's keys."""
+    model, tok = fake_checkpoint(tmp_path)
     stats = tmp_path / "stats.json"
     stats.write_text("{}")
     serve = yaml.safe_load((CONF / "serve" / "pi0.yaml").read_text())
@@ -202,6 +210,32 @@ BAD = [
 @pytest.mark.parametrize("serve,message", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_bad_config_names_the_key(serve, message):
     assert message in error_of(serve)
+
+
+@pytest.mark.parametrize(
+    "files,tokenizer,message",
+    [
+        (("model.safetensors",), True, "serve.engine.model: no config.json in"),
+        (("config.json",), True, "no model.safetensors or model.safetensors.index.json in"),
+        (("config.json", "model.safetensors"), False, "serve.engine.tokenizer: required"),
+    ],
+)
+def test_checkpoint_dir_is_checked(tmp_path, files, tokenizer, message):
+    model, tok = fake_checkpoint(tmp_path, files)
+    serve = {"engine": {"model": str(model), "tokenizer": str(tok) if tokenizer else None}}
+    assert message in error_of(serve)
+
+
+def test_tokenizer_may_live_in_the_model_dir(tmp_path):
+    model, _ = fake_checkpoint(tmp_path, ("config.json", "model.safetensors.index.json"))
+    (model / "tokenizer.json").write_text("{}")
+    assert load_serve_config({"engine": {"model": str(model)}}, env={}).tokenizer is None
+
+
+def test_tokenizer_dir_needs_tokenizer_files(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "serve.engine.tokenizer: no tokenizer.json" in error_of(engine(tokenizer=str(empty)))
 
 
 def test_fixed_noise_file_is_checked(tmp_path):

@@ -112,9 +112,12 @@ def test_invalid_config_exits_2_naming_the_key(tmp_path):
 
 
 def test_failed_model_load_exits_1(tmp_path):
-    empty_model = tmp_path / "model"
-    empty_model.mkdir()
-    cfg, port = resolved_config(tmp_path, random_init=False, model=str(empty_model))
+    model = tmp_path / "model"  # passes the config checks, but the weights file is junk
+    model.mkdir()
+    (model / "config.json").write_text('{"preset": "tiny"}')
+    (model / "model.safetensors").write_bytes(b"not safetensors")
+    (model / "tokenizer.json").write_text("{}")
+    cfg, port = resolved_config(tmp_path, random_init=False, model=str(model))
     proc = start([sys.executable, str(ENTRY), "--config-path", str(cfg)], tmp_path, cwd=REPO)
     try:
         code = proc.wait(60)
