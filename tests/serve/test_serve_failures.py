@@ -131,3 +131,30 @@ def test_config_that_does_not_fit_the_model_fails_at_start(policy):
         assert not app.state.worker.wait_ready(10)
         assert "action_horizon" in app.state.worker.error
         assert "chunk_size 50" in app.state.worker.error
+
+
+class BreakableMetadata(SlowPolicy):
+    """metadata raises while `broken` (an unexpected error outside the model call)."""
+
+    broken = False
+
+    @property
+    def metadata(self):
+        if self.broken:
+            raise KeyError("chunk_size")
+        return self.policy.metadata
+
+
+def test_unexpected_error_is_a_json_500_and_the_server_lives_on(policy):
+    wrapped = BreakableMetadata(policy, 0)
+    with LiveServer(create_app(wrapped, serve_cfg())) as server:
+        server.wait_ready()
+        wrapped.broken = True
+        reply = httpx.post(f"{server.url}/infer", json=v2_body(num_steps=1))
+        assert reply.status_code == 500
+        assert reply.json() == {
+            "success": False,
+            "error": "internal server error: KeyError: 'chunk_size'",
+        }
+        wrapped.broken = False
+        assert httpx.post(f"{server.url}/infer", json=v2_body(num_steps=1)).status_code == 200
