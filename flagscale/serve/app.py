@@ -100,7 +100,10 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
     _check_dims(policy, meta, cfg, fixed_noise)
     if cfg.warmup and hasattr(policy, "warmup"):
         start = time.perf_counter()
-        policy.warmup(batch_sizes=batch_buckets(cfg.max_batch_size), num_steps_list=[cfg.num_steps])
+        policy.warmup(
+            batch_sizes=batch_buckets(cfg.max_batch_size),
+            num_steps_list=sorted({cfg.num_steps, *cfg.warmup_num_steps}),
+        )
         logger.info("warm-up done in %.1f s", time.perf_counter() - start)
     probe = {
         "images": {slot: np.zeros((224, 224, 3), np.uint8) for slot in cfg.cameras.values()},

@@ -88,7 +88,10 @@ class ServeConfig:
     max_body_mb: float = 32.0
     max_image_side: int = 4096
     cuda_graphs: bool = True
+    compile: bool = False
     warmup: bool = True
+    warmup_num_steps: tuple = ()
+    image_pad: str = "center"
     flaggems_cache_dir: str | None = None
     uvicorn_log_level: str = "warning"
     # v1 keys kept only so old YAMLs load
@@ -385,10 +388,21 @@ _PARSERS = {
     "max_body_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),
     "max_image_side": lambda k, v: _as_int(k, v, 16, 65536),
     "cuda_graphs": _as_bool,
+    "compile": _as_bool,
     "warmup": _as_bool,
+    "warmup_num_steps": lambda k, v: _as_steps_list(k, v),
+    "image_pad": lambda k, v: _as_choice(k, v, ("center", "top_left")),
     "flaggems_cache_dir": _as_str,
     "uvicorn_log_level": lambda k, v: _as_choice(k, v, LOG_LEVELS),
 }
+
+
+def _as_steps_list(key: str, value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (int, str)) or not hasattr(value, "__iter__"):
+        value = [value]
+    return tuple(_as_int(key, v, 1, 1000) for v in value)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

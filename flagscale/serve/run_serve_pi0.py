@@ -74,7 +74,7 @@ def build_policy(cfg: ServeConfig):
     if cfg.cuda_graphs and cfg.device.startswith("cuda"):
         from flagscale.serve.app import batch_buckets
 
-        policy.enable_cuda_graphs(batch_buckets(cfg.max_batch_size))
+        policy.enable_cuda_graphs(batch_buckets(cfg.max_batch_size), compile=cfg.compile)
     elif cfg.cuda_graphs:
         logger.info("engine.cuda_graphs ignored on device %s", cfg.device)
     return policy
@@ -94,6 +94,7 @@ def _construct_policy(cfg: ServeConfig):
             tokenizer_path=cfg.tokenizer,
             ops=cfg.ops,
             stat_path=cfg.stat_path,
+            pad_mode=cfg.image_pad,
         )
     return PI0Policy.from_pretrained(
         cfg.model,
@@ -103,6 +104,7 @@ def _construct_policy(cfg: ServeConfig):
         dtype=cfg.torch_dtype,
         ops=cfg.ops,
         preset=cfg.preset,
+        pad_mode=cfg.image_pad,
     )
 
 
