@@ -98,6 +98,8 @@ class PI0Config:
         for name in ("depth", "heads", "kv_heads", "head_dim"):
             if getattr(self.llm, name) != getattr(self.expert, name):
                 raise ValueError(f"llm and expert towers must share {name} (joint attention)")
+        if self.llm.kv_heads != 1:
+            raise ValueError("Pi0 uses multi-query attention: kv_heads must be 1")
         if self.n_action_steps > self.chunk_size:
             raise ValueError("n_action_steps must be <= chunk_size")
 

@@ -253,7 +253,7 @@ class PI0Model(nn.Module):
         return embs, torch.cat([img_pad, lang_masks.bool()], dim=1)
 
     def fill_prefix_cache(self, embs, pad, cache_k, cache_v):
-        """Run the prefix tower; write post-RoPE K/V into cache[:, :, :P]. Returns positions."""
+        """Run the prefix tower; write post-RoPE K/V into cache[:, :, :P]."""
         positions = torch.cumsum(pad.to(torch.int32), dim=1) - 1
         cos, sin = rope_cos_sin(positions, self.config.llm.head_dim, self.config.rope_theta)
         mask = additive_mask(pad[:, None, :], embs.dtype)  # prefix: bidirectional over valid keys
@@ -290,15 +290,20 @@ class PI0Model(nn.Module):
         mask = additive_mask(keys_valid[:, None, :], x.dtype)
         self._expert_pass(x, p, n_valid, mask, cache_k, cache_v)
 
-    def denoise_step(self, x_t, t, pad, cache_k, cache_v):
-        """x_t [B, C, A] fp32, t [B] -> velocity v_t [B, C, A] fp32."""
+    def embed_actions(self, x_t, t):
+        """x_t [B, C, A] fp32, t [B] -> action tokens [B, C, W]: MLP(concat(action, time))."""
         c = self.config
         b, chunk = x_t.shape[:2]
-        p = pad.shape[1]
         time_emb = posemb_sincos(t, c.expert.width, c.min_period, c.max_period).to(self.dtype)
         act = self.action_in_proj(x_t.to(self.dtype))
-        h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)
-        h = self.action_time_mlp_out(self.ops.silu(self.action_time_mlp_in(h)))
+        h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)  # action first
+        return self.action_time_mlp_out(self.ops.silu(self.action_time_mlp_in(h)))
+
+    def denoise_step(self, x_t, t, pad, cache_k, cache_v):
+        """x_t [B, C, A] fp32, t [B] -> velocity v_t [B, C, A] fp32."""
+        b, chunk = x_t.shape[:2]
+        p = pad.shape[1]
+        h = self.embed_actions(x_t, t)
         n_valid = pad.sum(dim=1, keepdim=True)
         positions = n_valid + 1 + torch.arange(chunk, device=pad.device)[None]
         keys_valid = torch.cat([pad, torch.ones_like(pad[:, :1]).expand(b, chunk + 1)], dim=1)
@@ -378,12 +383,8 @@ class PI0Model(nn.Module):
         return x_t
 
     def _joint_velocity(self, prefix, prefix_pad, state, x_t, t):
-        c = self.config
         b, chunk = x_t.shape[:2]
-        time_emb = posemb_sincos(t, c.expert.width, c.min_period, c.max_period).to(self.dtype)
-        act = self.action_in_proj(x_t.to(self.dtype))
-        h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)
-        act = self.action_time_mlp_out(self.ops.silu(self.action_time_mlp_in(h)))
+        act = self.embed_actions(x_t, t)
         suffix = torch.cat([self.state_proj(state.to(self.dtype))[:, None], act], dim=1)
         suffix_ar = torch.zeros(b, chunk + 1, dtype=torch.bool)
         suffix_ar[:, :2] = True
