@@ -92,7 +92,7 @@ def load_flag_gems(cache_dir: Optional[str] = None):
 
 
 # ------------------------------------------------------------------------------------------------
-# op implementations (bound to the imported module by `make_impls`)
+# op implementations (each make_* binds one op to the imported module; see MAKERS)
 # ------------------------------------------------------------------------------------------------
 
 
