@@ -14,32 +14,8 @@ import time
 import numpy as np
 import torch
 
+from flagscale.engine.timing import cuda_times as cuda_time, percentiles
 from flagscale.models.pi0 import PI0Policy
-
-
-def percentiles(samples):
-    a = np.asarray(samples)
-    return {
-        "p50": float(np.percentile(a, 50)),
-        "p90": float(np.percentile(a, 90)),
-        "p99": float(np.percentile(a, 99)),
-        "mean": float(a.mean()),
-        "n": len(a),
-    }
-
-
-def cuda_time(fn, iters, warmup=3):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
 
 
 def make_inputs(policy, batch, cameras, seed=0):

@@ -82,6 +82,9 @@ def build_policy(cfg: ServeConfig):
 
 def _construct_policy(cfg: ServeConfig):
     from flagscale.models.pi0 import PI0Policy
+    from flagscale.ops import build_ops
+
+    ops = build_ops(cfg.ops, cache_dir=cfg.flaggems_cache_dir) if cfg.ops == "flaggems" else cfg.ops
 
     set_determinism(cfg)
     if cfg.random_init:
@@ -92,7 +95,7 @@ def _construct_policy(cfg: ServeConfig):
             dtype=cfg.torch_dtype,
             seed=cfg.seed or 0,
             tokenizer_path=cfg.tokenizer,
-            ops=cfg.ops,
+            ops=ops,
             stat_path=cfg.stat_path,
             pad_mode=cfg.image_pad,
         )
@@ -102,7 +105,7 @@ def _construct_policy(cfg: ServeConfig):
         stat_path=cfg.stat_path,
         device=cfg.device,
         dtype=cfg.torch_dtype,
-        ops=cfg.ops,
+        ops=ops,
         preset=cfg.preset,
         pad_mode=cfg.image_pad,
     )

@@ -95,13 +95,12 @@ def build_policy(args):
     from flagscale.ops import build_ops
 
     routes = parse_routes(args.routes)
-    kw = dict(device=args.device, dtype=args.dtype, ops="native" if routes else args.backend)
+    ops = build_ops(args.backend, routes=routes) if routes else args.backend
+    kw = dict(device=args.device, dtype=args.dtype, ops=ops)
     if args.model:
         policy = PI0Policy.from_pretrained(args.model, args.tokenizer, preset=args.preset, **kw)
     else:
         policy = PI0Policy.random(preset=args.preset, seed=args.weight_seed, **kw)
-    if routes:  # PI0Policy takes a backend name only: swap the table into every module
-        set_ops(policy.model, build_ops(args.backend, routes=routes))
     return policy
 
 
@@ -114,12 +113,6 @@ def parse_routes(items) -> dict:
             raise SystemExit(f"--routes expects OP=ROUTE, got {item!r}")
         out[name.strip()] = route.strip()
     return out
-
-
-def set_ops(model, ops):
-    for module in model.modules():
-        if hasattr(module, "ops"):
-            module.ops = ops
 
 
 def round_weights(model, dtype_name: str) -> int:
@@ -157,25 +150,10 @@ def timed(fn):
 
 
 def cuda_latency(fn, iters: int, warmup: int = 3) -> dict:
-    import torch
+    from flagscale.engine.timing import cuda_times, percentiles
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    t = np.asarray(times)
-    return {
-        "median_ms": float(np.median(t)),
-        "min_ms": float(t.min()),
-        "p90_ms": float(np.percentile(t, 90)),
-        "n": iters,
-    }
+    stats = percentiles(cuda_times(fn, iters, warmup))
+    return {"median_ms": stats["p50"], "min_ms": stats["min"], "p90_ms": stats["p90"], "n": iters}
 
 
 def measure_latency(policy, obs, noise, args) -> dict:

@@ -21,7 +21,7 @@ from flagscale.models.pi0.config import PI0Config
 from flagscale.models.pi0.modeling_pi0 import PI0Model
 from flagscale.models.pi0.tokenizer import build_test_tokenizer
 from flagscale.models.pi0.weights import init_random_weights, load_weights
-from flagscale.ops import build_ops
+from flagscale.ops import Ops, build_ops
 
 logger = get_logger(__name__)
 
@@ -53,6 +53,11 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}: use bfloat16 or float32")
     return DTYPES[name]
+
+
+def op_table(ops) -> Ops:
+    """An op backend name ("native", "flaggems", "auto") or an already built `Ops` table."""
+    return ops if isinstance(ops, Ops) else build_ops(ops)
 
 
 def _has_tokenizer(path: Optional[str]) -> bool:
@@ -88,9 +93,8 @@ class PI0Policy:
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         config = PI0Config.from_pretrained(model_path, default_preset=preset or "pi0")
-        op_table = build_ops(ops)
         with torch.device("meta"):
-            model = PI0Model(config, op_table)
+            model = PI0Model(config, op_table(ops))
         start = time.perf_counter()
         info = load_weights(model, model_path, device, dtype, progress=progress)
         logger.info("weights on %s in %.1f s", device, time.perf_counter() - start)
@@ -122,7 +126,7 @@ class PI0Policy:
         dtype = resolve_dtype(dtype, device)
         config = PI0Config.from_preset(preset, **config_overrides)
         with torch.device("meta"):
-            model = PI0Model(config, build_ops(ops))
+            model = PI0Model(config, op_table(ops))
         model = model.to_empty(device=device)
         init_random_weights(model, seed)
         model.to(dtype)
