@@ -152,3 +152,63 @@ def test_missing_directory_errors_are_clear(tmp_path, tokenizer_dir):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu")
+
+
+def test_lerobot_g1_stats_buffers_are_used(tmp_path, source, tokenizer_dir):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path))
+    mean, std = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 2.0, 2.0])
+
+    def add(state):
+        state["model.normalize_inputs.buffer_observation_state.mean"] = mean
+        state["model.normalize_inputs.buffer_observation_state.std"] = std
+        state["model.unnormalize_outputs.buffer_action.mean"] = torch.tensor([10.0, 20.0])
+        state["model.unnormalize_outputs.buffer_action.std"] = torch.tensor([1.0, 0.5])
+        state["model.normalize_targets.buffer_action.mean"] = torch.tensor([10.0, 20.0])
+        state["model.normalize_targets.buffer_action.std"] = torch.tensor([1.0, 0.5])
+
+    _rewrite(tmp_path, add)
+    policy = PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+    assert policy.metadata["has_stats"] and policy.action_dim == 2
+    np.testing.assert_allclose(policy.normalizer.normalize_state(np.array([3.0, 4.0, 5.0])), 1.0)
+    obs = dict(source.example_observation(), state=np.zeros(3, np.float32))
+    assert policy.infer(obs, seed=0)["actions"].shape == (50, 2)
+
+
+def test_lerobot_g3_processor_stats_files(tmp_path, source, tokenizer_dir):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path), layout="openpi")
+    save_file(
+        {"observation.state.mean": torch.zeros(4), "observation.state.std": torch.ones(4)},
+        str(tmp_path / "policy_preprocessor_step_5_normalizer_processor.safetensors"),
+    )
+    save_file(
+        {"action.mean": torch.full((6,), 5.0), "action.std": torch.full((6,), 2.0)},
+        str(tmp_path / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"),
+    )
+    policy = PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+    assert policy.normalizer.state_dim == 4 and policy.action_dim == 6
+    raw = policy.model.sample_actions(
+        **policy.preprocess([dict(source.example_observation(), state=np.zeros(4))]),
+        noise=torch.zeros(1, 50, 32),
+        num_steps=2,
+    )
+    out = policy.infer(
+        dict(source.example_observation(), state=np.zeros(4)), noise=np.zeros((50, 32)), num_steps=2
+    )["actions"]
+    np.testing.assert_allclose(out, raw[0, :, :6].numpy() * 2.0 + 5.0, rtol=1e-5, atol=1e-5)
+
+
+def test_tokenizer_json_only_directory(tmp_path, tokenizer_dir):
+    import shutil
+
+    from flagscale.models.pi0.processing import load_tokenizer, tokenize_prompts
+
+    shutil.copy(os.path.join(tokenizer_dir, "tokenizer.json"), tmp_path / "tokenizer.json")
+    bare = load_tokenizer(str(tmp_path))
+    full = load_tokenizer(tokenizer_dir)
+    a, _ = tokenize_prompts(bare, ["pick up the cube"], 48)
+    b, _ = tokenize_prompts(full, ["pick up the cube"], 48)
+    assert torch.equal(a, b) and a[0, 0] == 2

@@ -103,7 +103,7 @@ class PI0Policy:
             raise FileNotFoundError(
                 f"no tokenizer in {model_path!r}; pass tokenizer_path (google/paligemma-3b-pt-224)"
             )
-        normalizer = cls._normalizer(stat_path, info["stats"])
+        normalizer = cls._normalizer(stat_path, info["stats"], model_path)
         policy = cls(model, proc.load_tokenizer(tokenizer_path), normalizer, pad_mode, model_path)
         policy._log_ready()
         return policy
@@ -143,11 +143,14 @@ class PI0Policy:
         return policy
 
     @staticmethod
-    def _normalizer(stat_path, buffers):
+    def _normalizer(stat_path, buffers, model_path):
+        """stat_path, else lerobot G1 buffers in the weights, else lerobot G3 processor files."""
         if stat_path:
             return proc.load_stats(stat_path)
-        from_ckpt = proc.stats_from_buffers(buffers)
-        if from_ckpt is None:
+        from_ckpt = proc.stats_from_buffers(buffers) or proc.stats_from_processor_files(model_path)
+        if from_ckpt is not None:
+            logger.info("normalization stats taken from the checkpoint directory %s", model_path)
+        else:
             logger.warning(
                 "no normalization stats: state is used as given and actions are "
                 "returned in the model's normalized space (set stat_path)"

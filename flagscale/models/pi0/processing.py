@@ -230,8 +230,45 @@ def tokenize_prompts(tokenizer, prompts: List[str], max_length: int):
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    """AutoTokenizer from a local directory (google/paligemma-3b-pt-224). A directory with only a
+    `tokenizer.json` (lerobot/pi0 ships one beside the weights) is read as a Gemma fast tokenizer.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not path or not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory not found: {path!r}")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast(
+            tokenizer_file=os.path.join(path, "tokenizer.json"),
+            bos_token="<bos>",
+            eos_token="<eos>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+        )
+    raise FileNotFoundError(f"no tokenizer_config.json or tokenizer.json in {path!r}")
+
+
+# lerobot G3: policy_postprocessor_step_*_unnormalizer_processor.safetensors etc.
+G3_STATS_GLOB = "policy_*processor_step_*normalizer_processor.safetensors"
+
+
+def stats_from_processor_files(model_dir: str) -> Optional[Normalizer]:
+    """lerobot G3 keeps stats in processor-step safetensors with keys like `action.mean`."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    flat: Dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, G3_STATS_GLOB))):
+        flat.update(load_file(path))
+
+    def get(feature):
+        mean, std = flat.get(f"{feature}.mean"), flat.get(f"{feature}.std")
+        if mean is None or std is None:
+            return None
+        return NormStats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
+
+    state, action = get("observation.state"), get("action")
+    return Normalizer(state, action) if state is not None or action is not None else None
