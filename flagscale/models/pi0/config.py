@@ -85,6 +85,8 @@ class PI0Config:
     resize_imgs_with_padding: Optional[Tuple[int, int]] = (224, 224)
     empty_cameras: int = 0
     adapt_to_pi_aloha: bool = False
+    # Camera slots in model order (openpi names). A lerobot fine-tune's image features map to these
+    # slots in the order its config.json lists them; the server's `engine.cameras` says which.
     image_keys: Tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
     input_features: dict = field(default_factory=dict)
     output_features: dict = field(default_factory=dict)
@@ -196,7 +198,4 @@ def _fields_from_json(raw: dict, image_size: int) -> dict:
         out["chunk_size"] = out["n_action_steps"] = int(raw["action_horizon"])
     resize = out.get("resize_imgs_with_padding") or raw.get("image_resolution")
     out["resize_imgs_with_padding"] = tuple(resize) if resize else (image_size, image_size)
-    image_features = [k for k in out.get("input_features", {}) if k.startswith("observation.image")]
-    if image_features:
-        out["image_keys"] = tuple(k.split(".")[-1] for k in image_features)
     return out
