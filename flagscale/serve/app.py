@@ -1,4 +1,5 @@
-"""FastAPI app factory for the Pi0 policy: POST /infer, GET /health, GET /info.
+"""FastAPI app factory for the Pi0 policy: POST /infer, GET /health, GET /info, GET /metrics,
+GET /healthz and openpi's websocket protocol (see openpi_ws.py) on the same port.
 
 State lives on app.state (cfg, worker); routes are thin: read body -> validate -> decode
 (thread pool) -> worker (one inference thread, micro-batching) -> response. Every error is JSON
@@ -9,6 +10,7 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import json
+import os
 import sys
 import time
 
@@ -18,17 +20,29 @@ import numpy as np
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from flagscale.logger import get_logger
+from flagscale.serve.auth import resolve_keys, warn_if_exposed
 from flagscale.serve.codec import ImageDecodeError, decode_image
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
-from flagscale.serve.schemas import InferRequest, InferResponse, Timing, describe_validation_error
-from flagscale.serve.worker import InferenceWorker, NotReady, QueueFull
+from flagscale.serve.errors import RequestError
+from flagscale.serve.metrics import CONTENT_TYPE, Metrics
+from flagscale.serve.middleware import ServeMiddleware
+from flagscale.serve.openpi_ws import add_openpi_route
+from flagscale.serve.schemas import (
+    ErrorResponse,
+    InferRequest,
+    InferResponse,
+    Timing,
+    describe_validation_error,
+)
+from flagscale.serve.worker import InferenceWorker, InferTimeout, NotReady, QueueFull
 
 logger = get_logger("flagscale.serve.app")
 
@@ -45,27 +59,26 @@ def _package_version() -> str:
 __version__ = _package_version()
 
 
-class RequestError(Exception):
-    """A client error: answered as {"success": false, "error": message} with `status`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 def create_app(
-    policy, cfg, *, load_policy: Callable[[], Any] | None = None, on_failure=None
+    policy,
+    cfg,
+    *,
+    load_policy: Callable[[], Any] | None = None,
+    on_failure=None,
+    env=None,
+    replica_id: str | None = None,
 ) -> FastAPI:
     """Build the app around a ready `policy`, or pass policy=None and `load_policy` (called in the
     inference thread once the server runs; /health answers "loading" (503) until it is warmed up).
 
     cfg: a ServeConfig, or anything load_serve_config accepts. on_failure(exc) runs in the
     inference thread if loading or warm-up fails (the server keeps answering /health "failed").
-    The inference thread starts and stops with the app's lifespan.
+    The inference thread starts and stops with the app's lifespan. env (default os.environ) may
+    add API keys (PI0_API_KEYS). replica_id is echoed as X-Replica-ID (Ray Serve replicas).
     """
     cfg = load_serve_config(cfg)
     fixed_noise = _load_fixed_noise(cfg.fixed_noise)
+    metrics_ref = {}
     worker = InferenceWorker(
         policy,
         load_policy=load_policy,
@@ -74,7 +87,11 @@ def create_app(
         max_wait_ms=cfg.max_wait_ms,
         max_queue=cfg.max_queue,
         on_failure=on_failure,
+        on_batch=lambda size, seconds: metrics_ref["m"].observe_batch(size, seconds),
     )
+    metrics_ref["m"] = metrics = Metrics(worker)
+    keys = resolve_keys(cfg.api_keys, os.environ if env is None else env)
+    warn_if_exposed(cfg.host, keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,8 +103,28 @@ def create_app(
     app.state.cfg = cfg
     app.state.worker = worker
     app.state.fixed_noise = fixed_noise
+    app.state.metrics = metrics
+    app.state.api_keys = keys
+    app.state.replica_id = replica_id
     _add_routes(app)
+    if cfg.openpi:
+        add_openpi_route(app, lambda obs, steps, pre_ms: _infer_one(app, obs, steps, pre_ms))
     _add_error_handlers(app)
+    app.add_middleware(
+        ServeMiddleware,
+        metrics=metrics,
+        keys=keys,
+        access_log=cfg.access_log,
+        replica_id=replica_id,
+    )
+    if cfg.cors_allow_origins:  # outermost, so preflight requests are not asked for a key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.cors_allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+        )
     return app
 
 
@@ -170,17 +207,51 @@ def _add_routes(app: FastAPI) -> None:
     async def health():
         return _health(app.state.worker, app.state.cfg)
 
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz():
+        """openpi's liveness probe: 200 "OK" once the model serves, else 503."""
+        ok = (
+            app.state.worker.ready
+            and app.state.worker.problem(app.state.cfg.infer_timeout_s) is None
+        )
+        return PlainTextResponse("OK\n" if ok else "NOT READY\n", status_code=200 if ok else 503)
+
     @app.get("/info")
     async def info():
         return JSONResponse(_jsonable(_info(app.state.worker, app.state.cfg)))
 
-    @app.post("/infer")
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/infer", openapi_extra=INFER_OPENAPI)
     async def infer(request: Request):
-        return await _infer(request, app.state.cfg, app.state.worker, app.state.fixed_noise)
+        return await _infer(request, app)
+
+
+def _schema_ref(model) -> dict:
+    return {"content": {"application/json": {"schema": model.model_json_schema()}}}
+
+
+# /infer reads its raw body (bounded size, exact errors); describe it for OpenAPI clients and fuzzers.
+INFER_OPENAPI = {
+    "requestBody": {"required": True, **_schema_ref(InferRequest)},
+    "responses": {
+        "200": {"description": "actions", **_schema_ref(InferResponse)},
+        "400": {"description": "invalid request", **_schema_ref(ErrorResponse)},
+        "401": {"description": "missing or wrong API key", **_schema_ref(ErrorResponse)},
+        "413": {"description": "body too large", **_schema_ref(ErrorResponse)},
+        "422": {"description": "invalid field", **_schema_ref(ErrorResponse)},
+        "503": {"description": "loading, busy, stalled or draining", **_schema_ref(ErrorResponse)},
+    },
+}
 
 
 def _health(worker: InferenceWorker, cfg: ServeConfig) -> JSONResponse:
     status = {"ready": "healthy", "loading": "loading"}.get(worker.state, worker.state)
+    problem = worker.problem(cfg.infer_timeout_s)
+    if problem:
+        status = "unhealthy"
     body = {
         "status": status,
         "model_loaded": worker.ready,
@@ -188,9 +259,10 @@ def _health(worker: InferenceWorker, cfg: ServeConfig) -> JSONResponse:
         "device": cfg.device,
         "timestamp": time.time(),
     }
-    if worker.error:
-        body["error"] = worker.error
-    return JSONResponse(body, status_code=200 if worker.ready else 503)
+    if worker.error or problem:
+        body["error"] = problem or worker.error
+    ok = worker.ready and problem is None
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
@@ -223,7 +295,8 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
     }
 
 
-async def _infer(request: Request, cfg: ServeConfig, worker: InferenceWorker, fixed_noise):
+async def _infer(request: Request, app: FastAPI):
+    cfg, worker = app.state.cfg, app.state.worker
     start = time.perf_counter()
     policy = worker.policy
     if policy is None:
@@ -231,16 +304,10 @@ async def _infer(request: Request, cfg: ServeConfig, worker: InferenceWorker, fi
     body = await read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
     req = parse_request(body)
     noise_shape = _noise_shape(policy)
-    batch = await run_in_threadpool(build_batch, req, cfg, noise_shape, fixed_noise)
+    batch = await run_in_threadpool(build_batch, req, cfg, noise_shape, app.state.fixed_noise)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
-    try:
-        result = await worker.infer(batch.observations, batch.noises, batch.seeds, batch.num_steps)
-    except QueueFull as e:
-        raise RequestError(503, str(e)) from None
-    except NotReady as e:
-        raise RequestError(503, str(e)) from None
-    except Exception as e:
-        raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
+    result = await run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps)
+    app.state.metrics.observe_result(result.queue_ms, preprocess_ms)
     actions = cut_actions(result.outputs, cfg)
     timing = Timing(
         queue_ms=result.queue_ms,
@@ -257,6 +324,32 @@ async def _infer(request: Request, cfg: ServeConfig, worker: InferenceWorker, fi
         timing=timing,
     )
     return JSONResponse(response.model_dump(exclude_none=True))
+
+
+async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
+    """Queue one request on the shared worker; worker errors become 503 / 500 RequestErrors."""
+    worker, cfg = app.state.worker, app.state.cfg
+    problem = worker.problem(cfg.infer_timeout_s)
+    if problem:
+        raise RequestError(503, problem)
+    try:
+        return await worker.infer(observations, noises, seeds, num_steps, cfg.infer_timeout_s)
+    except (QueueFull, NotReady, InferTimeout) as e:
+        raise RequestError(503, str(e)) from None
+    except Exception as e:
+        raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
+
+
+async def _infer_one(app: FastAPI, observation: dict, num_steps: int, preprocess_ms: float):
+    """One openpi observation -> (float32 actions [action_horizon, action_dim], JobResult)."""
+    if app.state.worker.policy is None:
+        raise RequestError(503, _not_ready(app.state.worker))
+    noise = app.state.fixed_noise  # same precedence as HTTP: engine.fixed_noise > engine.seed
+    seed = app.state.cfg.seed if noise is None else None
+    result = await run_worker(app, [observation], [noise], [seed], num_steps)
+    app.state.metrics.observe_result(result.queue_ms, preprocess_ms)
+    actions = cut_actions(result.outputs, app.state.cfg)
+    return np.asarray(actions[0], dtype=np.float32), result
 
 
 def _not_ready(worker: InferenceWorker) -> str:

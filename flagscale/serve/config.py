@@ -23,6 +23,24 @@ DEFAULT_CAMERAS = {
     "cam_left_wrist": "left_wrist_0_rgb",
     "cam_right_wrist": "right_wrist_0_rgb",
 }
+# openpi observation key (nested dicts flattened with "/") -> model image slot. Covers openpi's
+# LIBERO, DROID and ALOHA example layouts; several keys may feed one slot (different robots).
+DEFAULT_OPENPI_IMAGES = {
+    "observation/image": "base_0_rgb",
+    "observation/wrist_image": "left_wrist_0_rgb",
+    "observation/exterior_image_1_left": "base_0_rgb",
+    "observation/wrist_image_left": "left_wrist_0_rgb",
+    "images/cam_high": "base_0_rgb",
+    "images/cam_left_wrist": "left_wrist_0_rgb",
+    "images/cam_right_wrist": "right_wrist_0_rgb",
+}
+# openpi state keys, in order; those present are concatenated (DROID: joint + gripper position).
+DEFAULT_OPENPI_STATE = (
+    "observation/state",
+    "state",
+    "observation/joint_position",
+    "observation/gripper_position",
+)
 PRESETS = ("pi0", "tiny")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 OPS_BACKENDS = ("native", "flaggems")
@@ -94,6 +112,18 @@ class ServeConfig:
     image_pad: str = "center"
     flaggems_cache_dir: str | None = None
     uvicorn_log_level: str = "warning"
+    access_log: bool = True
+    openpi: bool = True
+    openpi_path: str = "/"
+    openpi_images: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_OPENPI_IMAGES)
+    )
+    openpi_state_keys: tuple = DEFAULT_OPENPI_STATE
+    openpi_prompt_key: str = "prompt"
+    api_keys: tuple = dataclasses.field(default=(), repr=False)
+    cors_allow_origins: tuple = ()
+    drain_timeout_s: float = 10.0
+    infer_timeout_s: float = 120.0
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -107,6 +137,8 @@ class ServeConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["cameras"] = dict(self.cameras)
+        out["openpi_images"] = dict(self.openpi_images)
+        out["api_keys"] = ["<redacted>"] * len(self.api_keys)  # never written to logs or files
         return out
 
 
@@ -394,7 +426,58 @@ _PARSERS = {
     "image_pad": lambda k, v: _as_choice(k, v, ("center", "top_left")),
     "flaggems_cache_dir": _as_str,
     "uvicorn_log_level": lambda k, v: _as_choice(k, v, LOG_LEVELS),
+    "access_log": _as_bool,
+    "openpi": _as_bool,
+    "openpi_path": lambda k, v: _as_route(k, v),
+    "openpi_images": lambda k, v: _as_openpi_images(k, v),
+    "openpi_state_keys": lambda k, v: _as_str_list(k, v, allow_empty=False),
+    "openpi_prompt_key": _as_str,
+    "api_keys": lambda k, v: _as_api_keys(k, v),
+    "cors_allow_origins": lambda k, v: _as_str_list(k, v, allow_empty=True),
+    "drain_timeout_s": lambda k, v: _as_float(k, v, 0.0, 3600.0),
+    "infer_timeout_s": lambda k, v: _as_float(k, v, 0.1, 86400.0),
 }
+
+
+def _as_str_list(key: str, value, allow_empty: bool) -> tuple:
+    if isinstance(value, str) or not hasattr(value, "__iter__") or isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    items = tuple(_as_str(f"{key}[{i}]", v) for i, v in enumerate(value))
+    if not items and not allow_empty:
+        raise ConfigError(f"{key}: must not be empty")
+    return items
+
+
+def _as_api_keys(key: str, value) -> tuple:
+    keys = _as_str_list(key, value, allow_empty=True)
+    for i, item in enumerate(keys):
+        if len(item) < 8 or any(c.isspace() for c in item):
+            raise ConfigError(f"{key}[{i}]: an API key needs at least 8 characters and no spaces")
+    return keys
+
+
+def _as_route(key: str, value) -> str:
+    text = _as_str(key, value)
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", text):
+        raise ConfigError(f"{key}: expected a URL path starting with '/', got {value!r}")
+    if text in ("/infer", "/health", "/healthz", "/info", "/metrics"):
+        raise ConfigError(f"{key}: {text} is already an HTTP route")
+    return text
+
+
+def _as_openpi_images(key: str, value) -> dict:
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"{key}: expected a non-empty mapping of openpi key -> image slot")
+    images = {}
+    for name, slot in value.items():
+        if not isinstance(name, str) or not name.strip("/"):
+            raise ConfigError(f"{key}: keys must be non-empty strings, got {name!r}")
+        if slot not in IMAGE_SLOTS:
+            raise ConfigError(
+                f"{key}.{name}: unknown image slot {slot!r}; must be one of {', '.join(IMAGE_SLOTS)}"
+            )
+        images[name.strip("/")] = slot
+    return images
 
 
 def _as_steps_list(key: str, value) -> tuple:
@@ -445,3 +528,5 @@ def _check_cross_fields(cfg: ServeConfig) -> None:
         )
     if cfg.host in ("", "*"):
         raise ConfigError(f"serve.engine.host: invalid bind address {cfg.host!r}")
+    if cfg.openpi_prompt_key in cfg.openpi_state_keys:
+        raise ConfigError("serve.engine.openpi_prompt_key: also listed in openpi_state_keys")

@@ -31,6 +31,10 @@ class NotReady(RuntimeError):
     """The policy is still loading (or failed to load, or the worker stopped)."""
 
 
+class InferTimeout(RuntimeError):
+    """A request waited longer than its timeout for its result."""
+
+
 @dataclasses.dataclass(eq=False)  # identity equality: deque.remove must not compare arrays
 class Job:
     observations: list
@@ -64,6 +68,7 @@ class InferenceWorker:
         max_wait_ms: float = 2.0,
         max_queue: int = 64,
         on_failure: Callable[[BaseException], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
     ):
         if policy is None and load_policy is None:
             raise ValueError("InferenceWorker needs a policy or a load_policy callable")
@@ -74,6 +79,8 @@ class InferenceWorker:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_failure = on_failure
+        self.on_batch = on_batch  # (observations, model seconds) after each model call
+        self.busy_since: float | None = None  # monotonic start of the running model call
         self.state = LOADING
         self.error: str | None = None
         self._queue = collections.deque()
@@ -135,15 +142,48 @@ class InferenceWorker:
             self._cond.notify_all()
         return job.future
 
-    async def infer(self, observations, noises, seeds, num_steps: int) -> JobResult:
+    async def infer(
+        self, observations, noises, seeds, num_steps: int, timeout: float | None = None
+    ) -> JobResult:
+        """Queue and await one request; InferTimeout after `timeout` seconds (a queued job is
+        dropped; a running model call cannot be interrupted and its result is discarded)."""
         future = self.submit(observations, noises, seeds, num_steps)
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:
+            future.cancel()
+            raise InferTimeout(
+                f"no result after {timeout:g} s (engine.infer_timeout_s); "
+                f"{self.problem(timeout) or 'the server is overloaded'}"
+            ) from None
+
+    def problem(self, stall_s: float) -> str | None:
+        """Why a READY worker cannot serve: its thread died, or a model call is stuck."""
+        if self.state == READY and self._thread.ident is not None and not self._thread.is_alive():
+            return "the inference thread is not running"
+        started = self.busy_since
+        if self.state == READY and started is not None:
+            running = time.monotonic() - started
+            if running > stall_s:
+                return (
+                    f"inference stalled: a model call has been running for {running:.0f} s "
+                    f"(engine.infer_timeout_s={stall_s:g})"
+                )
+        return None
 
     # ------------------------------------------------------------ thread body
 
     def _run(self) -> None:
-        if not self._load():
-            return
+        try:
+            if self._load():
+                self._serve()
+        except BaseException as e:  # SystemExit, KeyboardInterrupt...: report, never hang callers
+            logger.exception("the inference thread died")
+            self.error = f"the inference thread died: {type(e).__name__}: {e}"
+            self.state = FAILED
+            self._fail_pending(RuntimeError(self.error))
+
+    def _serve(self) -> None:
         while True:
             batch = []
             try:
@@ -154,6 +194,17 @@ class InferenceWorker:
                 logger.exception("inference worker error")
                 for job in batch:
                     _fail(job, e)
+            except BaseException as e:
+                for job in batch:
+                    _fail(job, RuntimeError(f"the inference thread died: {type(e).__name__}"))
+                raise
+
+    def _fail_pending(self, error: BaseException) -> None:
+        with self._cond:
+            pending = list(self._queue)
+            self._queue.clear()
+        for job in pending:
+            _fail(job, error)
 
     def _load(self) -> bool:
         try:
@@ -231,10 +282,16 @@ class InferenceWorker:
         noises = [noise for job in jobs for noise in job.noises]
         seeds = [seed for job in jobs for seed in job.seeds]
         start = time.perf_counter()
-        outputs = self._policy.infer_batch(
-            observations, num_steps=jobs[0].num_steps, noise=noises, seeds=seeds
-        )
+        self.busy_since = time.monotonic()
+        try:
+            outputs = self._policy.infer_batch(
+                observations, num_steps=jobs[0].num_steps, noise=noises, seeds=seeds
+            )
+        finally:
+            self.busy_since = None
         model_ms = (time.perf_counter() - start) * 1000.0
+        if self.on_batch is not None:
+            self.on_batch(len(observations), model_ms / 1000.0)
         if len(outputs) != len(observations):
             raise RuntimeError(
                 f"infer_batch returned {len(outputs)} outputs for {len(observations)} observations"
