@@ -56,11 +56,26 @@ class ServeRunner(RunnerBase):
         self.pid_file = self.log_dir / "pids" / f"{HOST_TAG}.pid"
         self.foreground = bool(self.runner_cfg.get("foreground", False))
         self.ready_timeout = float(self.runner_cfg.get("ready_timeout", 600))
-        self.stop_timeout = float(self.runner_cfg.get("stop_timeout", 15))
+        self.stop_timeout = self._stop_timeout(float(self.runner_cfg.get("stop_timeout", 15)))
         cmds = plain(cfg.experiment.get("cmds")) or {}
         self.before_start = parse_cmds(cmds.get("before_start"), "before_start")
         self.after_stop = parse_cmds(cmds.get("after_stop"), "after_stop")
         self.serve_cfg = None  # ServeConfig once run() validated it
+
+    def _stop_timeout(self, configured: float) -> float:
+        """SIGTERM -> SIGKILL wait. A server drains in-flight requests for up to
+        serve.engine.drain_timeout_s after SIGTERM; warn when stop_timeout leaves it no room."""
+        serve = plain(self.cfg.get("serve"))
+        engine = serve.get("engine") if isinstance(serve, dict) else None
+        drain = engine.get("drain_timeout_s") if isinstance(engine, dict) else None
+        if isinstance(drain, (int, float)) and configured < float(drain) + 2.0:
+            logger.warning(
+                "experiment.runner.stop_timeout (%gs) is shorter than serve.engine.drain_timeout_s "
+                "(%gs) + 2s: action=stop may SIGKILL the server while it drains requests",
+                configured,
+                drain,
+            )
+        return configured
 
     # ----- action=run -------------------------------------------------------------------------
     def run(self) -> int:

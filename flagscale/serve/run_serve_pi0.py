@@ -4,8 +4,8 @@
     python -m flagscale.serve.run_serve_pi0 --config-path examples/pi0/conf/serve/pi0_demo.yaml
 
 The port opens at once; /health answers "loading" (503) while the policy loads and warms up in the
-inference thread, then "healthy". SIGTERM / SIGINT shut down gracefully (exit 0); a failed load
-exits 1. Logs go to stdout/stderr (the launcher redirects them).
+inference thread, then "healthy". SIGTERM / SIGINT shut down gracefully: the port closes at once,
+in-flight requests finish (at most engine.drain_timeout_s), then exit 0; a failed load exits 1. Logs go to stdout/stderr (the launcher redirects them).
 """
 
 import argparse
@@ -134,7 +134,13 @@ def serve(cfg: ServeConfig) -> int:
 
     app = create_app(None, cfg, load_policy=lambda: build_policy(cfg), on_failure=on_failure)
     config = uvicorn.Config(
-        app, host=cfg.host, port=cfg.port, log_level=cfg.uvicorn_log_level, access_log=False
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.uvicorn_log_level,
+        access_log=False,  # our middleware writes JSON access lines with request ids
+        timeout_graceful_shutdown=cfg.drain_timeout_s,
+        ws_max_size=cfg.max_body_bytes,
     )
     server = uvicorn.Server(config)
     _install_signal_handlers(server)
