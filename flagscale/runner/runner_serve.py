@@ -5,6 +5,7 @@ server reads), ``host_0_localhost.output`` (server stdout+stderr, appended), ``p
 (+ ``.pid.json`` with the create time, see ``process.py``).
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -61,6 +62,8 @@ class ServeRunner(RunnerBase):
         self.before_start = parse_cmds(cmds.get("before_start"), "before_start")
         self.after_stop = parse_cmds(cmds.get("after_stop"), "after_stop")
         self.serve_cfg = None  # ServeConfig once run() validated it
+        deploy = plain(self.runner_cfg.get("deploy")) or {}
+        self.use_ray = bool(deploy.get("use_fs_serve", False))
 
     def _stop_timeout(self, configured: float) -> float:
         """SIGTERM -> SIGKILL wait. A server drains in-flight requests for up to
@@ -99,12 +102,8 @@ class ServeRunner(RunnerBase):
 
     def _check_supported(self) -> Path:
         """Refuse what this launcher cannot do; return the absolute server entry point."""
-        deploy = self.runner_cfg.get("deploy") or {}
-        if deploy.get("use_fs_serve", False):
-            raise RunnerError(
-                "experiment.runner.deploy.use_fs_serve=true (Ray Serve) is not supported yet; "
-                "set it to false to run the server as a plain local process"
-            )
+        if self.use_ray:
+            return self._check_ray()
         if self.runner_cfg.get("hostfile"):
             raise RunnerError(
                 "experiment.runner.hostfile is set, but multi-host serving is not supported; "
@@ -118,6 +117,28 @@ class ServeRunner(RunnerBase):
         if not entry.is_file():
             raise RunnerError(f"experiment.task.entrypoint: {entry} does not exist")
         return entry
+
+    def _check_ray(self) -> Path:
+        """use_fs_serve=true: validate experiment.runner.deploy; the driver is ray_serve.py."""
+        from flagscale.runner.ray_serve import DeployError, deploy_options
+
+        if self.runner_cfg.get("hostfile"):
+            raise RunnerError(
+                "experiment.runner.hostfile: with use_fs_serve the Ray cluster places replicas; "
+                "set deploy.ray_address instead (see docs/ray_serve.md)"
+            )
+        deploy = plain(self.runner_cfg.get("deploy")) or {}
+        device = str(((plain(self.cfg.get("serve")) or {}).get("engine") or {}).get("device", ""))
+        try:
+            deploy_options(deploy, device)
+        except DeployError as err:
+            raise RunnerError(str(err)) from err
+        if importlib.util.find_spec("ray") is None:
+            raise RunnerError(
+                "experiment.runner.deploy.use_fs_serve=true needs Ray Serve: "
+                "pip install -e '.[ray]'"
+            )
+        return Path(__file__).resolve().with_name("ray_serve.py")
 
     def _refuse_if_running(self) -> None:
         record = read_pid_record(self.pid_file)

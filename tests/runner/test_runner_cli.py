@@ -29,18 +29,26 @@ def test_stop_with_nothing_running_is_ok(exp_dir):
     assert f"no server running for exp_dir {exp_dir}" in output(result)
 
 
-def test_fs_serve_is_refused(exp_dir):
-    result = run_cli(f"experiment.exp_dir={exp_dir}", "experiment.runner.deploy.use_fs_serve=true")
+def test_fs_serve_bad_deploy_options_are_refused(exp_dir):
+    result = run_cli(
+        f"experiment.exp_dir={exp_dir}",
+        "experiment.runner.deploy.use_fs_serve=true",
+        "+experiment.runner.deploy.num_replicas=0",
+    )
     assert result.returncode != 0
-    assert "not supported yet" in output(result) and "Ray Serve" in output(result)
+    assert "experiment.runner.deploy.num_replicas: 1..1024, got 0" in output(result)
 
 
 def test_legacy_deploy_is_moved_with_a_warning(exp_dir):
-    # The legacy key carries use_fs_serve=true: the fs_serve refusal proves it was moved.
-    result = run_cli(f"experiment.exp_dir={exp_dir}", "+experiment.deploy.use_fs_serve=true")
+    # The legacy block carries a bad Ray option: its refusal under the new name proves the move.
+    result = run_cli(
+        f"experiment.exp_dir={exp_dir}",
+        "+experiment.deploy.use_fs_serve=true",
+        "+experiment.deploy.num_replicas=0",
+    )
     text = output(result)
     assert "experiment.deploy is deprecated" in text
-    assert "use_fs_serve=true (Ray Serve) is not supported yet" in text
+    assert "experiment.runner.deploy.num_replicas: 1..1024" in text
     assert result.returncode != 0
 
 
