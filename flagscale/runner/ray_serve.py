@@ -6,8 +6,9 @@ The launcher starts this driver exactly like the plain server (own session, pid 
 wait). It connects to `deploy.ray_address` (null: starts a local Ray instance that it owns), runs
 `deploy.num_replicas` replicas of the FastAPI app (each with its own inference worker, batching and
 queue) behind Ray Serve's HTTP proxy on serve.engine.host:port, and blocks. SIGTERM/SIGINT:
-serve.shutdown() (replicas drain for up to engine.drain_timeout_s), then ray.shutdown(), which stops
-the local Ray processes this driver started (and nothing else); exit 0. Each response carries
+serve.shutdown() (replicas drain for up to engine.drain_timeout_s; on a cluster given by ray_address
+only our application is deleted), then ray.shutdown(), which stops the local Ray processes this
+driver started (and nothing else); exit 0. Each response carries
 X-Replica-ID. Websockets (openpi) go through the proxy too.
 """
 
@@ -155,11 +156,20 @@ def serve_forever(config: dict) -> int:
         )
         while not stop.wait(1.0):
             pass
-        logger.info("stopping Ray Serve")
-        serve.shutdown()
+        _stop_serve(serve, owned=options.ray_address is None)
     finally:
         ray.shutdown()
     return 0
+
+
+def _stop_serve(serve, owned: bool) -> None:
+    """Our own local Ray: shut Serve down. A shared cluster: delete only our application."""
+    if owned:
+        logger.info("stopping Ray Serve")
+        serve.shutdown()
+    else:
+        logger.info("deleting the Serve application %r from the cluster", APP_NAME)
+        serve.delete(APP_NAME)
 
 
 def main(argv=None) -> int:
