@@ -1,5 +1,7 @@
 """Operations: Prometheus metrics, request ids, API keys (HTTP + websocket), CORS, /healthz."""
 
+import re
+
 import httpx
 import pytest
 
@@ -133,3 +135,38 @@ def test_cors_allow_list(secured):
 def test_api_keys_never_leave_the_config():
     cfg = serve_cfg(api_keys=[KEY])
     assert KEY not in str(cfg.to_dict()) and KEY not in repr(cfg)
+
+
+def test_public_bind_without_key_warns():
+    from unittest import mock
+
+    from flagscale.serve import auth
+
+    with mock.patch.object(auth.logger, "warning") as warning:
+        auth.warn_if_exposed("127.0.0.1", ())
+        auth.warn_if_exposed("0.0.0.0", (KEY.encode(),))
+        assert warning.call_count == 0
+        auth.warn_if_exposed("0.0.0.0", ())
+        auth.warn_if_exposed("::", ())
+        assert warning.call_count == 2
+
+
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        ({"api_keys": ["short"]}, "api_keys[0]: an API key needs at least 8"),
+        ({"api_keys": "one-string-key"}, "api_keys: expected a list"),
+        ({"openpi_path": "/infer"}, "already an HTTP route"),
+        ({"openpi_path": "ws"}, "starting with '/'"),
+        ({"openpi_images": {"observation/image": "nope"}}, "unknown image slot"),
+        ({"openpi_state_keys": []}, "must not be empty"),
+        ({"drain_timeout_s": -1}, "drain_timeout_s"),
+        ({"infer_timeout_s": 0}, "infer_timeout_s"),
+        ({"cors_allow_origins": [""]}, "cors_allow_origins[0]"),
+    ],
+)
+def test_new_engine_keys_are_validated(engine, message):
+    from flagscale.serve.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        serve_cfg(**engine)
