@@ -67,7 +67,9 @@ def test_masked_camera_is_ignored_and_dropping_it_is_equivalent(tiny_policy):
     inputs = tiny_policy.preprocess([two])
     inputs.update(images=images, img_masks=masks)
     masked = tiny_policy.model.sample_actions(**inputs, noise=torch.as_tensor(noise)[None])
-    np.testing.assert_allclose(dropped, masked[0, :, : dropped.shape[1]].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        dropped, masked[0, :, : dropped.shape[1]].numpy(), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_num_steps_changes_result_and_is_validated(tiny_policy):
