@@ -18,8 +18,7 @@ def rms_norm(x, weight, eps=1e-6):
 
     NOTE: Gemma scales by (1 + w) (weights initialise to zero), not by w.
     """
-    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    return (y * (1.0 + weight.float())).to(x.dtype)
+    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).to(x.dtype)
 
 
 def layer_norm(x, weight, bias, eps=1e-6):
@@ -91,7 +90,7 @@ def mqa_math(q, k, v, mask, scale):
     else:
         logits = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
     if mask is not None:
-        logits = logits + mask.float()
+        logits = logits + mask  # promotes a bf16 mask to fp32 in the same kernel
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
     return torch.bmm(probs, v)
 

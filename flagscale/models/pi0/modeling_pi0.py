@@ -46,17 +46,21 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """positions [B, T] -> cos, sin [B, T, 1, Dh/2] in fp32 (rotate-halves convention)."""
+    """positions [B, T] -> cos [B, T, 1, Dh], signed sin [B, T, 1, Dh] in fp32, laid out for the
+    rotate-halves convention: out = x * cos + cat(x2, x1) * sin, with sin = cat(-sin, sin)."""
     exponents = torch.arange(head_dim // 2, dtype=torch.float32, device=positions.device)
     timescale = theta ** (2.0 * exponents / head_dim)
     radians = positions.to(torch.float32)[..., None] / timescale
-    return torch.cos(radians)[:, :, None, :], torch.sin(radians)[:, :, None, :]
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    return torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, Dh]; computed in fp32, cast back."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """x [B, T, H, Dh] -> x1*cos - x2*sin | x2*cos + x1*sin; computed in fp32, cast back."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
+    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
 
 
 def posemb_sincos(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
