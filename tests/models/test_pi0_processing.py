@@ -111,3 +111,43 @@ def test_aloha_adaptation_flips_joints():
     assert np.isfinite(out).all() and out[6] == out[13]
     actions = proc.pi_actions_to_aloha(np.ones((50, 14), np.float32))
     assert actions[0, 1] == -1 and actions[0, 0] == 1
+
+
+def test_resize_with_pad_very_thin_image_keeps_one_pixel():
+    # regression: a 1 x 4000 image resized to 0 rows and F.interpolate raised (HTTP 500)
+    for h, w in ((1, 4000), (4000, 1)):
+        out = proc.resize_with_pad(torch.ones(1, 3, h, w), 56, "center")
+        assert out.shape == (1, 3, 56, 56) and out.max() == 1.0
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((32, 32), np.uint8),  # grayscale
+        np.zeros((32, 32, 4), np.uint8),  # RGBA
+        np.zeros((3, 32, 32), np.uint8),  # CHW
+        np.full((32, 32, 3), 60000, np.uint16),  # 16-bit: was silently divided by 255
+        np.full((32, 32, 3), 0.5, np.float32),  # float: was silently read as near-black
+        np.zeros((0, 32, 3), np.uint8),
+    ],
+    ids=["gray", "rgba", "chw", "uint16", "float", "empty"],
+)
+def test_prepare_images_refuses_what_it_would_misread(image):
+    with pytest.raises(ValueError, match="image 'a'"):
+        proc.prepare_images([{"a": image}], ["a"], 56)
+
+
+def test_stats_with_mismatched_mean_and_std_are_refused(tmp_path):
+    path = tmp_path / "stats.json"
+    entry = {"mean": [0.0] * 14, "std": [1.0] * 7}
+    path.write_text(json.dumps({"observation.state": entry, "action": entry}))
+    with pytest.raises(ValueError, match="mean has 14 values but std has 7"):
+        proc.load_stats(str(path))
+
+
+def test_policy_refuses_2d_and_non_finite_state(tiny_policy):
+    obs = {"images": {"base_0_rgb": np.zeros((32, 32, 3), np.uint8)}, "prompt": "x"}
+    with pytest.raises(ValueError, match="1-D"):  # was flattened into one 28-value state
+        tiny_policy.infer({**obs, "state": np.zeros((2, 14), np.float32)}, seed=0)
+    with pytest.raises(ValueError, match="NaN"):  # was NaN actions
+        tiny_policy.infer({**obs, "state": np.full(14, np.nan, np.float32)}, seed=0)

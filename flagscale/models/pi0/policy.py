@@ -249,9 +249,12 @@ class PI0Policy:
         }
 
     def _state(self, state) -> np.ndarray:
-        state = (
-            np.zeros(0, np.float32) if state is None else np.asarray(state, np.float32).reshape(-1)
-        )
+        state = np.zeros(0, np.float32) if state is None else np.asarray(state, np.float32)
+        if state.ndim > 1:  # a [B, n] batch would otherwise be flattened into one long state
+            raise ValueError(f"state must be a 1-D vector, got shape {list(state.shape)}")
+        state = state.reshape(-1)
+        if not np.isfinite(state).all():
+            raise ValueError("state contains NaN or infinite values")
         if self.config.adapt_to_pi_aloha:
             state = proc.aloha_state_to_pi(state)
         return proc.pad_vector(self.normalizer.normalize_state(state), self.config.max_state_dim)

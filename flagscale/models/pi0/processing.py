@@ -34,7 +34,8 @@ def resize_with_pad(images: torch.Tensor, size: int, pad_mode: str = "center") -
     if (h, w) == (size, size):
         return images
     ratio = max(w / size, h / size)
-    new_h, new_w = int(h / ratio), int(w / ratio)
+    # at least one pixel: a 4000x1 image would otherwise resize to 0 rows and fail
+    new_h, new_w = max(1, int(h / ratio)), max(1, int(w / ratio))
     resized = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
     pad_h, pad_w = size - new_h, size - new_w
     if pad_mode == "center":
@@ -60,11 +61,24 @@ def prepare_images(
         for j, key in enumerate(image_keys):
             if key not in sample or sample[key] is None:
                 continue
+            _check_image(key, sample[key])
             img = torch.as_tensor(np.ascontiguousarray(sample[key]), device=device)
             img = img.permute(2, 0, 1)[None].float() / 255.0
             out[i, j] = resize_with_pad(img, size, pad_mode)[0] * 2.0 - 1.0
             masks[i, j] = True
     return out, masks
+
+
+def _check_image(key: str, image) -> None:
+    """Refuse what would silently be misread: grayscale, RGBA, CHW, 16-bit or float pixels."""
+    shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", None)
+    if shape is None or len(shape) != 3 or shape[-1] != 3 or dtype != np.uint8:
+        raise ValueError(
+            f"image {key!r}: expected a uint8 (H, W, 3) RGB array, got "
+            f"{type(image).__name__} shape {None if shape is None else list(shape)} dtype {dtype}"
+        )
+    if min(shape[:2]) < 1:
+        raise ValueError(f"image {key!r}: empty image of shape {list(shape)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,10 +141,18 @@ def _check_len(x, mean, what):
 
 
 def _stats(entry) -> NormStats:
-    return NormStats(
+    return _norm_stats(
         np.asarray(entry["mean"], np.float32).reshape(-1),
         np.asarray(entry["std"], np.float32).reshape(-1),
     )
+
+
+def _norm_stats(mean: np.ndarray, std: np.ndarray) -> NormStats:
+    if mean.shape != std.shape:
+        raise ValueError(
+            f"normalization stats: mean has {mean.shape[0]} values but std has {std.shape[0]}"
+        )
+    return NormStats(mean, std)
 
 
 def load_stats(path: str, state_key="observation.state", action_key="action") -> Normalizer:
@@ -160,7 +182,7 @@ def stats_from_buffers(buffers: Dict[str, torch.Tensor]) -> Optional[Normalizer]
         )
         if mean is None or std is None or not torch.isfinite(mean).all():
             return None
-        return NormStats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
+        return _norm_stats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
 
     state = get("normalize_inputs", "observation_state")
     action = get("unnormalize_outputs", "action")
@@ -268,7 +290,7 @@ def stats_from_processor_files(model_dir: str) -> Optional[Normalizer]:
         mean, std = flat.get(f"{feature}.mean"), flat.get(f"{feature}.std")
         if mean is None or std is None:
             return None
-        return NormStats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
+        return _norm_stats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
 
     state, action = get("observation.state"), get("action")
     return Normalizer(state, action) if state is not None or action is not None else None
