@@ -302,7 +302,7 @@ async def _infer(request: Request, app: FastAPI):
     if policy is None:
         raise RequestError(503, _not_ready(worker))
     body = await read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
-    req = parse_request(body)
+    req = await run_in_threadpool(parse_request, body)  # a 32 MB body must not block the loop
     noise_shape = _noise_shape(policy)
     batch = await run_in_threadpool(build_batch, req, cfg, noise_shape, app.state.fixed_noise)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
@@ -460,15 +460,19 @@ def _num_steps(req: InferRequest, cfg: ServeConfig) -> int:
 
 def _prompts(req: InferRequest, cfg: ServeConfig) -> list:
     value = cfg.instruction if req.instruction is None else req.instruction
-    if isinstance(value, str):
-        return [value] * req.batch_size
-    if len(value) != req.batch_size:
+    prompts = [value] * req.batch_size if isinstance(value, str) else list(value)
+    if len(prompts) != req.batch_size:
         raise RequestError(
             400,
             f"instruction: a list needs one string per observation ({req.batch_size}), "
-            f"got {len(value)}",
+            f"got {len(prompts)}",
         )
-    return list(value)
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # JSON "\ud800": the tokenizer would fail with a 500
+            raise RequestError(400, "instruction: not valid Unicode (lone surrogate)") from None
+    return prompts
 
 
 def _states(req: InferRequest, cfg: ServeConfig) -> list:

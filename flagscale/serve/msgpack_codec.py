@@ -70,7 +70,14 @@ def unpackb(data: bytes, max_bytes: int):
         return msgpack.unpackb(data, object_hook=_object_hook, raw=False, strict_map_key=False)
     except PayloadError:
         raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+    except (
+        ValueError,
+        TypeError,
+        OverflowError,  # a numpy scalar or shape out of its dtype's range
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as e:
         raise PayloadError(f"invalid msgpack message: {type(e).__name__}: {e}") from None
 
 

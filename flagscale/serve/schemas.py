@@ -38,6 +38,8 @@ def _to_array(value):
         raise ValueError(f"expected a list of numbers, got {type(value).__name__}")
     try:
         array = np.asarray(value, dtype=np.float64)
+    except OverflowError:  # an integer literal too large for a float (e.g. 1 followed by 400 0s)
+        raise ValueError("contains a number too large for a float") from None
     except (TypeError, ValueError):
         raise ValueError("expected a (nested) list of numbers of equal lengths") from None
     if array.size == 0:

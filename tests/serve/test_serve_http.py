@@ -241,8 +241,17 @@ def _huge_state() -> bytes:
     return json.dumps(v2_body(state=[[12345.0] * 14])).replace("12345.0", "1e999", 1).encode()
 
 
+def _with_raw(field: str, raw: str) -> bytes:
+    """v2_body with `field` set to raw JSON text (what json.dumps cannot write)."""
+    return json.dumps(v2_body(**{field: "RAW"})).replace('"RAW"', raw).encode()
+
+
 BAD_JSON = [
     ("not json", b"{images: nope", 400, ["invalid JSON"]),
+    # regressions: these were 500s (OverflowError in numpy, TypeError in the tokenizer)
+    ("huge int state", _with_raw("state", "[1" + "0" * 400 + "]"), 422, ["state", "too large"]),
+    ("huge int noise", _with_raw("noise", "[1" + "0" * 400 + "]"), 422, ["noise", "too large"]),
+    ("lone surrogate", _with_raw("instruction", '"\\ud800"'), 400, ["instruction", "Unicode"]),
     ("empty body", b"", 400, ["empty"]),
     ("json array", b"[1, 2]", 400, ["JSON object"]),
     ("nan token", _nan_eef_pose(), 400, ["eef_pose", "NaN or infinite"]),
@@ -340,3 +349,28 @@ def test_body_over_limit_chunked_without_content_length(http):
     reply = http.post("/infer", content=chunks())
     assert "content-length" not in reply.request.headers
     assert_error(reply, 413, "max_body_mb")
+
+
+def test_very_thin_image_is_served(http):
+    # regression: a 1 x 1000 image resized to 0 rows inside the policy (HTTP 500)
+    for width, height in ((1000, 1), (1, 1000)):
+        body = v2_body(images=[{"cam_high": _png(width, height)}])
+        assert http.post("/infer", json=body).status_code == 200
+
+
+def test_body_is_parsed_off_the_event_loop(live, monkeypatch):
+    # regression: json.loads + validation of a 32 MB body ran on the event loop thread and
+    # stalled every other request (health probes included) for ~0.5 s
+    from flagscale.serve import app as app_module
+
+    threads = []
+    real = app_module.parse_request
+
+    def spy(body):
+        threads.append(threading.current_thread())
+        return real(body)
+
+    monkeypatch.setattr(app_module, "parse_request", spy)
+    with httpx.Client(base_url=live.url, timeout=60) as client:
+        assert client.post("/infer", json=v2_body()).status_code == 200
+    assert threads and threads[0] is not live.thread

@@ -115,3 +115,11 @@ def test_metrics_count_openpi_messages(live, http):
     client = openpi_client.WebsocketClientPolicy(host=ws_url(live))
     client.infer(libero_obs())
     assert count() == before + 1
+
+
+def test_out_of_range_numpy_scalar_is_a_payload_error():
+    # regression: np.int8(1000) raised OverflowError, answered with a traceback as a server fault
+    for dtype, value in (("|i1", 1000), ("<i8", 2**63)):
+        scalar = {b"__npgeneric__": True, b"data": value, b"dtype": dtype}
+        with pytest.raises(msgpack_codec.PayloadError, match="OverflowError"):
+            msgpack_codec.unpackb(msgpack.packb({"num_steps": scalar}), 1 << 20)
