@@ -127,6 +127,17 @@ def session_members(sid: int, since: float) -> List[psutil.Process]:
     return members
 
 
+def session_orphans(record: PidRecord) -> List[psutil.Process]:
+    """Processes left in the session of a recorded leader that has exited.
+
+    Only while the leader's pid is free: if the pid was reused (possibly by a new session leader
+    with the same session id), nothing is returned, so no foreign process is ever signalled.
+    """
+    if record.pid <= 0 or record.create_time < 0 or psutil.pid_exists(record.pid):
+        return []
+    return session_members(record.pid, record.create_time)
+
+
 def stop_tree(
     leader: psutil.Process, timeout: float
 ) -> Tuple[List[psutil.Process], List[psutil.Process]]:

@@ -29,7 +29,9 @@ from flagscale.runner.process import (
     live_process,
     read_pid_record,
     remove_pid_record,
+    session_orphans,
     start_background,
+    stop_procs,
     stop_tree,
     tail,
     write_pid_record,
@@ -286,7 +288,9 @@ class ServeRunner(RunnerBase):
                 self.exp_dir,
                 self._why_stale(record),
             )
-            remove_pid_record(self.pid_file)
+            rc = self._stop_orphans(record)
+            if rc == 0:
+                remove_pid_record(self.pid_file)
         else:
             rc = self._stop_leader(leader)
         run_cmds(self.after_stop, "after_stop", self.repo_root, self._env())
@@ -302,6 +306,21 @@ class ServeRunner(RunnerBase):
         others = sorted(p.pid for p in procs if p.pid != leader.pid)
         extra = f" and {len(others)} other process(es) {others}" if others else ""
         logger.info("stopped the server for exp_dir %s: pid %d%s", self.exp_dir, leader.pid, extra)
+        return 0
+
+    def _stop_orphans(self, record: PidRecord) -> int:
+        """The server leader died but left processes in its session: stop those."""
+        orphans = session_orphans(record)
+        if not orphans:
+            return 0
+        pids = sorted(p.pid for p in orphans)
+        logger.info("stopping %d process(es) left in the server's session: %s", len(pids), pids)
+        survivors = stop_procs(orphans, self.stop_timeout)
+        if survivors:
+            logger.error(
+                "could not stop %s; pid file kept at %s", [p.pid for p in survivors], self.pid_file
+            )
+            return 1
         return 0
 
     def _why_stale(self, record: PidRecord) -> str:

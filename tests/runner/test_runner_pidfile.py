@@ -100,3 +100,32 @@ def test_run_refuses_while_recorded_process_lives(exp_dir, spawn):
 
 def _children(pid):
     return psutil.Process(pid).children(recursive=True)
+
+
+ORPHANING = (
+    "import subprocess, sys\n"
+    "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+)  # the leader exits at once, its child stays in the leader's session
+
+
+def test_processes_left_by_a_dead_leader_are_stopped(exp_dir, spawn):
+    leader = spawn(ORPHANING)
+    write_pid_record(pid_file(exp_dir), leader.pid)
+    sid = leader.pid
+    assert wait_until(lambda: any(_in_session(p, sid) for p in psutil.process_iter()), 10)
+    orphan = next(p for p in psutil.process_iter() if _in_session(p, sid))
+    leader.wait()
+    result = stop(exp_dir)
+    assert result.returncode == 0, output(result)
+    assert "left in the server's session" in output(result)
+    assert wait_until(lambda: gone(orphan.pid), 10)
+    assert not pid_file(exp_dir).exists()
+
+
+def _in_session(proc, sid):
+    import os
+
+    try:
+        return proc.pid != sid and os.getsid(proc.pid) == sid
+    except OSError:
+        return False
