@@ -549,13 +549,14 @@ def _masks(req: InferRequest, cfg: ServeConfig) -> list:
 
 
 def _images(index: int, cams: dict, masked: set, cfg: ServeConfig) -> dict:
-    images = {}
+    images, seen = {}, set()
     for name, text in cams.items():
         slot = _slot_for(name, cfg)
         if slot is None:
             raise _unknown_camera(f"images[{index}]", name, cfg)
-        if slot in images:
+        if slot in seen:
             raise RequestError(400, f"images[{index}].{name}: slot {slot} is given twice")
+        seen.add(slot)
         if text is None or slot in masked:
             continue
         try:

@@ -310,6 +310,12 @@ BAD_BODIES = [
         ["unknown camera 'cam_top'", "cam_high, cam_left_wrist, cam_right_wrist"],
     ),
     ("no camera", _bad(images=[{"cam_high": None}]), 400, ["at least one"]),
+    (
+        "slot twice, first null",
+        _bad(images=[{"cam_high": None, "observation.images.base_0_rgb": small_image()}]),
+        400,
+        ["given twice"],
+    ),
     ("all masked", _bad(image_masks=[{"base_0_rgb": False}]), 400, ["at least one"]),
     ("unknown mask", _bad(image_masks=[{"cam_x": True}]), 400, ["image_masks[0]", "cam_x"]),
     ("num_steps zero", _bad(num_steps=0), 400, ["num_steps", "1..100"]),
