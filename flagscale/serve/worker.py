@@ -151,11 +151,19 @@ class InferenceWorker:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except asyncio.TimeoutError:
-            future.cancel()
+            if future.cancel():
+                self._discard(future)  # frees its queue place and batch room at once
             raise InferTimeout(
                 f"no result after {timeout:g} s (engine.infer_timeout_s); "
                 f"{self.problem(timeout) or 'the server is overloaded'}"
             ) from None
+
+    def _discard(self, future) -> None:
+        with self._cond:
+            for job in self._queue:
+                if job.future is future:
+                    self._queue.remove(job)
+                    return
 
     def problem(self, stall_s: float) -> str | None:
         """Why a READY worker cannot serve: its thread died, or a model call is stuck."""

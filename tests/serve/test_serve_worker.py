@@ -171,3 +171,20 @@ def test_load_failure_is_reported():
     with pytest.raises(NotReady, match="failed to load"):
         submit(worker, [0])
     worker.stop()
+
+
+def test_timed_out_request_frees_its_queue_place(make_worker):
+    import asyncio
+
+    from flagscale.serve.worker import InferTimeout
+
+    policy = GatedPolicy()
+    worker = make_worker(policy, max_batch_size=1, max_queue=1)
+    first = submit(worker, [0])
+    wait_busy(policy)
+    with pytest.raises(InferTimeout):
+        asyncio.run(worker.infer([obs(1)], [np.zeros((2, 2), np.float32)], [None], 1, timeout=0.1))
+    second = submit(worker, [2])  # would be QueueFull if the timed-out job still held the place
+    policy.gate.set()
+    assert first.result(5) and second.result(5)
+    assert [ids for _, ids in policy.calls] == [[0], [2]]  # the timed-out job never ran
