@@ -151,3 +151,16 @@ def test_policy_refuses_2d_and_non_finite_state(tiny_policy):
         tiny_policy.infer({**obs, "state": np.zeros((2, 14), np.float32)}, seed=0)
     with pytest.raises(ValueError, match="NaN"):  # was NaN actions
         tiny_policy.infer({**obs, "state": np.full(14, np.nan, np.float32)}, seed=0)
+
+
+def test_stats_wider_than_the_model_are_refused(tmp_path):
+    from flagscale.models.pi0 import PI0Policy
+
+    stats = {
+        "observation.state": {"mean": [0.0] * 14, "std": [1.0] * 14},
+        "action": {"mean": [0.0] * 40, "std": [1.0] * 40},
+    }
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="action has 40 dims.*at most 32"):
+        PI0Policy.random("tiny", stat_path=str(path))

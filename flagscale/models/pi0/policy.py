@@ -71,6 +71,7 @@ class PI0Policy:
         self.config: PI0Config = model.config
         self.tokenizer = tokenizer
         self.normalizer = normalizer or proc.Normalizer()
+        self._check_stats_dims()
         self.pad_mode = pad_mode
         self.source = source
         self.sampler = model.sample_actions  # the engine may replace this with a graphed runner
@@ -141,6 +142,18 @@ class PI0Policy:
         )
         policy._log_ready()
         return policy
+
+    def _check_stats_dims(self):
+        c, n = self.config, self.normalizer
+        for what, dim, limit in (
+            ("state", n.state_dim, c.max_state_dim),
+            ("action", n.action_dim, c.max_action_dim),
+        ):
+            if dim is not None and dim > limit:
+                raise ValueError(
+                    f"normalization stats: {what} has {dim} dims, the model at most "
+                    f"{limit} (max_{what}_dim)"
+                )
 
     @staticmethod
     def _normalizer(stat_path, buffers, model_path):
