@@ -81,11 +81,13 @@ def attention(q, k, v, mask=None, scale=None):
 
 
 MATH_ROWS = 1024
+# bf16 x bf16 -> fp32 bmm (aten::bmm.dtype) exists on recent torch only; older ones upcast first.
+BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def mqa_math(q, k, v, mask, scale):
     """q [B, R, Dh], k/v [B, Lk, Dh], mask [B, R | 1, Lk] -> [B, R, Dh]; fp32 logits and softmax."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and BMM_OUT_DTYPE:
         logits = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32) * scale
     else:
         logits = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
