@@ -101,7 +101,7 @@ class ServeConfig:
     deterministic: bool = False
     fixed_noise: str | None = None
     max_batch_size: int = 8
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_queue: int = 64
     max_body_mb: float = 32.0
     max_image_side: int = 4096
