@@ -123,3 +123,16 @@ def test_tiny_model_is_deterministic_from_seed():
     a, b = build(), build()
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na
+
+
+def test_compiled_passes_match_eager():
+    """torch.compile of the prefix/state/denoise passes (the engine's `compile` option) computes
+    the same actions as the eager passes (CPU inductor here; GPU in benchmarks)."""
+    from flagscale.models.pi0 import PI0Policy
+
+    policy = PI0Policy.random("tiny", device="cpu", dtype="float32", seed=4)
+    obs = policy.example_observation(seed=4)
+    eager = policy.infer(obs, num_steps=3, seed=1)["actions"]
+    policy.model.compile_passes()
+    compiled = policy.infer(obs, num_steps=3, seed=1)["actions"]
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-4)
