@@ -133,9 +133,7 @@ class PI0Policy:
         model.to(dtype)
         _restore_fp32(model)
         if tokenizer_path is None:
-            tokenizer_path = os.path.join(tempfile.gettempdir(), "flagscale-pi0-test-tokenizer")
-            if not _has_tokenizer(tokenizer_path):
-                build_test_tokenizer(tokenizer_path, vocab_size=min(512, config.vocab_size))
+            tokenizer_path = _shared_test_tokenizer(min(512, config.vocab_size))
         normalizer = proc.load_stats(stat_path) if stat_path else None
         policy = cls(
             model, proc.load_tokenizer(tokenizer_path), normalizer, pad_mode, f"random:{preset}"
@@ -321,6 +319,21 @@ class PI0Policy:
         for b in batch_sizes:
             for steps in num_steps_list:
                 self.infer_batch([self.example_observation()] * b, num_steps=steps)
+
+
+def _shared_test_tokenizer(vocab_size: int) -> str:
+    """The generated test tokenizer in the temp dir, built once; atomic against parallel builds."""
+    import shutil
+
+    target = os.path.join(tempfile.gettempdir(), f"flagscale-pi0-test-tokenizer-{vocab_size}")
+    if not _has_tokenizer(target):
+        staging = tempfile.mkdtemp(prefix="flagscale-pi0-tok-")
+        build_test_tokenizer(staging, vocab_size=vocab_size)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process got there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def _restore_fp32(model):
