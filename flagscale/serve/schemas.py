@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import numpy as np
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
 LLM_LEFTOVER_KEYS = (
     "temperature",
@@ -36,6 +36,8 @@ def _to_array(value):
         return None
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"expected a list of numbers, got {type(value).__name__}")
+    if not _all_numbers(value):
+        raise ValueError("expected numbers only (no strings, booleans or null)")
     try:
         array = np.asarray(value, dtype=np.float64)
     except OverflowError:  # an integer literal too large for a float (e.g. 1 followed by 400 0s)
@@ -47,7 +49,14 @@ def _to_array(value):
     return array
 
 
+def _all_numbers(value, depth: int = 0) -> bool:
+    if isinstance(value, (list, tuple)):
+        return depth < 4 and all(_all_numbers(v, depth + 1) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 FloatArray = Annotated[Any, BeforeValidator(_to_array)]
+StrictInt = Annotated[int, Strict()]
 
 
 class InferRequest(BaseModel):
@@ -58,8 +67,8 @@ class InferRequest(BaseModel):
     state: FloatArray = None
     eef_pose: FloatArray = None
     qpos: Any = None  # v1 sends it; ignored
-    num_steps: int | None = None
-    seed: int | list[int] | None = None
+    num_steps: StrictInt | None = None
+    seed: StrictInt | list[StrictInt] | None = None
     noise: FloatArray = None
     image_masks: list[dict[str, bool]] | dict[str, bool] | None = None
     # LLM leftovers sent by the v1 client: accepted and ignored

@@ -284,6 +284,11 @@ BAD_BODIES = [
     ("state not numbers", _bad(state=[["a"] * 14]), 422, ["state"]),
     ("ragged state", _bad(state=[[1.0] * 14, [1.0]]), 422, ["state"]),
     ("num_steps not int", _bad(num_steps="many"), 422, ["num_steps"]),
+    ("num_steps bool", _bad(num_steps=True), 422, ["num_steps"]),
+    ("num_steps numeric string", _bad(num_steps="3"), 422, ["num_steps"]),
+    ("seed float", _bad(seed=1.5), 422, ["seed"]),
+    ("state strings", _bad(state=[["1"] * 14]), 422, ["state", "numbers only"]),
+    ("state bools", _bad(state=[[True] * 14]), 422, ["state", "numbers only"]),
     ("instruction not str", _bad(instruction=5), 422, ["instruction"]),
     ("bad base64", _bad(images=[{"cam_high": "%%%"}]), 400, ["images[0].cam_high", "base64"]),
     (
