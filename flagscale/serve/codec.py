@@ -40,11 +40,14 @@ def decode_base64(text: str) -> bytes:
         if match.group(1) and not match.group(1).lower().startswith("image/"):
             raise ImageDecodeError(f"data URL media type must be image/*, got {match.group(1)!r}")
         text = text[match.end() :]
-    text = _WHITESPACE.sub("", text)
-    if not text:
+    if not text.strip():
         raise ImageDecodeError("empty image data")
     try:
         return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass  # maybe line-wrapped base64: strip whitespace (slow path) and retry
+    try:
+        return base64.b64decode(_WHITESPACE.sub("", text), validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageDecodeError(f"invalid base64: {e}") from None
 
