@@ -106,6 +106,8 @@ def create_app(
     app.state.metrics = metrics
     app.state.api_keys = keys
     app.state.replica_id = replica_id
+    app.state.draining = False  # set on SIGTERM: openpi connections take no new requests
+    app.state.ws_in_flight = 0  # openpi requests being answered (drained before shutdown)
     _add_routes(app)
     if cfg.openpi:
         add_openpi_route(app, lambda obs, steps, pre_ms: _infer_one(app, obs, steps, pre_ms))

@@ -32,6 +32,7 @@ logger = get_logger("flagscale.serve.openpi")
 
 INTERNAL_ERROR = 1011
 POLICY_VIOLATION = 1008
+SERVICE_RESTART = 1012  # server restarting: reconnect later
 ENDPOINT = "openpi"
 
 
@@ -79,22 +80,38 @@ async def _serve_connection(websocket: WebSocket, app: FastAPI, infer_one) -> No
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
-        start = time.monotonic()
-        try:
-            reply = await _answer(message, app, infer_one)
-        except Exception as e:
-            app.state.metrics.observe_request(ENDPOINT, _status(e), time.monotonic() - start)
-            await _send_error(websocket, e)
+        if app.state.draining:  # shutting down: answer nothing new, tell the client to reconnect
+            await websocket.close(code=SERVICE_RESTART)
             return
-        reply["server_timing"] = {"infer_ms": (time.monotonic() - start) * 1000.0}
-        if prev_total_ms is not None:
-            reply["server_timing"]["prev_total_ms"] = prev_total_ms
+        app.state.ws_in_flight += 1
         try:
-            await websocket.send_bytes(msgpack_codec.packb(reply))
-        except (WebSocketDisconnect, RuntimeError):
+            prev_total_ms = await _answer_and_send(
+                websocket, message, app, infer_one, prev_total_ms
+            )
+        finally:
+            app.state.ws_in_flight -= 1
+        if prev_total_ms is None:
             return
-        app.state.metrics.observe_request(ENDPOINT, 200, time.monotonic() - start)
-        prev_total_ms = (time.monotonic() - start) * 1000.0
+
+
+async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms):
+    """Answer one message; returns this request's total ms, or None when the connection ended."""
+    start = time.monotonic()
+    try:
+        reply = await _answer(message, app, infer_one)
+    except Exception as e:
+        app.state.metrics.observe_request(ENDPOINT, _status(e), time.monotonic() - start)
+        await _send_error(websocket, e)
+        return None
+    reply["server_timing"] = {"infer_ms": (time.monotonic() - start) * 1000.0}
+    if prev_total_ms is not None:
+        reply["server_timing"]["prev_total_ms"] = prev_total_ms
+    try:
+        await websocket.send_bytes(msgpack_codec.packb(reply))
+    except (WebSocketDisconnect, RuntimeError):
+        return None
+    app.state.metrics.observe_request(ENDPOINT, 200, time.monotonic() - start)
+    return (time.monotonic() - start) * 1000.0
 
 
 async def _answer(message: dict, app: FastAPI, infer_one) -> dict:

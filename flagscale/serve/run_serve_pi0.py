@@ -14,8 +14,12 @@ import os
 import random
 import signal
 import sys
+import threading
+import time
 
 from pathlib import Path
+
+import uvicorn
 
 if __package__ in (None, ""):  # run as a script path: make the repo root importable
     sys.path[0] = str(Path(__file__).resolve().parents[2])
@@ -120,8 +124,6 @@ def write_effective_config(cfg: ServeConfig, log_dir: str | None) -> None:
 
 
 def serve(cfg: ServeConfig) -> int:
-    import uvicorn
-
     from flagscale.serve.app import create_app
 
     exit_code = {"value": 0}
@@ -142,7 +144,7 @@ def serve(cfg: ServeConfig) -> int:
         timeout_graceful_shutdown=cfg.drain_timeout_s,
         ws_max_size=cfg.max_body_bytes,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app, cfg.drain_timeout_s)
     _install_signal_handlers(server)
     logger.info(
         "serving on http://%s:%d (ops=%s, device=%s)", cfg.host, cfg.port, cfg.ops, cfg.device
@@ -152,6 +154,30 @@ def serve(cfg: ServeConfig) -> int:
         logger.error("the server did not start (is %s:%d free?)", cfg.host, cfg.port)
         return 1
     return exit_code["value"]
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT, openpi websocket connections take no new requests (close 1012)
+    and their in-flight requests get answered (at most `drain_s`); then uvicorn's own graceful
+    shutdown closes the port and drains in-flight HTTP requests. uvicorn alone would close open
+    websockets at once, losing their in-flight requests."""
+
+    def __init__(self, config, app, drain_s: float):
+        super().__init__(config)
+        self.app_state, self.drain_s = app.state, drain_s
+
+    def handle_exit(self, sig, frame):
+        if self.app_state.draining or self.should_exit:  # a second signal: uvicorn's own path
+            return super().handle_exit(sig, frame)
+        self.app_state.draining = True
+        logger.info("draining: finishing in-flight requests before shutting down")
+        threading.Thread(target=self._drain, args=(sig, frame), daemon=True).start()
+
+    def _drain(self, sig, frame):
+        deadline = time.monotonic() + self.drain_s
+        while self.app_state.ws_in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        super().handle_exit(sig, frame)
 
 
 def _install_signal_handlers(server) -> None:

@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from serve_helpers import LiveServer, serve_cfg, v2_body
@@ -117,3 +118,51 @@ def test_sigterm_during_load_loses_no_accepted_request(tmp_path):
     assert code == 0, log[-2000:]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)
+
+
+def _ws_infer(port: int, index: int, connected: threading.Barrier):
+    """One openpi client: connect, wait until all are connected, send one request."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    client = WebsocketClientPolicy(host="127.0.0.1", port=port)
+    rng = np.random.default_rng(index)
+    obs = {
+        "observation/image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "observation/wrist_image": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+        "observation/state": np.zeros(8, np.float32),
+        "prompt": "put the bowl on the plate",
+        "num_steps": 40,
+    }
+    connected.wait(30)
+    try:
+        out = client.infer(obs)
+    except Exception as e:  # the connection was closed under the request
+        return index, type(e).__name__, time.monotonic()
+    return index, out["actions"].shape, time.monotonic()
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_websocket_requests(tmp_path):
+    pytest.importorskip("openpi_client")
+    config, port = resolved_config(tmp_path, max_batch_size=2, drain_timeout_s=60, access_log=False)
+    proc = start([sys.executable, str(ENTRY), "--config-path", str(config)], tmp_path, REPO)
+    try:
+        wait_healthy(proc, port)
+        n = 8
+        connected = threading.Barrier(n)
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(_ws_infer, port, i, connected) for i in range(n)]
+            while sum(f.done() for f in futures) < 2:  # mid-way: some answered, most in flight
+                time.sleep(0.01)
+                assert proc.poll() is None
+            sigterm_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    failed = [r for r in results if r[1] != (50, 14)]
+    assert not failed, f"in-flight websocket requests lost on SIGTERM: {results}"
+    assert any(r[2] > sigterm_at for r in results), results
+    assert code == 0, (tmp_path / "server.log").read_text()[-2000:]
