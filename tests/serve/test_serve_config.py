@@ -266,3 +266,23 @@ def test_serve_config_passes_through_and_is_import_light():
 def test_env_default_is_os_environ(monkeypatch):
     monkeypatch.setenv("USE_FLAGGEMS", "1")
     assert load_serve_config(engine()).ops == "flaggems"
+
+
+@pytest.mark.parametrize("variant,ops", [("pi0", "native"), ("pi0_flaggems", "flaggems")])
+def test_shipped_serve_variants_compose_and_validate(variant, ops):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[2] / "examples" / "pi0" / "conf"
+    overrides = [
+        f"serve={variant}",
+        "serve.engine.random_init=true",
+        "serve.engine.model=null",
+        "serve.engine.tokenizer=null",
+    ]
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose(config_name="serve", overrides=overrides)
+    serve = load_serve_config(OmegaConf.to_container(cfg, resolve=True), env={})
+    assert serve.ops == ops and serve.port == 9010 and serve.device == "cuda"
