@@ -83,15 +83,15 @@ def _post(url: str, index: int):
     return index, response.status_code, response.text[:200], time.monotonic()
 
 
-@pytest.mark.slow
-def test_sigterm_during_load_loses_no_accepted_request(tmp_path):
+def _sigterm_mid_load(tmp_path, call, n: int):
+    """Start the real server entry, run `call(port, i)` for n clients, SIGTERM once 2 answered.
+    Returns (results, sigterm time, exit code, port)."""
     config, port = resolved_config(tmp_path, max_batch_size=2, drain_timeout_s=60, access_log=False)
     proc = start([sys.executable, str(ENTRY), "--config-path", str(config)], tmp_path, REPO)
     try:
         wait_healthy(proc, port)
-        url = f"http://127.0.0.1:{port}"
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(_post, url, i) for i in range(16)]
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(call, port, i) for i in range(n)]
             while sum(f.done() for f in futures) < 2:  # mid-way: some answered, most in flight
                 time.sleep(0.01)
                 assert proc.poll() is None
@@ -102,6 +102,15 @@ def test_sigterm_during_load_loses_no_accepted_request(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+    return results, sigterm_at, code, port
+
+
+@pytest.mark.slow
+def test_sigterm_during_load_loses_no_accepted_request(tmp_path):
+    results, sigterm_at, code, port = _sigterm_mid_load(
+        tmp_path, lambda port, i: _post(f"http://127.0.0.1:{port}", i), 16
+    )
+    url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").read_text()
     answered = [r for r in results if r[1] is not None]
     assert all(r[1] == 200 for r in answered), [r for r in answered if r[1] != 200]
@@ -144,24 +153,11 @@ def _ws_infer(port: int, index: int, connected: threading.Barrier):
 @pytest.mark.slow
 def test_sigterm_drains_in_flight_websocket_requests(tmp_path):
     pytest.importorskip("openpi_client")
-    config, port = resolved_config(tmp_path, max_batch_size=2, drain_timeout_s=60, access_log=False)
-    proc = start([sys.executable, str(ENTRY), "--config-path", str(config)], tmp_path, REPO)
-    try:
-        wait_healthy(proc, port)
-        n = 8
-        connected = threading.Barrier(n)
-        with concurrent.futures.ThreadPoolExecutor(n) as pool:
-            futures = [pool.submit(_ws_infer, port, i, connected) for i in range(n)]
-            while sum(f.done() for f in futures) < 2:  # mid-way: some answered, most in flight
-                time.sleep(0.01)
-                assert proc.poll() is None
-            sigterm_at = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            results = [f.result() for f in futures]
-        code = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    n = 8
+    connected = threading.Barrier(n)
+    results, sigterm_at, code, _ = _sigterm_mid_load(
+        tmp_path, lambda port, i: _ws_infer(port, i, connected), n
+    )
     failed = [r for r in results if r[1] != (50, 14)]
     assert not failed, f"in-flight websocket requests lost on SIGTERM: {results}"
     assert any(r[2] > sigterm_at for r in results), results

@@ -170,23 +170,49 @@ def load_stats(path: str, state_key="observation.state", action_key="action") ->
     return Normalizer(_stats(raw[state_key]), _stats(raw[action_key]))
 
 
+def _tensor_stats(mean, std) -> Optional[NormStats]:
+    if mean is None or std is None or not torch.isfinite(mean).all():
+        return None  # lerobot initialises unset stats buffers to +inf
+    return _norm_stats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
+
+
+def _normalizer_or_none(state, action) -> Optional[Normalizer]:
+    return Normalizer(state, action) if state is not None or action is not None else None
+
+
 def stats_from_buffers(buffers: Dict[str, torch.Tensor]) -> Optional[Normalizer]:
     """lerobot G1 fine-tunes keep stats as `normalize_inputs.buffer_observation_state.mean`, ..."""
 
     def get(prefix, feature):
-        mean = buffers.get(
-            f"model.{prefix}.buffer_{feature}.mean", buffers.get(f"{prefix}.buffer_{feature}.mean")
+        key = f"{prefix}.buffer_{feature}"
+        return _tensor_stats(
+            buffers.get(f"model.{key}.mean", buffers.get(f"{key}.mean")),
+            buffers.get(f"model.{key}.std", buffers.get(f"{key}.std")),
         )
-        std = buffers.get(
-            f"model.{prefix}.buffer_{feature}.std", buffers.get(f"{prefix}.buffer_{feature}.std")
-        )
-        if mean is None or std is None or not torch.isfinite(mean).all():
-            return None
-        return _norm_stats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
 
-    state = get("normalize_inputs", "observation_state")
-    action = get("unnormalize_outputs", "action")
-    return Normalizer(state, action) if state is not None or action is not None else None
+    return _normalizer_or_none(
+        get("normalize_inputs", "observation_state"), get("unnormalize_outputs", "action")
+    )
+
+
+# lerobot G3: policy_postprocessor_step_*_unnormalizer_processor.safetensors etc.
+G3_STATS_GLOB = "policy_*processor_step_*normalizer_processor.safetensors"
+
+
+def stats_from_processor_files(model_dir: str) -> Optional[Normalizer]:
+    """lerobot G3 keeps stats in processor-step safetensors with keys like `action.mean`."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    flat: Dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, G3_STATS_GLOB))):
+        flat.update(load_file(path))
+
+    def get(feature):
+        return _tensor_stats(flat.get(f"{feature}.mean"), flat.get(f"{feature}.std"))
+
+    return _normalizer_or_none(get("observation.state"), get("action"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,27 +296,3 @@ def load_tokenizer(path: str):
             unk_token="<unk>",
         )
     raise FileNotFoundError(f"no tokenizer_config.json or tokenizer.json in {path!r}")
-
-
-# lerobot G3: policy_postprocessor_step_*_unnormalizer_processor.safetensors etc.
-G3_STATS_GLOB = "policy_*processor_step_*normalizer_processor.safetensors"
-
-
-def stats_from_processor_files(model_dir: str) -> Optional[Normalizer]:
-    """lerobot G3 keeps stats in processor-step safetensors with keys like `action.mean`."""
-    import glob
-
-    from safetensors.torch import load_file
-
-    flat: Dict[str, torch.Tensor] = {}
-    for path in sorted(glob.glob(os.path.join(model_dir, G3_STATS_GLOB))):
-        flat.update(load_file(path))
-
-    def get(feature):
-        mean, std = flat.get(f"{feature}.mean"), flat.get(f"{feature}.std")
-        if mean is None or std is None:
-            return None
-        return _norm_stats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
-
-    state, action = get("observation.state"), get("action")
-    return Normalizer(state, action) if state is not None or action is not None else None
