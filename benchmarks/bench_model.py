@@ -8,6 +8,7 @@ call (`policy.sampler`, inputs already on the GPU); `--phases` adds an eager per
 """
 
 import argparse
+import itertools
 import json
 import time
 
@@ -51,9 +52,11 @@ def phase_split(policy, inputs, steps, iters):
 
 def run(args):
     results = []
-    for ops in args.ops:
+    for ops, fused in itertools.product(args.ops, args.fused):
         t0 = time.perf_counter()
-        policy = PI0Policy.random(args.preset, device="cuda", dtype=args.dtype, ops=ops)
+        policy = PI0Policy.random(
+            args.preset, device="cuda", dtype=args.dtype, ops=ops, fused_kernels=fused == "on"
+        )
         build_s = time.perf_counter() - t0
         for graphs in args.graphs:
             policy.sampler = policy.model.sample_actions
@@ -62,7 +65,8 @@ def run(args):
             for b in args.batch:
                 for cams in args.cameras:
                     for steps in args.steps:
-                        results.append(one(policy, args, ops, graphs, b, cams, steps, build_s))
+                        row = one(policy, args, ops, graphs, b, cams, steps, build_s)
+                        results.append(dict(row, fused=fused))
                         print(json.dumps(results[-1]), flush=True)
         del policy
         torch.cuda.empty_cache()
@@ -106,6 +110,9 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--ops", nargs="+", default=["native"])
     p.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"])
+    p.add_argument(
+        "--fused", nargs="+", default=["on"], choices=["on", "off"], help="fused Triton kernels"
+    )
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--cameras", nargs="+", type=int, default=[3])
     p.add_argument("--steps", nargs="+", type=int, default=[10])

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict
 
 from flagscale.ops import native
+from flagscale.ops.composite import COMPOSITE_NAMES, compose
 
 OP_NAMES = ("linear", "rms_norm", "layer_norm", "gelu_tanh", "geglu", "silu", "attention")
 
@@ -25,18 +26,42 @@ def flaggems_requested(env=None) -> bool:
 
 @dataclass
 class Ops:
-    """A table of op implementations plus where each one is routed."""
+    """A table of op implementations plus where each one is routed.
+
+    Besides the primitives (OP_NAMES) it offers the composites of `composite.py`, built from its
+    own primitives; `fused` may replace composites (and attention) with fused kernels.
+    """
 
     backend: str
     routes: Dict[str, str]
     impls: Dict[str, Callable] = field(repr=False)
+    fused: Dict[str, Callable] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         for name in OP_NAMES:
             setattr(self, name, self.impls[name])
+        self.composed = compose(self)
+        for name in COMPOSITE_NAMES:
+            setattr(self, name, self.composed[name])
+        for name, fn in self.fused.items():
+            setattr(self, name, fn)
 
     def describe(self) -> str:
-        return ", ".join(f"{name}={self.routes[name]}" for name in OP_NAMES)
+        text = ", ".join(f"{name}={self.routes[name]}" for name in OP_NAMES)
+        if self.fused:
+            text += f"; fused Triton kernels for short sequences: {', '.join(self.fused)}"
+        return text
+
+    def with_fused_kernels(self) -> "Ops":
+        """This table plus the fused Triton kernels (native backend, CUDA): each replaces a
+        composite (or attention) where its shape is supported and falls back to it elsewhere."""
+        if self.backend != "native":
+            raise ValueError(f"fused kernels need the native op backend, not {self.backend!r}")
+        try:
+            from flagscale.ops import triton_fused
+        except ImportError as err:
+            raise RuntimeError(f"fused kernels need Triton (pip install triton): {err}") from err
+        return Ops(self.backend, dict(self.routes), self.impls, triton_fused.dispatchers(self))
 
 
 def native_ops() -> Ops:

@@ -26,6 +26,24 @@ def layer_norm(x, weight, bias, eps=1e-6):
     return y.to(x.dtype)
 
 
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
+    """positions [B, T] -> cos [B, T, 1, Dh], signed sin [B, T, 1, Dh] in fp32, laid out for the
+    rotate-halves convention: out = x * cos + cat(x2, x1) * sin, with sin = cat(-sin, sin)."""
+    exponents = torch.arange(head_dim // 2, dtype=torch.float32, device=positions.device)
+    timescale = theta ** (2.0 * exponents / head_dim)
+    radians = positions.to(torch.float32)[..., None] / timescale
+    cos, sin = torch.cos(radians), torch.sin(radians)
+    return torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, Dh] -> x1*cos - x2*sin | x2*cos + x1*sin; computed in fp32, cast back."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
+    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
+
+
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 

@@ -107,6 +107,7 @@ class ServeConfig:
     max_image_side: int = 4096
     cuda_graphs: bool = True
     compile: bool = False
+    fused_kernels: str = "auto"
     warmup: bool = True
     warmup_num_steps: tuple = ()
     image_pad: str = "center"
@@ -269,6 +270,13 @@ def _as_bool(key: str, value) -> bool:
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
 
 
+def _as_auto_bool(key: str, value) -> str:
+    """ "auto", or true/false spelled any way _as_bool accepts -> "auto" | "true" | "false"."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return "true" if _as_bool(key, value) else "false"
+
+
 def _as_int(key: str, value, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -421,6 +429,7 @@ _PARSERS = {
     "max_image_side": lambda k, v: _as_int(k, v, 16, 65536),
     "cuda_graphs": _as_bool,
     "compile": _as_bool,
+    "fused_kernels": lambda k, v: _as_auto_bool(k, v),
     "warmup": _as_bool,
     "warmup_num_steps": lambda k, v: _as_steps_list(k, v),
     "image_pad": lambda k, v: _as_choice(k, v, ("center", "top_left")),

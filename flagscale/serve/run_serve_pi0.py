@@ -102,6 +102,7 @@ def _construct_policy(cfg: ServeConfig):
             ops=ops,
             stat_path=cfg.stat_path,
             pad_mode=cfg.image_pad,
+            fused_kernels=cfg.fused_kernels,
         )
     return PI0Policy.from_pretrained(
         cfg.model,
@@ -112,6 +113,7 @@ def _construct_policy(cfg: ServeConfig):
         ops=ops,
         preset=cfg.preset,
         pad_mode=cfg.image_pad,
+        fused_kernels=cfg.fused_kernels,
     )
 
 

@@ -115,7 +115,7 @@ class PI0Config:
             hint = difflib.get_close_matches(name, PRESETS, n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
             raise ValueError(f"unknown Pi0 preset {name!r} (known: {sorted(PRESETS)}){extra}")
-        return cls(preset=name, **PRESETS[name], **overrides)
+        return cls(preset=name, **{**PRESETS[name], **overrides})
 
     @classmethod
     def from_json_dict(cls, raw: dict, default_preset: str = "pi0") -> "PI0Config":

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from flagscale.models.pi0.config import PI0Config, TowerDims, VisionDims
 from flagscale.ops import Ops, native_ops
-from flagscale.ops.native import MASK_VALUE
+from flagscale.ops.native import MASK_VALUE, apply_rope, rope_cos_sin  # noqa: F401 (re-export)
 
 
 def make_attn_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:
@@ -43,24 +43,6 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """bool mask -> additive float mask (0 keep, -2.3819763e38 drop); no host copies (graph-safe)."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, MASK_VALUE)
-
-
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
-    """positions [B, T] -> cos [B, T, 1, Dh], signed sin [B, T, 1, Dh] in fp32, laid out for the
-    rotate-halves convention: out = x * cos + cat(x2, x1) * sin, with sin = cat(-sin, sin)."""
-    exponents = torch.arange(head_dim // 2, dtype=torch.float32, device=positions.device)
-    timescale = theta ** (2.0 * exponents / head_dim)
-    radians = positions.to(torch.float32)[..., None] / timescale
-    cos, sin = torch.cos(radians), torch.sin(radians)
-    return torch.cat([cos, cos], -1)[:, :, None], torch.cat([-sin, sin], -1)[:, :, None]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, T, H, Dh] -> x1*cos - x2*sin | x2*cos + x1*sin; computed in fp32, cast back."""
-    xf = x.float()
-    half = x.shape[-1] // 2
-    swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
-    return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
 
 
 def posemb_sincos(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
@@ -172,20 +154,28 @@ class GemmaLayer(nn.Module):
         self.gate_up_proj = Linear(ops, dims.width, 2 * dims.mlp, bias=False)  # fused gate|up
         self.down_proj = Linear(ops, dims.mlp, dims.width, bias=False)
 
-    def qkv(self, x, cos, sin):
-        """x [B, T, W] -> q [B, T, H, Dh], k/v [B, T, Hkv, Dh]; RoPE applied to q and k."""
+    def qkv(self, x, cos, sin, k_out=None, v_out=None):
+        """x [B, T, W] -> q [B, T, H, Dh], k/v [B, T, Hkv, Dh] with RoPE on q and k; k and v are
+        written into k_out / v_out [B, T, Hkv*Dh] (KV-cache slices) when given."""
         b, t, _ = x.shape
         d = self.dims
-        qkv = self.qkv_proj(self.input_norm(x))
-        n_qk = d.heads + d.kv_heads
-        # q and k are adjacent in the fused output: one RoPE op for both
-        qk = apply_rope(qkv[..., : n_qk * d.head_dim].view(b, t, n_qk, d.head_dim), cos, sin)
-        v = qkv[..., n_qk * d.head_dim :].view(b, t, d.kv_heads, d.head_dim)
-        return qk[:, :, : d.heads], qk[:, :, d.heads :], v
+        if k_out is None:
+            k_out = x.new_empty(b, t, d.kv_heads * d.head_dim)
+            v_out = x.new_empty(b, t, d.kv_heads * d.head_dim)
+        norm = self.input_norm
+        q = self.ops.qkv_rope(
+            x, norm.weight, norm.eps, self.qkv_proj.weight, cos, sin,
+            d.heads, d.kv_heads, d.head_dim, k_out, v_out,
+        )  # fmt: skip
+        kv_shape = (b, t, d.kv_heads, d.head_dim)
+        return q, k_out.view(kv_shape), v_out.view(kv_shape)
 
     def finish(self, x, attn):
-        x = x + self.o_proj(attn)
-        return x + self.down_proj(self.ops.geglu(self.gate_up_proj(self.ffw_norm(x))))
+        x = self.ops.linear_residual(attn, self.o_proj.weight, x)
+        act = self.ops.norm_geglu(
+            x, self.ffw_norm.weight, self.ffw_norm.eps, self.gate_up_proj.weight
+        )
+        return self.ops.linear_residual(act, self.down_proj.weight, x)
 
 
 class GemmaTower(nn.Module):
@@ -219,9 +209,10 @@ class PI0Model(nn.Module):
         self.action_out_proj = Linear(ops, w, c.max_action_dim)
         self._passes = {}  # torch.compile'd versions of the passes, see compile_passes()
 
-    def compile_passes(self, parts=("state", "denoise", "prefix"), mode=None):
-        """torch.compile the given passes: fuses the norms, RoPE, GeGLU and residual adds that
-        otherwise cost hundreds of tiny kernels per denoising step. Native ops only."""
+    def compile_passes(self, parts=None, mode=None):
+        """torch.compile the given passes (default all three): fuses the norms, RoPE, GeGLU and
+        residual adds that otherwise cost hundreds of tiny kernels per denoising step."""
+        parts = parts or ("state", "denoise", "prefix")
         fns = {
             "prefix": self.fill_prefix_cache,
             "state": self.fill_state_cache,
@@ -264,22 +255,17 @@ class PI0Model(nn.Module):
         p, x = embs.shape[1], embs
         last = len(self.llm.layers) - 1
         for i, layer in enumerate(self.llm.layers):
-            q, k, v = layer.qkv(x, cos, sin)
-            cache_k[i, :, :p] = k[:, :, 0]
-            cache_v[i, :, :p] = v[:, :, 0]
+            q, k, v = layer.qkv(x, cos, sin, cache_k[i, :, :p], cache_v[i, :, :p])
             if i < last:  # the last layer's output is never used: only its K/V are needed
                 x = layer.finish(x, self.ops.attention(q, k, v, mask))
 
     # ---- suffix ------------------------------------------------------------------------
 
-    def _expert_pass(self, x, start, positions, mask, cache_k, cache_v):
+    def _expert_pass(self, x, start, cos, sin, mask, cache_k, cache_v):
         """Expert tokens at cache slots [start, start+T) attend to cache[:, :, :start+T]."""
-        cos, sin = rope_cos_sin(positions, self.config.expert.head_dim, self.config.rope_theta)
         end = start + x.shape[1]
         for i, layer in enumerate(self.expert.layers):
-            q, k, v = layer.qkv(x, cos, sin)
-            cache_k[i, :, start:end] = k[:, :, 0]
-            cache_v[i, :, start:end] = v[:, :, 0]
+            q, _, _ = layer.qkv(x, cos, sin, cache_k[i, :, start:end], cache_v[i, :, start:end])
             keys = cache_k[i, :, :end, None]
             values = cache_v[i, :, :end, None]
             x = layer.finish(x, self.ops.attention(q, keys, values, mask))
@@ -290,29 +276,38 @@ class PI0Model(nn.Module):
         p = pad.shape[1]
         x = self.state_proj(state.to(self.dtype))[:, None]
         n_valid = pad.sum(dim=1, keepdim=True)
+        cos, sin = rope_cos_sin(n_valid, self.config.expert.head_dim, self.config.rope_theta)
         keys_valid = torch.cat([pad, torch.ones_like(pad[:, :1])], dim=1)
         mask = additive_mask(keys_valid[:, None, :], x.dtype)
-        self._expert_pass(x, p, n_valid, mask, cache_k, cache_v)
+        self._expert_pass(x, p, cos, sin, mask, cache_k, cache_v)
 
-    def embed_actions(self, x_t, t):
-        """x_t [B, C, A] fp32, t [B] -> action tokens [B, C, W]: MLP(concat(action, time))."""
+    def time_embedding(self, t):
+        """t [B] -> [B, W] sin-cos embedding of the flow time, in the weights' dtype."""
         c = self.config
+        return posemb_sincos(t, c.expert.width, c.min_period, c.max_period).to(self.dtype)
+
+    def embed_actions(self, x_t, time_emb):
+        """x_t [B, C, A] fp32, time_emb [B, W] -> action tokens [B, C, W]: MLP(concat(action, time))."""
         b, chunk = x_t.shape[:2]
-        time_emb = posemb_sincos(t, c.expert.width, c.min_period, c.max_period).to(self.dtype)
         act = self.action_in_proj(x_t.to(self.dtype))
         h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)  # action first
         return self.action_time_mlp_out(self.ops.silu(self.action_time_mlp_in(h)))
 
-    def denoise_step(self, x_t, t, pad, cache_k, cache_v):
-        """x_t [B, C, A] fp32, t [B] -> velocity v_t [B, C, A] fp32."""
-        b, chunk = x_t.shape[:2]
-        p = pad.shape[1]
-        h = self.embed_actions(x_t, t)
+    def suffix_inputs(self, pad, chunk):
+        """RoPE tables [B, C, 1, Dh] and the additive mask [B, 1, P+1+C] of the chunk's tokens:
+        the same at every denoising step, so computed once per request."""
+        b = pad.shape[0]
         n_valid = pad.sum(dim=1, keepdim=True)
         positions = n_valid + 1 + torch.arange(chunk, device=pad.device)[None]
+        cos, sin = rope_cos_sin(positions, self.config.expert.head_dim, self.config.rope_theta)
         keys_valid = torch.cat([pad, torch.ones_like(pad[:, :1]).expand(b, chunk + 1)], dim=1)
-        mask = additive_mask(keys_valid[:, None, :], h.dtype)
-        out = self._expert_pass(h, p + 1, positions, mask, cache_k, cache_v)
+        return cos, sin, additive_mask(keys_valid[:, None, :], self.dtype)
+
+    def denoise_step(self, x_t, time_emb, cos, sin, mask, cache_k, cache_v):
+        """x_t [B, C, A] fp32, time_emb [B, W], suffix_inputs(...) -> velocity [B, C, A] fp32."""
+        h = self.embed_actions(x_t, time_emb)
+        start = mask.shape[-1] - x_t.shape[1]  # prefix + state slots
+        out = self._expert_pass(h, start, cos, sin, mask, cache_k, cache_v)
         return self.action_out_proj(out).float()
 
     # ---- sampling ----------------------------------------------------------------------
@@ -362,12 +357,16 @@ class PI0Model(nn.Module):
 
     def euler(self, noise, num_steps, pad, cache_k, cache_v):
         dt = -1.0 / num_steps
-        x_t = noise.clone()
-        time = torch.empty(noise.shape[0], dtype=torch.float32, device=noise.device)
+        b = noise.shape[0]
+        times = torch.empty(num_steps, b, dtype=torch.float32, device=noise.device)
+        for i in range(num_steps):  # Python-int schedule: no host sync, same values as openpi
+            times[i].fill_(1.0 + i * dt)
+        time_embs = self.time_embedding(times.flatten()).view(num_steps, b, -1)
+        suffix = self.suffix_inputs(pad, noise.shape[1])
         step = self._pass("denoise", self.denoise_step)
-        for i in range(num_steps):  # Python-int loop: no host sync, same schedule as openpi
-            time.fill_(1.0 + i * dt)
-            x_t = x_t + dt * step(x_t, time, pad, cache_k, cache_v)
+        x_t = noise.clone()
+        for i in range(num_steps):
+            x_t = x_t + dt * step(x_t, time_embs[i], *suffix, cache_k, cache_v)
         return x_t
 
     # ---- uncached reference (tests) -----------------------------------------------------
@@ -388,7 +387,7 @@ class PI0Model(nn.Module):
 
     def _joint_velocity(self, prefix, prefix_pad, state, x_t, t):
         b, chunk = x_t.shape[:2]
-        act = self.embed_actions(x_t, t)
+        act = self.embed_actions(x_t, self.time_embedding(t))
         suffix = torch.cat([self.state_proj(state.to(self.dtype))[:, None], act], dim=1)
         suffix_ar = torch.zeros(b, chunk + 1, dtype=torch.bool)
         suffix_ar[:, :2] = True

@@ -55,9 +55,28 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def op_table(ops) -> Ops:
-    """An op backend name ("native", "flaggems", "auto") or an already built `Ops` table."""
-    return ops if isinstance(ops, Ops) else build_ops(ops)
+def op_table(ops, device: torch.device, fused_kernels="auto") -> Ops:
+    """An op backend name ("native", "flaggems", "auto") or a built `Ops` table, plus the fused
+    Triton kernels when `fused_kernels` is true, or "auto" with native ops on a CUDA device."""
+    table = ops if isinstance(ops, Ops) else build_ops(ops)
+    if table.fused:
+        return table
+    wanted = str(fused_kernels).lower()
+    if wanted == "auto":
+        if device.type == "cuda" and table.backend == "native" and _has_triton():
+            return table.with_fused_kernels()
+        return table
+    if wanted not in ("true", "1", "yes", "on"):
+        return table
+    if device.type != "cuda":
+        raise ValueError(f"fused_kernels=true needs a CUDA device, not {device}")
+    return table.with_fused_kernels()
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _has_tokenizer(path: Optional[str]) -> bool:
@@ -90,12 +109,13 @@ class PI0Policy:
         pad_mode="center",
         preset=None,
         progress=True,
+        fused_kernels="auto",
     ):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         config = PI0Config.from_pretrained(model_path, default_preset=preset or "pi0")
         with torch.device("meta"):
-            model = PI0Model(config, op_table(ops))
+            model = PI0Model(config, op_table(ops, device, fused_kernels))
         start = time.perf_counter()
         info = load_weights(model, model_path, device, dtype, progress=progress)
         logger.info("weights on %s in %.1f s", device, time.perf_counter() - start)
@@ -120,6 +140,7 @@ class PI0Policy:
         ops="native",
         pad_mode="center",
         stat_path=None,
+        fused_kernels="auto",
         **config_overrides,
     ):
         """Random weights (demo, tests, benchmarks). Its actions are meaningless."""
@@ -127,7 +148,7 @@ class PI0Policy:
         dtype = resolve_dtype(dtype, device)
         config = PI0Config.from_preset(preset, **config_overrides)
         with torch.device("meta"):
-            model = PI0Model(config, op_table(ops))
+            model = PI0Model(config, op_table(ops, device, fused_kernels))
         model = model.to_empty(device=device)
         init_random_weights(model, seed)
         model.to(dtype)
@@ -311,7 +332,8 @@ class PI0Policy:
         if compile:
             if self.model.ops.backend != "native":
                 raise ValueError("compile=True needs the native op backend (FlagGems: graphs only)")
-            self.model.compile_passes()
+            # the fused kernels already cover the expert passes; compile the prefix only then
+            self.model.compile_passes(("prefix",) if self.model.ops.fused else None)
         self.sampler = CudaGraphSampler(self.model, batch_buckets)
         return self.sampler
 

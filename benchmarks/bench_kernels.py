@@ -1,0 +1,126 @@
+"""GPU time of the fused Triton kernels vs the composed native ops on Pi0's expert shapes.
+
+    python benchmarks/bench_kernels.py [--batch 1 8] [--sweep] [--out kernels.json]
+
+Each op is captured 50 times in one CUDA graph and replayed, so the time per call is GPU time
+including the inter-kernel gaps a whole-request graph sees. `--sweep` also tries other launch
+configurations (triton_fused.CONFIG) and reports the best per op.
+"""
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from flagscale.models.pi0.config import PRESETS
+from flagscale.ops import native_ops, triton_fused as tf
+from flagscale.ops.native import rope_cos_sin
+
+CALLS = 50
+
+
+def graph_ms(fn, reps=5):
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / CALLS)
+    return sorted(times)[len(times) // 2] * 1e3  # us
+
+
+def expert_cases(batch, prefix=816, chunk=50):
+    d = PRESETS["pi0"]["expert"]
+    m, dev, bf = batch * chunk, "cuda", torch.bfloat16
+    r = lambda *s: torch.randn(*s, device=dev).to(bf) * 0.05  # noqa: E731
+    x, res = r(batch, chunk, d.width) * 20, r(batch, chunk, d.width) * 20
+    norm_w = torch.randn(d.width, device=dev) * 0.1
+    w_qkv, w_o = r((d.heads + 2) * d.head_dim, d.width), r(d.width, d.heads * d.head_dim)
+    w_gu, w_down = r(2 * d.mlp, d.width), r(d.width, d.mlp)
+    attn_in, act = r(batch, chunk, d.heads * d.head_dim) * 20, r(batch, chunk, d.mlp) * 20
+    total = prefix + 1 + chunk
+    cache_k, cache_v = r(batch, total, d.head_dim) * 20, r(batch, total, d.head_dim) * 20
+    pos = torch.arange(chunk, device=dev)[None].expand(batch, chunk) + prefix + 1
+    cos, sin = rope_cos_sin(pos, d.head_dim, 10000.0)
+    q = r(batch, chunk, d.heads, d.head_dim) * 20
+    mask = torch.zeros(batch, 1, total, device=dev, dtype=bf)
+    ks, vs = cache_k[:, prefix + 1 :], cache_v[:, prefix + 1 :]
+    kv = cache_k[:, :, None], cache_v[:, :, None]
+    return {
+        "qkv_rope": lambda ops: ops.qkv_rope(
+            x, norm_w, 1e-6, w_qkv, cos, sin, d.heads, 1, d.head_dim, ks, vs
+        ),
+        "linear_residual(o_proj)": lambda ops: ops.linear_residual(attn_in, w_o, res),
+        "norm_geglu": lambda ops: ops.norm_geglu(x, norm_w, 1e-6, w_gu),
+        "linear_residual(down)": lambda ops: ops.linear_residual(act, w_down, res),
+        "attention": lambda ops: ops.attention(q, *kv, mask),
+    }
+
+
+SWEEP = {
+    "qkv_rope": dict(bn=[16, 32], bk=[64, 128, 256], warps=[4], stages=[3, 4, 5]),
+    "norm_geglu": dict(bn=[16, 32, 64], bk=[64, 128], warps=[4, 8], stages=[3, 4]),
+    "linear_residual": dict(
+        bn=[32, 64], bk=[64, 128], split=[0, 2, 4, 8], warps=[4], stages=[3, 4]
+    ),
+    "mqa_attention": dict(br=[32, 64], bkv=[32, 64], split=[0, 4, 8, 14], warps=[4, 8], stages=[2]),
+}
+SWEPT_BY = {
+    "qkv_rope": "qkv_rope",
+    "linear_residual(o_proj)": "linear_residual",
+    "norm_geglu": "norm_geglu",
+    "linear_residual(down)": "linear_residual",
+    "attention": "mqa_attention",
+}
+
+
+def sweep(name, fn, fused):
+    key = SWEPT_BY[name]
+    default = dict(tf.CONFIG[key])
+    best = (graph_ms(lambda: fn(fused)), default)
+    grid = SWEEP[key]
+    for values in itertools.product(*grid.values()):
+        tf.CONFIG[key] = dict(zip(grid, values))
+        try:
+            us = graph_ms(lambda: fn(fused))
+        except Exception as err:  # resources exceeded etc.
+            print(f"  {key} {tf.CONFIG[key]}: {type(err).__name__}", flush=True)
+            continue
+        best = min(best, (us, dict(tf.CONFIG[key])), key=lambda b: b[0])
+    tf.CONFIG[key] = default
+    return best
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    composed, fused = native_ops(), native_ops().with_fused_kernels()
+    rows = []
+    for batch in args.batch:
+        for name, fn in expert_cases(batch).items():
+            row = {"batch": batch, "op": name, "composed_us": graph_ms(lambda: fn(composed))}
+            row["fused_us"] = graph_ms(lambda: fn(fused))
+            if args.sweep:
+                row["best_us"], row["best_config"] = sweep(name, fn, fused)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

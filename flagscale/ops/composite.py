@@ -1,0 +1,35 @@
+"""Composite ops: the few multi-op patterns of a Gemma layer, composed from a table's primitives.
+
+They are what the fused Triton kernels (`triton_fused.py`) replace for short sequences; composed
+from the primitives they are also those kernels' reference, and what every backend runs otherwise.
+"""
+
+from typing import Callable, Dict
+
+from flagscale.ops.native import apply_rope
+
+COMPOSITE_NAMES = ("qkv_rope", "norm_geglu", "linear_residual")
+
+
+def compose(ops) -> Dict[str, Callable]:
+    """Composite implementations built on `ops`' primitives (linear, rms_norm, geglu)."""
+
+    def qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
+        """x [B, T, W] -> RMSNorm(1 + w) -> q|k|v -> RoPE on q and k. Returns q [B, T, H, Dh];
+        k, v are written into k_out / v_out [B, T, Hkv*Dh] (e.g. KV-cache slices)."""
+        b, t, _ = x.shape
+        qkv = ops.linear(ops.rms_norm(x, norm_weight, eps), weight)
+        n_qk = heads + kv_heads
+        qk = apply_rope(qkv[..., : n_qk * head_dim].view(b, t, n_qk, head_dim), cos, sin)
+        k_out.copy_(qk[:, :, heads:].reshape(k_out.shape))
+        v_out.copy_(qkv[..., n_qk * head_dim :].reshape(v_out.shape))
+        return qk[:, :, :heads]
+
+    def norm_geglu(x, norm_weight, eps, weight):
+        """RMSNorm(1 + w) -> gate|up projection -> gelu_tanh(gate) * up."""
+        return ops.geglu(ops.linear(ops.rms_norm(x, norm_weight, eps), weight))
+
+    def linear_residual(x, weight, residual):
+        return residual + ops.linear(x, weight)
+
+    return {"qkv_rope": qkv_rope, "norm_geglu": norm_geglu, "linear_residual": linear_residual}

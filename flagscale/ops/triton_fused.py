@@ -1,0 +1,565 @@
+"""Fused Triton kernels for the action expert's short sequences (M = batch x 50 rows).
+
+At M ~ 50 a Gemma layer is memory-bound on its weights, and launch count dominates: the composed
+path runs ~15 kernels per layer (cuBLAS split-K GEMMs plus their reductions, norm, RoPE, GeGLU,
+residual adds, cache copies, attention pieces). These kernels cut a layer to five:
+
+- `qkv_rope`:      RMSNorm (1 + w) -> q|k|v projection -> RoPE on q and k -> q out, k/v written
+                   straight into the KV cache;
+- `linear_residual`: residual + x @ W^T (o_proj, down_proj), split-K with an in-kernel,
+                   fixed-order reduction (deterministic);
+- `norm_geglu`:    RMSNorm (1 + w) -> gate|up projection -> gelu_tanh(gate) * up;
+- `mqa_attention`: one-K/V-head attention over the cache, split over keys, combined in-kernel.
+
+Every kernel rounds where the composed reference rounds (the normalized input, the projection
+output and the activation are bf16 before the next op), so results differ from the native ops by
+accumulation order only. Each wrapper falls back to the composed ops for shapes it does not cover
+(long sequences such as the prefix, fp32, CPU tensors). The split reductions use a per-tile
+arrival counter that the last CTA resets, so the kernels are safe to replay in CUDA graphs; on
+the CPU they run in Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests them.
+"""
+
+import math
+import os
+
+from typing import Callable, Dict, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter computes bf16 dots wrongly and truncates fp32 -> bf16 casts; there the
+# dot operands are widened to fp32 (exact for bf16 products) and casts round to nearest even in
+# software, so interpreted kernels round exactly like compiled ones.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_EMULATE = tl.constexpr(_INTERPRET)
+MAX_ROWS = 128  # longer inputs (the prefix: 816 tokens per sample) go to cuBLAS
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+# ----------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc):
+    if _EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """fp32 -> dtype, rounding to nearest even (also under the interpreter)."""
+    if _EMULATE:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _row_rstd(x_ptr, offs_m, m_mask, stride_xm, eps, K: tl.constexpr, BK: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) per row, in fp32."""
+    offs_k = tl.arange(0, BK)
+    ss = tl.zeros([offs_m.shape[0]], dtype=tl.float32)
+    for i in range(K // BK):  # constexpr trip counts (the interpreter needs them too)
+        ptrs = x_ptr + offs_m[:, None] * stride_xm + (i * BK + offs_k)[None, :]
+        xk = tl.load(ptrs, mask=m_mask[:, None], other=0.0).to(tl.float32)
+        ss += tl.sum(xk * xk, axis=1)
+    return 1.0 / tl.sqrt(ss / K + eps)
+
+
+@triton.jit
+def _mainloop(
+    x_ptr,
+    w_ptr,
+    nw_ptr,
+    offs_m,
+    m_mask,
+    n0,
+    n1,
+    k_start,
+    stride_xm,
+    stride_wn,
+    eps,
+    K_LEN: tl.constexpr,
+    K: tl.constexpr,
+    NORM: tl.constexpr,
+    PAIRED: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """acc0 = xn[:, k_start:k_start+K_LEN] @ W[n0:n0+BN]^T (and acc1 for rows n1:n1+BN), where
+    xn = bf16(rms_norm(x) * (1 + nw)) when NORM else x."""
+    offs_k = tl.arange(0, BK)
+    offs_n = tl.arange(0, BN)
+    if NORM:
+        rstd = _row_rstd(x_ptr, offs_m, m_mask, stride_xm, eps, K, BK)
+    acc0 = tl.zeros([offs_m.shape[0], BN], dtype=tl.float32)
+    acc1 = tl.zeros([offs_m.shape[0], BN], dtype=tl.float32)
+    for i in range(K_LEN // BK):
+        kk = k_start + i * BK + offs_k
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None])
+        if NORM:
+            scale = 1.0 + tl.load(nw_ptr + kk).to(tl.float32)
+            xk = _cast(xk.to(tl.float32) * rstd[:, None] * scale[None, :], x_ptr.dtype.element_ty)
+        w0 = tl.load(w_ptr + (n0 + offs_n)[None, :] * stride_wn + kk[:, None])
+        acc0 = _dot(xk, w0, acc0)
+        if PAIRED:
+            w1 = tl.load(w_ptr + (n1 + offs_n)[None, :] * stride_wn + kk[:, None])
+            acc1 = _dot(xk, w1, acc1)
+    return acc0, acc1
+
+
+@triton.jit
+def _gelu_tanh(x):
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    tanh = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+    return 0.5 * x * (1.0 + tanh)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm -> q|k|v -> RoPE -> q, cache
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _qkv_rope_kernel(
+    x_ptr,
+    nw_ptr,
+    w_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    M,
+    T,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_qm,
+    stride_cb,
+    stride_ct,
+    K: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    N_Q: tl.constexpr,
+    N_KV: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Program (p, m): head p // PAIRS, columns j..j+BN of its first half and j+HALF.. of its
+    second half (RoPE partners); q/k heads rotated, v heads copied."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    PAIRS: tl.constexpr = HALF // BN
+    pid = tl.program_id(0)
+    head = pid // PAIRS
+    j = (pid % PAIRS) * BN
+    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    n0 = head * HEAD_DIM + j
+    lo, hi = _mainloop(
+        x_ptr, w_ptr, nw_ptr, offs_m, m_mask, n0, n0 + HALF, 0, stride_xm, stride_wn, eps, K, K,
+        True, True, BN, BK,
+    )  # fmt: skip
+    dtype = q_ptr.dtype.element_ty
+    lo = _cast(lo, dtype).to(tl.float32)
+    hi = _cast(hi, dtype).to(tl.float32)
+    offs_j = j + tl.arange(0, BN)
+    if head < N_Q + N_KV:  # RoPE; sin is stored signed as [-sin | sin]
+        cos = tl.load(cos_ptr + offs_m[:, None] * HEAD_DIM + offs_j[None, :], mask=m_mask[:, None])
+        sin = tl.load(
+            sin_ptr + offs_m[:, None] * HEAD_DIM + HALF + offs_j[None, :], mask=m_mask[:, None]
+        )
+        lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
+    if head < N_Q:
+        base = q_ptr + offs_m[:, None] * stride_qm + head * HEAD_DIM
+    else:
+        row = (offs_m // T) * stride_cb + (offs_m % T) * stride_ct
+        if head < N_Q + N_KV:
+            base = k_ptr + row[:, None] + (head - N_Q) * HEAD_DIM
+        else:
+            base = v_ptr + row[:, None] + (head - N_Q - N_KV) * HEAD_DIM
+    tl.store(base + offs_j[None, :], _cast(lo, dtype), mask=m_mask[:, None])
+    tl.store(base + HALF + offs_j[None, :], _cast(hi, dtype), mask=m_mask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm -> gate|up -> gelu_tanh(gate) * up
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _norm_geglu_kernel(
+    x_ptr,
+    nw_ptr,
+    w_ptr,
+    out_ptr,
+    M,
+    F,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BN
+    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    gate, up = _mainloop(
+        x_ptr, w_ptr, nw_ptr, offs_m, m_mask, n0, n0 + F, 0, stride_xm, stride_wn, eps, K, K,
+        True, True, BN, BK,
+    )  # fmt: skip
+    dtype = out_ptr.dtype.element_ty
+    act = _cast(_gelu_tanh(_cast(gate, dtype).to(tl.float32)), dtype).to(tl.float32)
+    out = act * _cast(up, dtype).to(tl.float32)
+    offs_n = n0 + tl.arange(0, BN)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _cast(out, dtype), m_mask[:, None]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# residual + x @ W^T, split-K
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_residual_kernel(
+    x_ptr,
+    w_ptr,
+    res_ptr,
+    out_ptr,
+    ws_ptr,
+    count_ptr,
+    M,
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_om,
+    K: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Program (n, m, s) reduces K-slice s; with SPLIT > 1 the partials go to a workspace and the
+    last program to arrive for tile (n, m) sums them in split order and applies the epilogue."""
+    pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n0 = pid_n * BN
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = n0 + tl.arange(0, BN)
+    m_mask = offs_m < M
+    acc, _ = _mainloop(
+        x_ptr, w_ptr, w_ptr, offs_m, m_mask, n0, n0, split * (K // SPLIT), stride_xm, stride_wn,
+        0.0, K // SPLIT, K, False, False, BN, BK,
+    )  # fmt: skip
+    if SPLIT > 1:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        tile_ws = ws_ptr + tile * SPLIT * BM * BN
+        local = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+        tl.store(tile_ws + split * BM * BN + local, acc)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:  # last one in: reduce in a fixed order (deterministic)
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for s in range(SPLIT):
+                acc += tl.load(tile_ws + s * BM * BN + local, cache_modifier=".cg")
+            tl.store(count_ptr + tile, 0)  # ready for the next launch / graph replay
+            _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om)
+    else:
+        _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om)
+
+
+@triton.jit
+def _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om):
+    dtype = out_ptr.dtype.element_ty
+    res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None])
+    out = res.to(tl.float32) + _cast(acc, dtype).to(tl.float32)
+    tl.store(
+        out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _cast(out, dtype), m_mask[:, None]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# attention with one K/V head, split over keys
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mqa_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    mask_ptr,
+    out_ptr,
+    ws_ptr,
+    count_ptr,
+    R,
+    H,
+    scale,
+    stride_qb,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    stride_mb,
+    stride_mq,
+    stride_ob,
+    LK: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DH: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BR: tl.constexpr,
+    BKV: tl.constexpr,
+):
+    """Rows r = (query t, head h) in q's memory order; program (rows, split, batch) runs an
+    online softmax over its key range; the last split to arrive merges the partial states."""
+    pid_r, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    offs_d = tl.arange(0, DH)
+    r_mask = offs_r < R
+    q = tl.load(q_ptr + b * stride_qb + offs_r[:, None] * DH + offs_d[None, :], r_mask[:, None])
+    BLOCKS: tl.constexpr = (LK + SPLIT * BKV - 1) // (SPLIT * BKV)  # key blocks per split
+    m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BR], dtype=tl.float32)
+    acc = tl.zeros([BR, DH], dtype=tl.float32)
+    for i in range(BLOCKS):
+        offs_k = (split * BLOCKS + i) * BKV + tl.arange(0, BKV)
+        k_mask = offs_k < LK
+        kt = tl.load(
+            k_ptr + b * stride_kb + offs_k[None, :] * stride_kt + offs_d[:, None], k_mask[None, :]
+        )
+        s = _dot(q, kt, tl.zeros([BR, BKV], dtype=tl.float32)) * scale
+        if HAS_MASK:
+            mrow = mask_ptr + b * stride_mb + (offs_r // H)[:, None] * stride_mq
+            s += tl.load(mrow + offs_k[None, :], r_mask[:, None] & k_mask[None, :], 0.0).to(
+                tl.float32
+            )
+        s = tl.where(k_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block past the last key
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_ptr + b * stride_vb + offs_k[:, None] * stride_vt + offs_d[None, :], k_mask[:, None]
+        )
+        acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    out_rows = out_ptr + b * stride_ob + offs_r[:, None] * DH + offs_d[None, :]
+    if SPLIT == 1:
+        tl.store(out_rows, _cast(acc / l_i[:, None], out_ptr.dtype.element_ty), r_mask[:, None])
+    else:
+        _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, split, b, SPLIT)
+
+
+@triton.jit
+def _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, split, b, SPLIT):
+    BR: tl.constexpr = acc.shape[0]
+    DH: tl.constexpr = acc.shape[1]
+    tile = b * tl.num_programs(0) + pid_r
+    tile_ws = ws_ptr + tile * SPLIT * BR * (DH + 2)
+    local = tl.arange(0, BR)[:, None] * DH + tl.arange(0, DH)[None, :]
+    rows = tl.arange(0, BR)
+    part = tile_ws + split * BR * (DH + 2)
+    tl.store(part + local, acc)
+    tl.store(part + BR * DH + rows, m_i)
+    tl.store(part + BR * DH + BR + rows, l_i)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        m_all = tl.full([BR], float("-inf"), dtype=tl.float32)
+        for s in range(SPLIT):
+            m_s = tl.load(tile_ws + s * BR * (DH + 2) + BR * DH + rows, cache_modifier=".cg")
+            m_all = tl.maximum(m_all, m_s)
+        total = tl.zeros([BR, DH], dtype=tl.float32)
+        denom = tl.zeros([BR], dtype=tl.float32)
+        for s in range(SPLIT):
+            part = tile_ws + s * BR * (DH + 2)
+            m_s = tl.load(part + BR * DH + rows, cache_modifier=".cg")
+            l_s = tl.load(part + BR * DH + BR + rows, cache_modifier=".cg")
+            w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_all))
+            total += tl.load(part + local, cache_modifier=".cg") * w[:, None]
+            denom += l_s * w
+        tl.store(count_ptr + tile, 0)
+        out = total / denom[:, None]
+        tl.store(out_rows, _cast(out, out_rows.dtype.element_ty), r_mask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Python wrappers
+# ----------------------------------------------------------------------------------------------
+
+# Launch configurations (block sizes, K/key splits, warps, pipeline stages); benchmarks/
+# bench_kernels.py sweeps them. split 0 = chosen from the shape.
+CONFIG = {
+    "qkv_rope": dict(bn=16, bk=128, warps=4, stages=4),
+    "norm_geglu": dict(bn=32, bk=128, warps=4, stages=4),
+    "linear_residual": dict(bn=64, bk=128, split=0, warps=4, stages=4),
+    "mqa_attention": dict(br=64, bkv=64, split=0, warps=8, stages=2),
+}
+_SCRATCH: Dict[Tuple[str, torch.device], torch.Tensor] = {}
+_RETIRED = []  # outgrown buffers stay alive: CUDA graphs captured earlier still point at them
+
+
+def _scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-device buffer that only grows. Counters start at zero and every kernel leaves them
+    at zero; kernels on one stream never overlap, so one buffer of each kind is enough."""
+    key = (kind, device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        _RETIRED.append(buf)
+        buf = _SCRATCH[key] = torch.zeros(max(numel, 1), dtype=dtype, device=device)
+    return buf
+
+
+def _block_m(m: int) -> int:
+    return max(16, triton.next_power_of_2(m))
+
+
+def supported(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+    """Rows of x (all but the last dim) fit one row block, and the dtype is bf16/fp16 on a GPU
+    (or any device under the Triton interpreter)."""
+    rows = x.numel() // x.shape[-1]
+    device_ok = x.is_cuda or _INTERPRET
+    return device_ok and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= max_rows
+
+
+def qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
+    """x [B, T, W] -> q [B, T, H, Dh]; writes k, v [B, T, Hkv*Dh] into k_out / v_out (e.g. cache
+    slices). cos / sin: [B, T, 1, Dh] fp32 from `rope_cos_sin` (sin signed)."""
+    b, t, width = x.shape
+    m = b * t
+    x2 = x.reshape(m, width)
+    q = torch.empty(b, t, heads * head_dim, dtype=x.dtype, device=x.device)
+    cfg = CONFIG["qkv_rope"]
+    bm, bn, bk = _block_m(m), cfg["bn"], cfg["bk"]
+    assert k_out.stride() == v_out.stride() and k_out.stride(-1) == 1 and x2.stride(-1) == 1
+    assert cos.is_contiguous() and sin.is_contiguous() and (head_dim // 2) % bn == 0
+    grid = ((heads + 2 * kv_heads) * (head_dim // 2 // bn), triton.cdiv(m, bm))
+    _qkv_rope_kernel[grid](
+        x2, norm_weight, weight, cos, sin, q, k_out, v_out, m, t, eps, x2.stride(0),
+        weight.stride(0), q.stride(1), k_out.stride(0), k_out.stride(1), K=width,
+        HEAD_DIM=head_dim, N_Q=heads, N_KV=kv_heads, BM=bm, BN=bn, BK=bk,
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )  # fmt: skip
+    return q.view(b, t, heads, head_dim)
+
+
+def norm_geglu(x, norm_weight, eps, weight):
+    """x [..., W], weight [2F, W] (gate rows then up rows) -> gelu_tanh(gate) * up [..., F]."""
+    width = x.shape[-1]
+    x2 = x.reshape(-1, width)
+    m, f = x2.shape[0], weight.shape[0] // 2
+    out = torch.empty(m, f, dtype=x.dtype, device=x.device)
+    cfg = CONFIG["norm_geglu"]
+    bm, bn, bk = _block_m(m), cfg["bn"], cfg["bk"]
+    assert f % bn == 0 and width % bk == 0 and x2.stride(-1) == 1
+    grid = (f // bn, triton.cdiv(m, bm))
+    _norm_geglu_kernel[grid](
+        x2, norm_weight, weight, out, m, f, eps, x2.stride(0), weight.stride(0), out.stride(0),
+        K=width, BM=bm, BN=bn, BK=bk, num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )  # fmt: skip
+    return out.view(*x.shape[:-1], f)
+
+
+def linear_residual(x, weight, residual, split=None):
+    """residual + x @ weight^T, x [..., K], weight [N, K], residual [..., N]."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2, r2 = x.reshape(-1, k), residual.reshape(-1, n)
+    m = x2.shape[0]
+    out = torch.empty_like(r2)
+    cfg = CONFIG["linear_residual"]
+    bm, bn, bk = _block_m(m), cfg["bn"], cfg["bk"]
+    split = split or cfg["split"] or max(1, min(8, k // (4 * bk)))
+    while k % (split * bk):
+        split -= 1
+    assert n % bn == 0 and k % (split * bk) == 0 and x2.stride(-1) == 1 and r2.stride(-1) == 1
+    grid = (n // bn, triton.cdiv(m, bm), split)
+    tiles = grid[0] * grid[1]
+    ws = _scratch("ws", tiles * split * bm * bn, torch.float32, x.device)
+    count = _scratch("count", tiles, torch.int32, x.device)
+    _linear_residual_kernel[grid](
+        x2, weight, r2, out, ws, count, m, x2.stride(0), weight.stride(0), r2.stride(0),
+        out.stride(0), K=k, SPLIT=split, BM=bm, BN=bn, BK=bk, num_warps=cfg["warps"],
+        num_stages=cfg["stages"],
+    )  # fmt: skip
+    return out.view(residual.shape)
+
+
+def mqa_attention(q, k, v, mask=None, scale=None, split=None):
+    """q [B, Lq, H, Dh] (contiguous), k/v [B, Lk, 1, Dh] (any batch/token strides), mask additive
+    [B, 1 | Lq, Lk] -> [B, Lq, H*Dh]. fp32 logits and softmax, like `native.attention`."""
+    b, lq, h, dh = q.shape
+    lk = k.shape[1]
+    scale = dh**-0.5 if scale is None else scale
+    rows = lq * h
+    cfg = CONFIG["mqa_attention"]
+    br, bkv = cfg["br"], cfg["bkv"]
+    split = split or cfg["split"] or max(1, min(8, triton.cdiv(lk, 2 * bkv)))
+    out = torch.empty(b, lq, h * dh, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(rows, br), split, b)
+    tiles = grid[0] * b
+    ws = _scratch("ws_attn", tiles * split * br * (dh + 2), torch.float32, q.device)
+    count = _scratch("count_attn", tiles, torch.int32, q.device)
+    has_mask = mask is not None
+    m = mask if has_mask else q
+    stride_mq = (m.stride(1) if m.shape[1] > 1 else 0) if has_mask else 0
+    assert q.is_contiguous() and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert not has_mask or m.stride(-1) == 1
+    _mqa_kernel[grid](
+        q, k, v, m, out, ws, count, rows, h, scale, q.stride(0), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), m.stride(0) if has_mask else 0, stride_mq, out.stride(0), LK=lk,
+        HAS_MASK=has_mask, DH=dh, SPLIT=split, BR=br, BKV=bkv, num_warps=cfg["warps"],
+        num_stages=cfg["stages"],
+    )  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch: fused where the shape is covered, the table's composite otherwise
+# ----------------------------------------------------------------------------------------------
+
+
+def dispatchers(ops) -> Dict[str, Callable]:
+    """Fused replacements for `ops`' composites and attention, falling back to them."""
+    base = ops.composed
+
+    def qkv_rope_op(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
+        args = (x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out)
+        if supported(x) and kv_heads == 1 and head_dim % 32 == 0 and x.shape[-1] % 128 == 0:
+            return qkv_rope(*args)
+        return base["qkv_rope"](*args)
+
+    def norm_geglu_op(x, norm_weight, eps, weight):
+        if supported(x) and weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0:
+            return norm_geglu(x, norm_weight, eps, weight)
+        return base["norm_geglu"](x, norm_weight, eps, weight)
+
+    def linear_residual_op(x, weight, residual):
+        if supported(x) and weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0:
+            return linear_residual(x, weight, residual)
+        return base["linear_residual"](x, weight, residual)
+
+    def attention_op(q, k, v, mask=None, scale=None):
+        b, lq, h, dh = q.shape
+        ok = supported(q, max_rows=1 << 30) and k.shape[2] == 1 and h > 1 and dh in (64, 128, 256)
+        if ok and (mask is None or mask.dim() == 3) and lq * h <= 1024 and q.is_contiguous():
+            return mqa_attention(q, k, v, mask, scale)
+        return ops.attention(q, k, v, mask, scale)
+
+    return {
+        "qkv_rope": qkv_rope_op,
+        "norm_geglu": norm_geglu_op,
+        "linear_residual": linear_residual_op,
+        "attention": attention_op,
+    }

@@ -1,0 +1,145 @@
+"""Fused Triton kernels vs the composed native ops they replace.
+
+On a GPU the kernels run compiled (bf16 tensor-core dots); without one, in Triton's CPU
+interpreter (conftest sets TRITON_INTERPRET=1). Reference: the composed ops on fp32 copies of the
+same bf16 inputs. A kernel passes when its error against that reference is within 1.5x (+ a
+small floor) of the composed bf16 ops' own error: it rounds where they round.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from flagscale.ops import native_ops  # noqa: E402
+from flagscale.ops import triton_fused as tf  # noqa: E402
+from flagscale.ops.native import MASK_VALUE, rope_cos_sin  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16 = torch.bfloat16
+OPS = native_ops()
+FUSED = OPS.with_fused_kernels()
+
+
+def rand(*shape, scale=1.0, dtype=BF16, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else sum(shape))
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def rel_l2(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(fused_out, composed_out, reference):
+    err_fused, err_composed = rel_l2(fused_out, reference), rel_l2(composed_out, reference)
+    assert torch.isfinite(fused_out.float()).all()
+    assert err_fused <= 1.5 * err_composed + 2e-4, (err_fused, err_composed)
+
+
+def f32(*tensors):
+    return [t.float() if torch.is_tensor(t) and t.is_floating_point() else t for t in tensors]
+
+
+def qkv_case(b, t, width, heads, head_dim, cache_len, start):
+    x = rand(b, t, width, scale=2.0)
+    norm_w = rand(width, scale=0.3, dtype=torch.float32)
+    w = rand((heads + 2) * head_dim, width, scale=width**-0.5)
+    positions = torch.arange(t, device=DEVICE)[None].expand(b, t) + start + 3
+    cos, sin = rope_cos_sin(positions, head_dim, 10000.0)
+    return x, norm_w, w, cos, sin, cache_len, start
+
+
+@pytest.mark.parametrize(
+    "b,t,width,heads,head_dim", [(1, 50, 256, 2, 64), (2, 7, 128, 4, 64), (1, 1, 256, 2, 128)]
+)
+def test_qkv_rope_matches_composed_and_fills_cache(b, t, width, heads, head_dim):
+    x, norm_w, w, cos, sin, cache_len, start = qkv_case(b, t, width, heads, head_dim, 80, 9)
+
+    def run(fn, dtype):
+        cache_k = torch.full((b, cache_len, head_dim), 7.0, dtype=dtype, device=DEVICE)
+        cache_v = cache_k.clone()
+        args = f32(x, norm_w, w, cos, sin) if dtype == torch.float32 else (x, norm_w, w, cos, sin)
+        ks, vs = cache_k[:, start : start + t], cache_v[:, start : start + t]
+        x_, norm_w_, w_, cos_, sin_ = args
+        q = fn(x_, norm_w_, 1e-6, w_, cos_, sin_, heads, 1, head_dim, ks, vs)
+        return q, cache_k, cache_v
+
+    q_f, k_f, v_f = run(FUSED.qkv_rope, BF16)
+    q_c, k_c, v_c = run(OPS.qkv_rope, BF16)
+    q_r, k_r, v_r = run(OPS.qkv_rope, torch.float32)
+    check(q_f, q_c, q_r)
+    check(k_f, k_c, k_r)
+    check(v_f, v_c, v_r)
+    outside = torch.ones(cache_len, dtype=torch.bool)
+    outside[start : start + t] = False
+    assert (k_f[:, outside] == 7.0).all() and (v_f[:, outside] == 7.0).all()  # only its slots
+
+
+@pytest.mark.parametrize("m,width,ffw", [(50, 256, 128), (3, 128, 64), (100, 128, 256)])
+def test_norm_geglu_matches_composed(m, width, ffw):
+    x = rand(m, width, scale=3.0)
+    norm_w = rand(width, scale=0.3, dtype=torch.float32)
+    w = rand(2 * ffw, width, scale=width**-0.5)
+    check(
+        FUSED.norm_geglu(x, norm_w, 1e-6, w),
+        OPS.norm_geglu(x, norm_w, 1e-6, w),
+        OPS.norm_geglu(*f32(x, norm_w), 1e-6, w.float()),
+    )
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, None])
+@pytest.mark.parametrize("m,k,n", [(50, 1024, 128), (1, 512, 64), (128, 256, 192)])
+def test_linear_residual_matches_composed(m, k, n, split):
+    # a split that does not divide K into 128-wide blocks is lowered until it does
+    x, w, res = rand(2, m, k, seed=1), rand(n, k, scale=k**-0.5, seed=2), rand(2, m, n, seed=3)
+    x, res = x[:1], res[:1]  # a batch view, like the model's
+    out = tf.linear_residual(x, w, res, split=split)
+    check(out, OPS.linear_residual(x, w, res), OPS.linear_residual(*f32(x, w, res)))
+    # split-K reduces in a fixed order: bitwise repeatable; counters are left at zero
+    assert torch.equal(out, tf.linear_residual(x, w, res, split=split))
+    assert int(tf._SCRATCH[("count", out.device)].abs().sum()) == 0
+
+
+def attention_inputs(b, lq, h, dh, lk, per_query_mask):
+    q = rand(b, lq, h, dh, seed=4)
+    cache_k, cache_v = rand(b, lk + 5, dh, seed=5), rand(b, lk + 5, dh, seed=6)
+    k, v = cache_k[:, :lk, None], cache_v[:, :lk, None]  # strided views, like the cache slices
+    allowed = torch.ones(b, lq if per_query_mask else 1, lk, dtype=torch.bool)
+    allowed[0, :, 3:17] = False
+    if per_query_mask:
+        allowed[-1, 1:, lk - 2 :] = False
+    mask = torch.zeros(allowed.shape, dtype=BF16).masked_fill_(~allowed, MASK_VALUE).to(DEVICE)
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("split", [1, 3, None])
+@pytest.mark.parametrize(
+    "b,lq,h,dh,lk,per_query", [(1, 50, 2, 64, 300, False), (2, 5, 4, 128, 97, True)]
+)
+def test_mqa_attention_matches_composed(b, lq, h, dh, lk, per_query, split):
+    q, k, v, mask = attention_inputs(b, lq, h, dh, lk, per_query)
+    out = tf.mqa_attention(q, k, v, mask, split=split)
+    composed = OPS.attention(q, k, v, mask)
+    reference = OPS.attention(*f32(q, k, v), mask.float())
+    check(out, composed, reference)
+    assert int(tf._SCRATCH[("count_attn", out.device)].abs().sum()) == 0
+
+
+def test_unsupported_shapes_fall_back_to_composed_ops():
+    x = rand(2, 100, 128, seed=7)  # 200 rows > MAX_ROWS: the composed path, bit for bit
+    w, norm_w = rand(128, 128, scale=0.1, seed=8), rand(128, scale=0.3, dtype=torch.float32)
+    assert torch.equal(FUSED.linear_residual(x, w, x), OPS.linear_residual(x, w, x))
+    assert torch.equal(FUSED.norm_geglu(x, norm_w, 1e-6, w), OPS.norm_geglu(x, norm_w, 1e-6, w))
+    xf = x.float()[:, :5]  # fp32: composed
+    assert torch.equal(
+        FUSED.linear_residual(xf, w.float(), xf), OPS.linear_residual(xf, w.float(), xf)
+    )
+
+
+def test_table_describes_fused_kernels():
+    assert not OPS.fused and "fused" not in OPS.describe()
+    assert set(FUSED.fused) == {"qkv_rope", "norm_geglu", "linear_residual", "attention"}
+    assert "fused Triton kernels" in FUSED.describe()
+    assert FUSED.with_fused_kernels  # a table can be rebuilt; backend unchanged
+    assert FUSED.backend == "native"
