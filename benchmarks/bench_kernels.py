@@ -68,12 +68,14 @@ def expert_cases(batch, prefix=816, chunk=50):
 
 
 SWEEP = {
-    "qkv_rope": dict(bn=[16, 32], bk=[64, 128, 256], warps=[4], stages=[3, 4, 5]),
-    "norm_geglu": dict(bn=[16, 32, 64], bk=[64, 128], warps=[4, 8], stages=[3, 4]),
+    "qkv_rope": dict(bn=[16, 32], bk=[64, 128, 256], warps=[4, 8], stages=[2, 4]),
+    "norm_geglu": dict(bn=[16, 32, 64], bk=[64, 128, 256], warps=[4, 8], stages=[2, 4]),
     "linear_residual": dict(
-        bn=[32, 64], bk=[64, 128], split=[0, 2, 4, 8], warps=[4], stages=[3, 4]
+        bn=[32, 64, 128], bk=[64, 128, 256], split=[0, 2, 4, 8, 16], warps=[4], stages=[3]
     ),
-    "mqa_attention": dict(br=[32, 64], bkv=[32, 64], split=[0, 4, 8, 14], warps=[4, 8], stages=[2]),
+    "mqa_attention": dict(
+        br=[16, 32, 64], bkv=[32, 64, 128], split=[0, 2, 4, 8, 16], warps=[4, 8], stages=[2]
+    ),
 }
 SWEPT_BY = {
     "qkv_rope": "qkv_rope",
