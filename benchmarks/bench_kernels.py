@@ -106,7 +106,9 @@ def sweep(name, fn, fused):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", nargs="+", type=int, default=[1])
-    p.add_argument("--sweep", action="store_true")
+    p.add_argument(
+        "--sweep", nargs="*", default=None, help="sweep these CONFIG entries (none named: all)"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     composed, fused = native_ops(), native_ops().with_fused_kernels()
@@ -115,7 +117,7 @@ def main():
         for name, fn in expert_cases(batch).items():
             row = {"batch": batch, "op": name, "composed_us": graph_ms(lambda: fn(composed))}
             row["fused_us"] = graph_ms(lambda: fn(fused))
-            if args.sweep:
+            if args.sweep is not None and (not args.sweep or SWEPT_BY[name] in args.sweep):
                 row["best_us"], row["best_config"] = sweep(name, fn, fused)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -143,3 +143,12 @@ def test_table_describes_fused_kernels():
     assert "fused Triton kernels" in FUSED.describe()
     assert FUSED.with_fused_kernels  # a table can be rebuilt; backend unchanged
     assert FUSED.backend == "native"
+
+
+def test_folded_weight_follows_in_place_updates():
+    w = rand(64, 128, seed=9)
+    norm_w = torch.zeros(128, device=DEVICE)
+    first = tf.folded_weight(w, norm_w)
+    assert torch.equal(first, w) and tf.folded_weight(w, norm_w) is first  # cached
+    norm_w.fill_(1.0)  # e.g. weights loaded after a first call
+    assert torch.equal(tf.folded_weight(w, norm_w), (w.float() * 2).to(BF16))
