@@ -392,8 +392,8 @@ def _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, spli
 # Launch configurations (block sizes, K/key splits, warps, pipeline stages): the best of
 # benchmarks/bench_kernels.py --sweep on an H200 at B=1; split 0 = chosen from the shape.
 CONFIG = {
-    "qkv_rope": dict(bn=16, bk=128, warps=4, stages=4),
-    "norm_geglu": dict(bn=32, bk=128, warps=4, stages=4),
+    "qkv_rope": dict(bn=16, bk=64, warps=4, stages=4),
+    "norm_geglu": dict(bn=32, bk=64, warps=4, stages=4),
     "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3),
     "mqa_attention": dict(br=16, bkv=128, split=4, warps=8, stages=2),
 }

@@ -10,11 +10,17 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "bfloat16-fused"])
 def policy(request):
     from flagscale.models.pi0 import PI0Policy
+    from flagscale.models.pi0.config import TowerDims
 
-    return PI0Policy.random("tiny", device="cuda", dtype=request.param, seed=0)
+    if request.param == "bfloat16-fused":  # dims the fused Triton kernels cover
+        tower = TowerDims(width=128, depth=2, mlp=128, heads=2, kv_heads=1, head_dim=64)
+        policy = PI0Policy.random("tiny", device="cuda", dtype="bfloat16", llm=tower, expert=tower)
+        assert policy.model.ops.fused
+        return policy
+    return PI0Policy.random("tiny", device="cuda", dtype=request.param, seed=0, fused_kernels=False)
 
 
 def _inputs(policy, batch, seed=0):
