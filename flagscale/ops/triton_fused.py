@@ -297,6 +297,8 @@ def _mqa_kernel(
     H,
     scale,
     stride_qb,
+    stride_qt,
+    stride_qh,
     stride_kb,
     stride_kt,
     stride_vb,
@@ -311,13 +313,14 @@ def _mqa_kernel(
     BR: tl.constexpr,
     BKV: tl.constexpr,
 ):
-    """Rows r = (query t, head h) in q's memory order; program (rows, split, batch) runs an
-    online softmax over its key range; the last split to arrive merges the partial states."""
+    """Rows r = t * H + h (query t, head h); program (rows, split, batch) runs an online softmax
+    over its key range; with SPLIT > 1 the last split to arrive merges the partial states."""
     pid_r, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_r = pid_r * BR + tl.arange(0, BR)
     offs_d = tl.arange(0, DH)
     r_mask = offs_r < R
-    q = tl.load(q_ptr + b * stride_qb + offs_r[:, None] * DH + offs_d[None, :], r_mask[:, None])
+    q_rows = q_ptr + b * stride_qb + (offs_r // H) * stride_qt + (offs_r % H) * stride_qh
+    q = tl.load(q_rows[:, None] + offs_d[None, :], r_mask[:, None])
     BLOCKS: tl.constexpr = (LK + SPLIT * BKV - 1) // (SPLIT * BKV)  # key blocks per split
     m_i = tl.full([BR], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BR], dtype=tl.float32)
@@ -396,7 +399,9 @@ CONFIG = {
     "norm_geglu": dict(bn=32, bk=64, warps=4, stages=4),
     "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3),
     "mqa_attention": dict(br=16, bkv=128, split=4, warps=8, stages=2),
+    "mqa_attention_long": dict(br=64, bkv=64, split=1, warps=8, stages=2),
 }
+SHORT_ROWS = 1024  # query rows (tokens x heads) up to which attention splits over keys
 _SCRATCH: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 _RETIRED = []  # outgrown buffers stay alive: CUDA graphs captured earlier still point at them
 
@@ -499,30 +504,34 @@ def linear_residual(x, weight, residual, split=None):
 
 
 def mqa_attention(q, k, v, mask=None, scale=None, split=None):
-    """q [B, Lq, H, Dh] (contiguous), k/v [B, Lk, 1, Dh] (any batch/token strides), mask additive
-    [B, 1 | Lq, Lk] -> [B, Lq, H*Dh]. fp32 logits and softmax, like `native.attention`."""
+    """q [B, Lq, H, Dh], k/v [B, Lk, 1, Dh] (any batch/token/head strides, unit last stride),
+    mask additive [B, 1 | Lq, Lk] -> [B, Lq, H*Dh]. fp32 logits and softmax, like
+    `native.attention`. Short queries (the expert's chunk) split over keys; long ones (the
+    prefix) over rows only."""
     b, lq, h, dh = q.shape
     lk = k.shape[1]
     scale = dh**-0.5 if scale is None else scale
     rows = lq * h
-    cfg = CONFIG["mqa_attention"]
+    cfg = CONFIG["mqa_attention" if rows <= SHORT_ROWS else "mqa_attention_long"]
     br, bkv = cfg["br"], cfg["bkv"]
     split = split or cfg["split"] or max(1, min(8, triton.cdiv(lk, 2 * bkv)))
     out = torch.empty(b, lq, h * dh, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(rows, br), split, b)
     tiles = grid[0] * b
-    ws = _scratch("ws_attn", tiles * split * br * (dh + 2), torch.float32, q.device)
-    count = _scratch("count_attn", tiles, torch.int32, q.device)
+    ws = _scratch(
+        "ws_attn", tiles * split * br * (dh + 2) if split > 1 else 1, torch.float32, q.device
+    )
+    count = _scratch("count_attn", tiles if split > 1 else 1, torch.int32, q.device)
     has_mask = mask is not None
     m = mask if has_mask else q
     stride_mq = (m.stride(1) if m.shape[1] > 1 else 0) if has_mask else 0
-    assert q.is_contiguous() and k.stride(-1) == 1 and v.stride(-1) == 1
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert not has_mask or m.stride(-1) == 1
     _mqa_kernel[grid](
-        q, k, v, m, out, ws, count, rows, h, scale, q.stride(0), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), m.stride(0) if has_mask else 0, stride_mq, out.stride(0), LK=lk,
-        HAS_MASK=has_mask, DH=dh, SPLIT=split, BR=br, BKV=bkv, num_warps=cfg["warps"],
-        num_stages=cfg["stages"],
+        q, k, v, m, out, ws, count, rows, h, scale, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), m.stride(0) if has_mask else 0,
+        stride_mq, out.stride(0), LK=lk, HAS_MASK=has_mask, DH=dh, SPLIT=split, BR=br, BKV=bkv,
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out
 
@@ -555,7 +564,7 @@ def dispatchers(ops) -> Dict[str, Callable]:
     def attention_op(q, k, v, mask=None, scale=None):
         b, lq, h, dh = q.shape
         ok = supported(q, max_rows=1 << 30) and k.shape[2] == 1 and h > 1 and dh in (64, 128, 256)
-        if ok and (mask is None or mask.dim() == 3) and lq * h <= 1024 and q.is_contiguous():
+        if ok and (mask is None or mask.dim() == 3) and q.stride(-1) == 1:
             return mqa_attention(q, k, v, mask, scale)
         return ops.attention(q, k, v, mask, scale)
 

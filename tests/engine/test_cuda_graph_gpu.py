@@ -70,7 +70,11 @@ def test_policy_with_graphs_matches_batch_rows(policy):
         batch = policy.infer_batch(obs, num_steps=4, seeds=[1, 2, 3])
         for o, seed, out in zip(obs, (1, 2, 3), batch):
             solo = policy.infer(o, num_steps=4, seed=seed)["actions"]
-            np.testing.assert_allclose(out["actions"], solo, rtol=2e-2, atol=2e-2)
             assert np.isfinite(solo).all()
+            if policy.model.dtype == torch.float32:
+                np.testing.assert_allclose(out["actions"], solo, rtol=1e-4, atol=1e-4)
+            else:  # bf16: a batch of 3 runs other kernels (bucket 4: 200 expert rows, composed)
+                atol = 2**-4 * np.abs(solo).max()
+                np.testing.assert_allclose(out["actions"], solo, rtol=0, atol=atol)
     finally:
         policy.sampler = policy.model.sample_actions

@@ -126,6 +126,17 @@ def test_mqa_attention_matches_composed(b, lq, h, dh, lk, per_query, split):
     assert int(tf._SCRATCH[("count_attn", out.device)].abs().sum()) == 0
 
 
+def test_long_attention_with_strided_queries():
+    """Prefix-like: more than SHORT_ROWS query rows, q a slice of a fused q|k tensor."""
+    b, lq, h, dh, lk = 1, 130, 8, 64, 130
+    assert lq * h > tf.SHORT_ROWS
+    qk = rand(b, lq, h + 1, dh, seed=10)
+    q = qk[:, :, :h]  # non-contiguous, like the composed qkv_rope's output
+    _, k, v, mask = attention_inputs(b, 1, h, dh, lk, False)
+    out = FUSED.attention(q, k, v, mask)
+    check(out, OPS.attention(q, k, v, mask), OPS.attention(*f32(q, k, v), mask.float()))
+
+
 def test_unsupported_shapes_fall_back_to_composed_ops():
     x = rand(2, 100, 128, seed=7)  # 200 rows > MAX_ROWS: the composed path, bit for bit
     w, norm_w = rand(128, 128, scale=0.1, seed=8), rand(128, scale=0.3, dtype=torch.float32)
