@@ -55,9 +55,6 @@ def expert_cases(batch, prefix=816, chunk=50):
     q = r(batch, chunk, d.heads, d.head_dim) * 20
     mask = torch.zeros(batch, 1, total, device=dev, dtype=bf)
     ks, vs = cache_k[:, prefix + 1 :], cache_v[:, prefix + 1 :]
-    q_prefix = r(batch, prefix, d.heads + 1, d.head_dim)[:, :, : d.heads] * 20
-    kv_prefix = cache_k[:, :prefix, None], cache_v[:, :prefix, None]
-    mask_prefix = mask[:, :, :prefix]
     kv = cache_k[:, :, None], cache_v[:, :, None]
     return {
         "qkv_rope": lambda ops: ops.qkv_rope(
@@ -67,7 +64,6 @@ def expert_cases(batch, prefix=816, chunk=50):
         "norm_geglu": lambda ops: ops.norm_geglu(x, norm_w, 1e-6, w_gu),
         "linear_residual(down)": lambda ops: ops.linear_residual(act, w_down, res),
         "attention": lambda ops: ops.attention(q, *kv, mask),
-        "attention(prefix)": lambda ops: ops.attention(q_prefix, *kv_prefix, mask_prefix),
     }
 
 
@@ -76,9 +72,6 @@ SWEEP = {
     "norm_geglu": dict(bn=[16, 32, 64], bk=[64, 128, 256], warps=[4, 8], stages=[2, 4]),
     "linear_residual": dict(
         bn=[32, 64, 128], bk=[64, 128, 256], split=[0, 2, 4, 8, 16], warps=[4], stages=[3]
-    ),
-    "mqa_attention_long": dict(
-        br=[32, 64, 128], bkv=[32, 64], split=[1], warps=[4, 8], stages=[1, 2, 3]
     ),
     "mqa_attention": dict(
         br=[16, 32, 64], bkv=[32, 64, 128], split=[0, 2, 4, 8, 16], warps=[4, 8], stages=[2]
@@ -90,7 +83,6 @@ SWEPT_BY = {
     "norm_geglu": "norm_geglu",
     "linear_residual(down)": "linear_residual",
     "attention": "mqa_attention",
-    "attention(prefix)": "mqa_attention_long",
 }
 
 

@@ -126,15 +126,15 @@ def test_mqa_attention_matches_composed(b, lq, h, dh, lk, per_query, split):
     assert int(tf._SCRATCH[("count_attn", out.device)].abs().sum()) == 0
 
 
-def test_long_attention_with_strided_queries():
-    """Prefix-like: more than SHORT_ROWS query rows, q a slice of a fused q|k tensor."""
-    b, lq, h, dh, lk = 1, 130, 8, 64, 130
-    assert lq * h > tf.SHORT_ROWS
+def test_attention_with_strided_queries_and_long_fallback():
+    b, lq, h, dh, lk = 1, 20, 8, 64, 130
     qk = rand(b, lq, h + 1, dh, seed=10)
     q = qk[:, :, :h]  # non-contiguous, like the composed qkv_rope's output
     _, k, v, mask = attention_inputs(b, 1, h, dh, lk, False)
     out = FUSED.attention(q, k, v, mask)
     check(out, OPS.attention(q, k, v, mask), OPS.attention(*f32(q, k, v), mask.float()))
+    long_q = rand(b, tf.SHORT_ROWS // h + 1, h, dh, seed=11)  # prefix-like: SDPA, bit for bit
+    assert torch.equal(FUSED.attention(long_q, k, v, mask), OPS.attention(long_q, k, v, mask))
 
 
 def test_unsupported_shapes_fall_back_to_composed_ops():
