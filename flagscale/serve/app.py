@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from flagscale.logger import get_logger
 from flagscale.serve.auth import resolve_keys, warn_if_exposed
-from flagscale.serve.codec import ImageDecodeError, decode_image
+from flagscale.serve.codec import ImageDecodeError, decode_images
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
 from flagscale.serve.errors import RequestError
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
@@ -551,7 +551,7 @@ def _masks(req: InferRequest, cfg: ServeConfig) -> list:
 
 
 def _images(index: int, cams: dict, masked: set, cfg: ServeConfig) -> dict:
-    images, seen = {}, set()
+    todo, seen = [], set()  # (camera name, slot, base64 text)
     for name, text in cams.items():
         slot = _slot_for(name, cfg)
         if slot is None:
@@ -559,18 +559,21 @@ def _images(index: int, cams: dict, masked: set, cfg: ServeConfig) -> dict:
         if slot in seen:
             raise RequestError(400, f"images[{index}].{name}: slot {slot} is given twice")
         seen.add(slot)
-        if text is None or slot in masked:
-            continue
-        try:
-            images[slot] = decode_image(text, cfg.max_image_side)
-        except ImageDecodeError as e:
-            raise RequestError(400, f"images[{index}].{name}: {e}") from None
-    if not images:
+        if text is not None and slot not in masked:
+            todo.append((name, slot, text))
+    if not todo:
         raise RequestError(
             400,
             f"images[{index}]: at least one (unmasked) camera image is required; "
             f"known cameras: {', '.join(cfg.cameras)}",
         )
+    images = {}
+    for (name, slot, _), image in zip(
+        todo, decode_images([t for *_, t in todo], cfg.max_image_side)
+    ):
+        if isinstance(image, ImageDecodeError):
+            raise RequestError(400, f"images[{index}].{name}: {image}")
+        images[slot] = image
     return images
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from PIL import Image
 
-from flagscale.serve.codec import ImageDecodeError, decode_image, encode_image
+from flagscale.serve.codec import ImageDecodeError, decode_image, decode_images, encode_image
 
 
 def b64_of(image: Image.Image, fmt="PNG") -> str:
@@ -92,3 +92,15 @@ def test_refusals(text, message):
 def test_non_string_input():
     with pytest.raises(ImageDecodeError, match="expected base64 text"):
         decode_image(b"abc")
+
+
+def test_decode_images_in_parallel_keeps_order_and_errors_in_place():
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (8 + i, 10, 3), dtype=np.uint8) for i in range(4)]
+    texts = [b64_of(Image.fromarray(a)) for a in arrays]
+    texts.insert(2, "not base64 !")
+    out = decode_images(texts)
+    assert isinstance(out[2], ImageDecodeError)
+    for got, want in zip(out[:2] + out[3:], arrays):
+        np.testing.assert_array_equal(got, want)
+    assert [a.shape for a in decode_images(texts[:1])] == [arrays[0].shape]
