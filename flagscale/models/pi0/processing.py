@@ -53,20 +53,26 @@ def prepare_images(
     pad_mode: str = "center",
     device="cpu",
 ):
-    """Per-sample dicts {slot: H x W x 3 uint8} -> images [B, N, 3, S, S] in [-1, 1], masks [B, N]."""
+    """Per-sample dicts {slot: H x W x 3 uint8} -> images [B, N, 3, S, S] in [-1, 1], masks [B, N].
+
+    Images of equal size are stacked and go through one host-to-device copy and one resize."""
     b, n = len(images), len(image_keys)
     out = torch.full((b, n, 3, size, size), -1.0, dtype=torch.float32, device=device)
-    masks = torch.zeros((b, n), dtype=torch.bool, device=device)
+    masks = torch.zeros((b, n), dtype=torch.bool)
+    groups: Dict[tuple, list] = {}  # (H, W) -> [(sample, slot, array)]
     for i, sample in enumerate(images):
         for j, key in enumerate(image_keys):
             if key not in sample or sample[key] is None:
                 continue
             _check_image(key, sample[key])
-            img = torch.as_tensor(np.ascontiguousarray(sample[key]), device=device)
-            img = img.permute(2, 0, 1)[None].float() / 255.0
-            out[i, j] = resize_with_pad(img, size, pad_mode)[0] * 2.0 - 1.0
+            groups.setdefault(sample[key].shape[:2], []).append((i, j, sample[key]))
             masks[i, j] = True
-    return out, masks
+    for group in groups.values():
+        stacked = torch.from_numpy(np.stack([a for _, _, a in group])).to(device)
+        batch = stacked.permute(0, 3, 1, 2).float() / 255.0
+        rows = torch.tensor([i for i, _, _ in group]), torch.tensor([j for _, j, _ in group])
+        out[rows] = resize_with_pad(batch, size, pad_mode) * 2.0 - 1.0
+    return out, masks.to(device)
 
 
 def _check_image(key: str, image) -> None:
