@@ -96,7 +96,7 @@ def build_policy(args):
 
     routes = parse_routes(args.routes)
     ops = build_ops(args.backend, routes=routes) if routes else args.backend
-    kw = dict(device=args.device, dtype=args.dtype, ops=ops)
+    kw = dict(device=args.device, dtype=args.dtype, ops=ops, fused_kernels=args.fused_kernels)
     if args.model:
         policy = PI0Policy.from_pretrained(args.model, args.tokenizer, preset=args.preset, **kw)
     else:
@@ -231,7 +231,7 @@ def versions() -> dict:
 
 CHILD_FLAGS = (
     "preset", "model", "tokenizer", "device", "steps", "cameras", "prompt", "weight_seed",
-    "input_seed", "noise_seed", "latency",
+    "input_seed", "noise_seed", "latency", "fused_kernels",
 )  # fmt: skip
 
 
@@ -486,6 +486,12 @@ def parse_args(argv=None):
     )
     run.add_argument("--latency", type=int, default=0, help="time N model calls per backend")
     run.add_argument("--graphs", action="store_true", help="with --latency: also under CUDA graphs")
+    run.add_argument(
+        "--fused-kernels",
+        choices=("off", "auto"),
+        default="off",
+        help="native's fused Triton expert kernels: off (same op structure as FlagGems) or auto",
+    )
     run.add_argument("--timeout", type=float, default=1800, help="seconds per run / request")
     run.add_argument("--out", help="directory for the .npy/.json results (default: a temp dir)")
     run.add_argument("--json", help="also write the report here")
