@@ -39,8 +39,9 @@ def graph_ms(fn, reps=5):
     return sorted(times)[len(times) // 2] * 1e3  # us
 
 
-def expert_cases(batch, prefix=816, chunk=50):
-    d = PRESETS["pi0"]["expert"]
+def expert_cases(batch, prefix=816, chunk=50, tower="expert"):
+    """The ops of one layer of `tower` ("expert", or "llm" with `chunk` prefix tokens)."""
+    d = PRESETS["pi0"][tower]
     m, dev, bf = batch * chunk, "cuda", torch.bfloat16
     r = lambda *s: torch.randn(*s, device=dev).to(bf) * 0.05  # noqa: E731
     x, res = r(batch, chunk, d.width) * 20, r(batch, chunk, d.width) * 20
@@ -106,6 +107,8 @@ def sweep(name, fn, fused):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", nargs="+", type=int, default=[1])
+    p.add_argument("--tower", default="expert", choices=["expert", "llm"])
+    p.add_argument("--tokens", type=int, default=50, help="rows per sample (the expert: 50)")
     p.add_argument(
         "--sweep", nargs="*", default=None, help="sweep these CONFIG entries (none named: all)"
     )
@@ -114,8 +117,14 @@ def main():
     composed, fused = native_ops(), native_ops().with_fused_kernels()
     rows = []
     for batch in args.batch:
-        for name, fn in expert_cases(batch).items():
-            row = {"batch": batch, "op": name, "composed_us": graph_ms(lambda: fn(composed))}
+        for name, fn in expert_cases(batch, chunk=args.tokens, tower=args.tower).items():
+            row = {
+                "batch": batch,
+                "tower": args.tower,
+                "tokens": args.tokens,
+                "op": name,
+                "composed_us": graph_ms(lambda: fn(composed)),
+            }
             row["fused_us"] = graph_ms(lambda: fn(fused))
             if args.sweep is not None and (not args.sweep or SWEPT_BY[name] in args.sweep):
                 row["best_us"], row["best_config"] = sweep(name, fn, fused)

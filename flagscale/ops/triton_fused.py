@@ -22,7 +22,6 @@ arrival counter that the last CTA resets, so the kernels are safe to replay in C
 the CPU they run in Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests them.
 """
 
-import math
 import os
 
 from typing import Callable, Dict, Tuple
@@ -36,8 +35,9 @@ import triton.language as tl
 # software, so interpreted kernels round exactly like compiled ones.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _EMULATE = tl.constexpr(_INTERPRET)
-MAX_ROWS = 128  # longer inputs (the prefix: 816 tokens per sample) go to cuBLAS
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+# Rows (batch x tokens) up to which the GEMM kernels are used: the expert's chunk for up to 8
+# robots (8 x 50); longer inputs (the prefix: 816 tokens per sample) go to cuBLAS.
+MAX_ROWS = int(os.environ.get("FLAGSCALE_FUSED_MAX_ROWS", "512"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +419,8 @@ def _scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) ->
 
 
 def _block_m(m: int) -> int:
-    return max(16, triton.next_power_of_2(m))
+    """Row tile: every row in one tile up to 128 rows, else 128-row tiles."""
+    return min(128, max(16, triton.next_power_of_2(m)))
 
 
 def folded_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
