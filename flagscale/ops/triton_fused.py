@@ -35,9 +35,6 @@ import triton.language as tl
 # software, so interpreted kernels round exactly like compiled ones.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _EMULATE = tl.constexpr(_INTERPRET)
-# Rows (batch x tokens) up to which the GEMM kernels are used: the expert's chunk for up to 8
-# robots (8 x 50); longer inputs (the prefix: 816 tokens per sample) go to cuBLAS.
-MAX_ROWS = int(os.environ.get("FLAGSCALE_FUSED_MAX_ROWS", "512"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,10 +391,13 @@ def _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, spli
 
 # Launch configurations (block sizes, K/key splits, warps, pipeline stages): the best of
 # benchmarks/bench_kernels.py --sweep on an H200 at B=1; split 0 = chosen from the shape.
+# max_rows (batch x tokens): above it cuBLAS + separate kernels measured faster (H200; the expert
+# has 50 rows per robot, the prefix 816): qkv_rope wins up to 8 robots, norm_geglu up to 4,
+# linear_residual at 1 robot only.
 CONFIG = {
-    "qkv_rope": dict(bn=16, bk=64, warps=4, stages=4),
-    "norm_geglu": dict(bn=32, bk=64, warps=4, stages=4),
-    "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3),
+    "qkv_rope": dict(bn=16, bk=64, warps=4, stages=4, max_rows=512),
+    "norm_geglu": dict(bn=32, bk=64, warps=4, stages=4, max_rows=256),
+    "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3, max_rows=64),
     "mqa_attention": dict(br=16, bkv=128, split=4, warps=8, stages=2),
 }
 # Query rows (tokens x heads) up to which attention uses the Triton kernel. The prefix (816 x 8
@@ -434,7 +434,7 @@ def folded_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tens
     return cached[1]
 
 
-def supported(x: torch.Tensor, max_rows: int = MAX_ROWS) -> bool:
+def supported(x: torch.Tensor, max_rows: int) -> bool:
     """Rows of x (all but the last dim) fit one row block, and the dtype is bf16/fp16 on a GPU
     (or any device under the Triton interpreter)."""
     rows = x.numel() // x.shape[-1]
@@ -548,17 +548,24 @@ def dispatchers(ops) -> Dict[str, Callable]:
 
     def qkv_rope_op(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
         args = (x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out)
-        if supported(x) and kv_heads == 1 and head_dim % 32 == 0 and x.shape[-1] % 128 == 0:
+        if (
+            supported(x, CONFIG["qkv_rope"]["max_rows"])
+            and kv_heads == 1
+            and head_dim % 32 == 0
+            and x.shape[-1] % 128 == 0
+        ):
             return qkv_rope(*args)
         return base["qkv_rope"](*args)
 
     def norm_geglu_op(x, norm_weight, eps, weight):
-        if supported(x) and weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0:
+        ok = supported(x, CONFIG["norm_geglu"]["max_rows"])
+        if ok and weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0:
             return norm_geglu(x, norm_weight, eps, weight)
         return base["norm_geglu"](x, norm_weight, eps, weight)
 
     def linear_residual_op(x, weight, residual):
-        if supported(x) and weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0:
+        ok = supported(x, CONFIG["linear_residual"]["max_rows"])
+        if ok and weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0:
             return linear_residual(x, weight, residual)
         return base["linear_residual"](x, weight, residual)
 

@@ -141,7 +141,7 @@ def test_attention_with_strided_queries_and_long_fallback():
 
 
 def test_unsupported_shapes_fall_back_to_composed_ops():
-    x = rand(2, tf.MAX_ROWS // 2 + 1, 128, seed=7)  # > MAX_ROWS rows: composed, bit for bit
+    x = rand(2, 300, 128, seed=7)  # more rows than any kernel takes: composed, bit for bit
     w, norm_w = rand(128, 128, scale=0.1, seed=8), rand(128, scale=0.3, dtype=torch.float32)
     assert torch.equal(FUSED.linear_residual(x, w, x), OPS.linear_residual(x, w, x))
     assert torch.equal(FUSED.norm_geglu(x, norm_w, 1e-6, w), OPS.norm_geglu(x, norm_w, 1e-6, w))
