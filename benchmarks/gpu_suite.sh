@@ -20,13 +20,17 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
   | tee -a "$OUT_DIR/device.txt"
 
 step "GPU tests"
-python -m pytest -q -m gpu tests/engine 2>&1 | tail -5 | tee "$OUT_DIR/pytest_gpu.txt"
+python -m pytest -q -m "gpu or not gpu" tests/engine tests/ops/test_triton_fused.py \
+  tests/models/test_fused_model.py 2>&1 | tail -5 | tee "$OUT_DIR/pytest_gpu.txt"
+
+step "fused kernels vs composed ops (expert layer shapes)"
+python benchmarks/bench_kernels.py --batch 1 2 4 8 --out "$OUT_DIR/kernels.json"
 
 step "model latency"
 if [ "${QUICK:-0}" = 1 ]; then grid=(--batch 1 --cameras 3 --steps 10); else
   grid=(--batch 1 2 4 8 --cameras 1 2 3 --steps 10 20); fi
-python benchmarks/bench_model.py --graphs off on --batch 1 --cameras 3 --steps 10 --iters 30 \
-  --out "$OUT_DIR/model_b1.json" | grep '"ops"'
+python benchmarks/bench_model.py --graphs off on --fused on off --batch 1 --cameras 3 --steps 1 10 \
+  --iters 30 --out "$OUT_DIR/model_b1.json" | grep '"ops"'
 python benchmarks/bench_model.py --graphs on "${grid[@]}" --iters 20 --out "$OUT_DIR/model_grid.json" \
   | grep '"ops"'
 python benchmarks/bench_model.py --graphs on --compile --batch 1 --cameras 3 --steps 10 --iters 30 \
@@ -46,6 +50,7 @@ if [ "${FLAGGEMS:-1}" = 1 ] && python -c "import flag_gems" 2>/dev/null; then
   step "FlagGems vs native (autotuning: minutes on a cold cache)"
   python -m flagscale.tools.compare_backends --preset pi0 --random --cameras 3 --steps 10 \
     --latency 15 --graphs --cache-dir "$FLAGGEMS_CACHE_DIR" --timeout 1500 --out "$OUT_DIR/cmp" \
+    --fused-kernels off \
     2>&1 | tail -40 | tee "$OUT_DIR/flaggems.txt"
 fi
 step "done: $OUT_DIR"
