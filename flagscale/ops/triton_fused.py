@@ -386,6 +386,81 @@ def _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, spli
 
 
 # ----------------------------------------------------------------------------------------------
+# row-wise kernels for long sequences (the prefix): around cuBLAS GEMMs
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, w_ptr, out_ptr, stride_x, stride_o, eps, D: tl.constexpr, BLOCK: tl.constexpr
+):
+    """One row: bf16(x * rsqrt(mean(x^2) + eps) * (1 + w)), in fp32 (Gemma RMSNorm)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = _cast(x * rstd * (1.0 + w), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + offs, y, mask)
+
+
+@triton.jit
+def _rope_split_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    T,
+    stride_m,
+    stride_qm,
+    stride_cb,
+    stride_ct,
+    HEAD_DIM: tl.constexpr,
+    N_Q: tl.constexpr,
+    N_KV: tl.constexpr,
+):
+    """Program (row, head) of a q|k|v projection: RoPE on q/k heads, then q -> q_ptr, k/v -> the
+    cache rows (the epilogue of `_qkv_rope_kernel`, for a cuBLAS projection)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    row, head = tl.program_id(0), tl.program_id(1)
+    offs = tl.arange(0, HALF)
+    src = qkv_ptr + row * stride_m + head * HEAD_DIM
+    lo = tl.load(src + offs).to(tl.float32)
+    hi = tl.load(src + HALF + offs).to(tl.float32)
+    if head < N_Q + N_KV:
+        cos = tl.load(cos_ptr + row * HEAD_DIM + offs)
+        sin = tl.load(sin_ptr + row * HEAD_DIM + HALF + offs)
+        lo, hi = lo * cos - hi * sin, hi * cos + lo * sin
+    if head < N_Q:
+        base = q_ptr + row * stride_qm + head * HEAD_DIM
+    else:
+        cache_row = (row // T) * stride_cb + (row % T) * stride_ct
+        if head < N_Q + N_KV:
+            base = k_ptr + cache_row + (head - N_Q) * HEAD_DIM
+        else:
+            base = v_ptr + cache_row + (head - N_Q - N_KV) * HEAD_DIM
+    dtype = q_ptr.dtype.element_ty
+    tl.store(base + offs, _cast(lo, dtype))
+    tl.store(base + HALF + offs, _cast(hi, dtype))
+
+
+@triton.jit
+def _geglu_kernel(x_ptr, out_ptr, stride_x, stride_o, F, BLOCK: tl.constexpr):
+    """Program (row, block): gelu_tanh(gate) * up of a fused [gate | up] row, rounded like torch."""
+    row, blk = tl.program_id(0), tl.program_id(1)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    gate = tl.load(x_ptr + row * stride_x + offs, mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + F + offs, mask, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    act = _cast(_gelu_tanh(gate), dtype).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, _cast(act * up, dtype), mask)
+
+
+# ----------------------------------------------------------------------------------------------
 # Python wrappers
 # ----------------------------------------------------------------------------------------------
 
@@ -400,6 +475,7 @@ CONFIG = {
     "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3, max_rows=64),
     "mqa_attention": dict(br=16, bkv=128, split=4, warps=8, stages=2),
 }
+LONG_ROWS = 1 << 20  # beyond the fused GEMMs: row-wise kernels around cuBLAS (the prefix)
 # Query rows (tokens x heads) up to which attention uses the Triton kernel. The prefix (816 x 8
 # rows) stays on SDPA: the kernel measured no faster there (59.6 vs 63.4 us per layer, H200).
 SHORT_ROWS = 1024
@@ -505,6 +581,52 @@ def linear_residual(x, weight, residual, split=None):
     return out.view(residual.shape)
 
 
+def rms_norm(x, weight, eps):
+    """Gemma RMSNorm of the rows of x [..., D] in one kernel (fp32 math, one rounding)."""
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d)
+    out = torch.empty_like(x2)
+    block = triton.next_power_of_2(d)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, weight, out, x2.stride(0), out.stride(0), eps, D=d, BLOCK=block,
+        num_warps=max(1, min(16, block // 256)),
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+def long_qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
+    """`qkv_rope` for long inputs: RMSNorm kernel, cuBLAS projection, RoPE + scatter kernel."""
+    b, t, _ = x.shape
+    qkv = torch.nn.functional.linear(rms_norm(x, norm_weight, eps), weight).view(b * t, -1)
+    q = torch.empty(b, t, heads * head_dim, dtype=x.dtype, device=x.device)
+    assert k_out.stride() == v_out.stride() and k_out.stride(-1) == 1
+    _rope_split_kernel[(b * t, heads + 2 * kv_heads)](
+        qkv, cos, sin, q, k_out, v_out, t, qkv.stride(0), q.stride(1), k_out.stride(0),
+        k_out.stride(1), HEAD_DIM=head_dim, N_Q=heads, N_KV=kv_heads, num_warps=1,
+    )  # fmt: skip
+    return q.view(b, t, heads, head_dim)
+
+
+def long_norm_geglu(x, norm_weight, eps, weight):
+    """`norm_geglu` for long inputs: RMSNorm kernel, cuBLAS gate|up, GeGLU kernel."""
+    gate_up = torch.nn.functional.linear(rms_norm(x, norm_weight, eps), weight)
+    g2 = gate_up.reshape(-1, gate_up.shape[-1])
+    f = g2.shape[1] // 2
+    out = torch.empty(g2.shape[0], f, dtype=x.dtype, device=x.device)
+    block = 1024
+    _geglu_kernel[(g2.shape[0], triton.cdiv(f, block))](
+        g2, out, g2.stride(0), out.stride(0), f, BLOCK=block, num_warps=4
+    )
+    return out.view(*x.shape[:-1], f)
+
+
+def long_linear_residual(x, weight, residual):
+    """residual + x @ W^T in one cuBLAS call (beta = 1 epilogue; rounds once, not twice)."""
+    k, n = x.shape[-1], weight.shape[0]
+    out = torch.addmm(residual.reshape(-1, n), x.reshape(-1, k), weight.t())
+    return out.view(residual.shape)
+
+
 def mqa_attention(q, k, v, mask=None, scale=None, split=None):
     """q [B, Lq, H, Dh], k/v [B, Lk, 1, Dh] (any batch/token/head strides, unit last stride),
     mask additive [B, 1 | Lq, Lk] -> [B, Lq, H*Dh]. fp32 logits and softmax, like
@@ -548,25 +670,27 @@ def dispatchers(ops) -> Dict[str, Callable]:
 
     def qkv_rope_op(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
         args = (x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out)
-        if (
-            supported(x, CONFIG["qkv_rope"]["max_rows"])
-            and kv_heads == 1
-            and head_dim % 32 == 0
-            and x.shape[-1] % 128 == 0
-        ):
+        shapes_ok = kv_heads == 1 and head_dim % 32 == 0 and x.shape[-1] % 128 == 0
+        if shapes_ok and supported(x, CONFIG["qkv_rope"]["max_rows"]):
             return qkv_rope(*args)
+        if shapes_ok and supported(x, LONG_ROWS) and cos.is_contiguous() and sin.is_contiguous():
+            return long_qkv_rope(*args)
         return base["qkv_rope"](*args)
 
     def norm_geglu_op(x, norm_weight, eps, weight):
-        ok = supported(x, CONFIG["norm_geglu"]["max_rows"])
-        if ok and weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0:
+        shapes_ok = weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0
+        if shapes_ok and supported(x, CONFIG["norm_geglu"]["max_rows"]):
             return norm_geglu(x, norm_weight, eps, weight)
+        if shapes_ok and supported(x, LONG_ROWS):
+            return long_norm_geglu(x, norm_weight, eps, weight)
         return base["norm_geglu"](x, norm_weight, eps, weight)
 
     def linear_residual_op(x, weight, residual):
-        ok = supported(x, CONFIG["linear_residual"]["max_rows"])
-        if ok and weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0:
+        shapes_ok = weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0
+        if shapes_ok and supported(x, CONFIG["linear_residual"]["max_rows"]):
             return linear_residual(x, weight, residual)
+        if supported(x, LONG_ROWS) and residual.dtype == x.dtype:
+            return long_linear_residual(x, weight, residual)
         return base["linear_residual"](x, weight, residual)
 
     def attention_op(q, k, v, mask=None, scale=None):

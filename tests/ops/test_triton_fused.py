@@ -140,15 +140,46 @@ def test_attention_with_strided_queries_and_long_fallback():
     assert torch.equal(FUSED.attention(long_q, k, v, mask), OPS.attention(long_q, k, v, mask))
 
 
-def test_unsupported_shapes_fall_back_to_composed_ops():
-    x = rand(2, 300, 128, seed=7)  # more rows than any kernel takes: composed, bit for bit
-    w, norm_w = rand(128, 128, scale=0.1, seed=8), rand(128, scale=0.3, dtype=torch.float32)
+@pytest.mark.parametrize("op", ["qkv_rope", "norm_geglu", "linear_residual"])
+def test_long_inputs_take_the_row_kernels_around_cublas(op):
+    """Prefix-sized inputs (more rows than the fused GEMMs take): RMSNorm / RoPE+scatter / GeGLU
+    row kernels around cuBLAS, and one addmm for linear + residual."""
+    rows = {"qkv_rope": 520, "norm_geglu": 260, "linear_residual": 65}[op]
+    assert rows > tf.CONFIG[op]["max_rows"]
+    if op == "qkv_rope":
+        b, t, width, heads, head_dim = 1, rows, 128, 2, 64
+        x, norm_w, w, cos, sin, cache_len, start = qkv_case(b, t, width, heads, head_dim, 540, 4)
+
+        def run(fn, *args):
+            k = torch.zeros(b, cache_len, head_dim, dtype=args[0].dtype, device=DEVICE)
+            v = torch.zeros_like(k)
+            ks, vs = k[:, start : start + t], v[:, start : start + t]
+            x_, n_, w_, c_, s_ = args
+            return fn(x_, n_, 1e-6, w_, c_, s_, heads, 1, head_dim, ks, vs), ks, vs
+
+        fused = run(FUSED.qkv_rope, x, norm_w, w, cos, sin)
+        composed = run(OPS.qkv_rope, x, norm_w, w, cos, sin)
+        reference = run(OPS.qkv_rope, *f32(x, norm_w, w, cos, sin))
+        for f, c, r in zip(fused, composed, reference):
+            check(f, c, r)
+        return
+    if op == "norm_geglu":
+        x, norm_w = rand(rows, 128, scale=3.0), rand(128, scale=0.3, dtype=torch.float32)
+        w = rand(2 * 64, 128, scale=128**-0.5)
+        args = (x, norm_w, 1e-6, w)
+        ref_args = (*f32(x, norm_w), 1e-6, w.float())
+    else:
+        x, w, res = rand(rows, 256, seed=1), rand(128, 256, scale=1 / 16, seed=2), rand(rows, 128)
+        args, ref_args = (x, w, res), tuple(f32(x, w, res))
+    check(getattr(FUSED, op)(*args), getattr(OPS, op)(*args), getattr(OPS, op)(*ref_args))
+
+
+def test_fp32_inputs_use_the_composed_ops():
+    x = rand(2, 5, 128, seed=7, dtype=torch.float32)
+    w = rand(128, 128, scale=0.1, seed=8, dtype=torch.float32)
+    norm_w = torch.zeros(128, device=DEVICE)
     assert torch.equal(FUSED.linear_residual(x, w, x), OPS.linear_residual(x, w, x))
     assert torch.equal(FUSED.norm_geglu(x, norm_w, 1e-6, w), OPS.norm_geglu(x, norm_w, 1e-6, w))
-    xf = x.float()[:, :5]  # fp32: composed
-    assert torch.equal(
-        FUSED.linear_residual(xf, w.float(), xf), OPS.linear_residual(xf, w.float(), xf)
-    )
 
 
 def test_table_describes_fused_kernels():
