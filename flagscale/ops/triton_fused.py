@@ -701,9 +701,13 @@ def dispatchers(ops) -> Dict[str, Callable]:
             return mqa_attention(q, k, v, mask, scale)
         return ops.attention(q, k, v, mask, scale)
 
-    return {
+    ops_by_name = {
         "qkv_rope": qkv_rope_op,
         "norm_geglu": norm_geglu_op,
         "linear_residual": linear_residual_op,
         "attention": attention_op,
     }
+    # torch.compile (engine.compile) must not trace into these: the kernels write through
+    # pointers it cannot follow (KV-cache slices chosen per program); an H200 run that let it
+    # ended in an illegal memory access. Compiled passes call them as opaque eager ops.
+    return {name: torch.compiler.disable(fn) for name, fn in ops_by_name.items()}
