@@ -49,12 +49,12 @@ class Ops:
     def describe(self) -> str:
         text = ", ".join(f"{name}={self.routes[name]}" for name in OP_NAMES)
         if self.fused:
-            text += f"; fused Triton kernels for short sequences: {', '.join(self.fused)}"
+            text += f"; fused Triton kernels: {', '.join(self.fused)}"
         return text
 
     def with_fused_kernels(self) -> "Ops":
         """This table plus the fused Triton kernels (native backend, CUDA): each replaces a
-        composite (or attention) where its shape is supported and falls back to it elsewhere."""
+        composite (or attention) for the shapes it covers and falls back to it elsewhere."""
         if self.backend != "native":
             raise ValueError(f"fused kernels need the native op backend, not {self.backend!r}")
         try:

@@ -1,7 +1,7 @@
 """Composite ops: the few multi-op patterns of a Gemma layer, composed from a table's primitives.
 
-They are what the fused Triton kernels (`triton_fused.py`) replace for short sequences; composed
-from the primitives they are also those kernels' reference, and what every backend runs otherwise.
+They are what the fused Triton kernels (`triton_fused.py`) replace; composed from the primitives
+they are also those kernels' reference, and what every other backend (FlagGems) runs.
 """
 
 from typing import Callable, Dict

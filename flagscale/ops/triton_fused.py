@@ -1,8 +1,8 @@
-"""Fused Triton kernels for the action expert's short sequences (M = batch x 50 rows).
+"""Fused Triton kernels for Pi0's Gemma layers (native ops on CUDA; `engine.fused_kernels`).
 
-At M ~ 50 a Gemma layer is memory-bound on its weights, and launch count dominates: the composed
-path runs ~15 kernels per layer (cuBLAS split-K GEMMs plus their reductions, norm, RoPE, GeGLU,
-residual adds, cache copies, attention pieces). These kernels cut a layer to five:
+Short inputs (the action expert: batch x 50 rows) are memory-bound on the weights, and launch
+count dominates: the composed path runs ~15 kernels per layer (cuBLAS split-K GEMMs plus their
+reductions, norm, RoPE, GeGLU, residual adds, cache copies, attention pieces). Five kernels:
 
 - `qkv_rope`:      RMSNorm (1 + w) -> q|k|v projection -> RoPE on q and k -> q out, k/v written
                    straight into the KV cache;
@@ -11,15 +11,19 @@ residual adds, cache copies, attention pieces). These kernels cut a layer to fiv
 - `norm_geglu`:    RMSNorm (1 + w) -> gate|up projection -> gelu_tanh(gate) * up;
 - `mqa_attention`: one-K/V-head attention over the cache, split over keys, combined in-kernel.
 
+Long inputs (the prefix: 816 tokens per sample) keep cuBLAS for the projections and get row-wise
+kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU) and one `addmm` for linear +
+residual. Which path an op takes depends on its row count (`CONFIG[...]["max_rows"]`, measured).
+
 RMSNorm's (1 + w) is folded into the projection weight (cached per weight) and the row scale
 1 / rms is applied to the fp32 accumulator, so the K loop is a plain pipelined GEMM: one bf16
 rounding of W * (1 + w) replaces the composed path's rounding of the normalized input (errors of
 the same size). Otherwise the kernels round where the composed ops round (projection outputs and
 activations are bf16 before the next op); tests bound their error against an fp32 reference by
-the composed ops' own. Each wrapper falls back to the composed ops for shapes it does not cover
-(long sequences such as the prefix, fp32, CPU tensors). The split reductions use a per-tile
-arrival counter that the last CTA resets, so the kernels are safe to replay in CUDA graphs; on
-the CPU they run in Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests them.
+the composed ops' own. fp32 and CPU tensors take the composed ops. The split reductions use a
+per-tile arrival counter that the last CTA resets, so the kernels are safe to replay in CUDA
+graphs; on the CPU they run in Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests
+them. The ops are opaque to torch.compile (see `dispatchers`).
 """
 
 import os
@@ -511,8 +515,8 @@ def folded_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tens
 
 
 def supported(x: torch.Tensor, max_rows: int) -> bool:
-    """Rows of x (all but the last dim) fit one row block, and the dtype is bf16/fp16 on a GPU
-    (or any device under the Triton interpreter)."""
+    """x has 1..max_rows rows (all but the last dim) and is bf16/fp16 on a GPU (or on any device
+    under the Triton interpreter)."""
     rows = x.numel() // x.shape[-1]
     device_ok = x.is_cuda or _INTERPRET
     return device_ok and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= max_rows
@@ -529,11 +533,13 @@ def qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k
     bm, bn, bk = _block_m(m), cfg["bn"], cfg["bk"]
     assert k_out.stride() == v_out.stride() and k_out.stride(-1) == 1 and x2.stride(-1) == 1
     assert cos.is_contiguous() and sin.is_contiguous() and (head_dim // 2) % bn == 0
+    assert width % bk == 0
+    w = folded_weight(weight, norm_weight)
     grid = ((heads + 2 * kv_heads) * (head_dim // 2 // bn), triton.cdiv(m, bm))
     _qkv_rope_kernel[grid](
-        x2, folded_weight(weight, norm_weight), cos, sin, q, k_out, v_out, m, t, eps, x2.stride(0),
-        weight.stride(0), q.stride(1), k_out.stride(0), k_out.stride(1), K=width,
-        HEAD_DIM=head_dim, N_Q=heads, N_KV=kv_heads, BM=bm, BN=bn, BK=bk,
+        x2, w, cos, sin, q, k_out, v_out, m, t, eps, x2.stride(0), w.stride(0), q.stride(1),
+        k_out.stride(0), k_out.stride(1), K=width, HEAD_DIM=head_dim, N_Q=heads, N_KV=kv_heads,
+        BM=bm, BN=bn, BK=bk,
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return q.view(b, t, heads, head_dim)
@@ -548,10 +554,11 @@ def norm_geglu(x, norm_weight, eps, weight):
     cfg = CONFIG["norm_geglu"]
     bm, bn, bk = _block_m(m), cfg["bn"], cfg["bk"]
     assert f % bn == 0 and width % bk == 0 and x2.stride(-1) == 1
+    w = folded_weight(weight, norm_weight)
     grid = (f // bn, triton.cdiv(m, bm))
     _norm_geglu_kernel[grid](
-        x2, folded_weight(weight, norm_weight), out, m, f, eps, x2.stride(0), weight.stride(0), out.stride(0),
-        K=width, BM=bm, BN=bn, BK=bk, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        x2, w, out, m, f, eps, x2.stride(0), w.stride(0), out.stride(0), K=width, BM=bm, BN=bn,
+        BK=bk, num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out.view(*x.shape[:-1], f)
 

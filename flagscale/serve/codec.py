@@ -5,6 +5,7 @@ import binascii
 import io
 import os
 import re
+import threading
 import warnings
 
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ def decode_image(text: str, max_side: int = 4096) -> np.ndarray:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def decode_images(texts: Sequence[str], max_side: int = 4096) -> List[Union[np.ndarray, Exception]]:
@@ -46,8 +48,9 @@ def decode_images(texts: Sequence[str], max_side: int = 4096) -> List[Union[np.n
     global _POOL
     if len(texts) < 2:
         return [_decode_or_error(text, max_side) for text in texts]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode")
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode")
     return list(_POOL.map(_decode_or_error, texts, [max_side] * len(texts)))
 
 

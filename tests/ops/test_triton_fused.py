@@ -197,3 +197,15 @@ def test_folded_weight_follows_in_place_updates():
     assert torch.equal(first, w) and tf.folded_weight(w, norm_w) is first  # cached
     norm_w.fill_(1.0)  # e.g. weights loaded after a first call
     assert torch.equal(tf.folded_weight(w, norm_w), (w.float() * 2).to(BF16))
+
+
+def test_fused_ops_are_opaque_to_torch_compile():
+    """engine.compile must not trace into the kernels (an H200 run that did crashed)."""
+    x, w, res = rand(1, 50, 256, seed=12), rand(128, 256, scale=1 / 16, seed=13), rand(1, 50, 128)
+
+    def fn(a, b, c):
+        return FUSED.linear_residual(a, b, c) * 2
+
+    # traced into, the kernels fail under dynamo (here: inside Triton's interpreter); opaque,
+    # they run eagerly between the compiled pieces
+    assert torch.equal(torch.compile(fn, backend="eager")(x, w, res), fn(x, w, res))

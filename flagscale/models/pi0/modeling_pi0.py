@@ -287,7 +287,8 @@ class PI0Model(nn.Module):
         return posemb_sincos(t, c.expert.width, c.min_period, c.max_period).to(self.dtype)
 
     def embed_actions(self, x_t, time_emb):
-        """x_t [B, C, A] fp32, time_emb [B, W] -> action tokens [B, C, W]: MLP(concat(action, time))."""
+        """x_t [B, C, A] fp32, time_emb [B, W] -> action tokens [B, C, W]:
+        MLP(concat(action, time))."""
         b, chunk = x_t.shape[:2]
         act = self.action_in_proj(x_t.to(self.dtype))
         h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)  # action first

@@ -332,7 +332,7 @@ class PI0Policy:
         if compile:
             if self.model.ops.backend != "native":
                 raise ValueError("compile=True needs the native op backend (FlagGems: graphs only)")
-            # the fused kernels already cover the expert passes; compile the prefix only then
+            # with the fused kernels (opaque to torch.compile) only the prefix is compiled
             self.model.compile_passes(("prefix",) if self.model.ops.fused else None)
         self.sampler = CudaGraphSampler(self.model, batch_buckets)
         return self.sampler
