@@ -83,6 +83,8 @@ def test_info_describes_model_and_limits(http):
     assert body["action_shape"] == [50, 14]
     assert body["state_dim"] == 14
     assert body["ops"] == "native"
+    assert body["metadata"]["op_routes"]["linear"] == "native"
+    assert body["metadata"]["fused_kernels"] == []  # CPU: composed ops
     assert body["limits"]["max_body_mb"] == 1
     assert body["limits"]["max_batch_size"] == 4
     assert body["num_steps"] == {"default": 10, "max": 100}

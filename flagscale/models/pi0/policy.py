@@ -219,6 +219,7 @@ class PI0Policy:
             "device": str(self.model.device),
             "op_backend": self.model.ops.backend,
             "op_routes": dict(self.model.ops.routes),
+            "fused_kernels": list(self.model.ops.fused),  # Triton kernels replacing composites
             "image_keys": list(self.image_keys),
             "image_size": c.image_size,
             "chunk_size": c.chunk_size,
