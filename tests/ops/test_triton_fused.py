@@ -52,7 +52,12 @@ def qkv_case(b, t, width, heads, head_dim, cache_len, start):
 
 @pytest.mark.parametrize(
     "b,t,width,heads,head_dim",
-    [(1, 50, 256, 2, 64), (2, 7, 128, 4, 64), (1, 1, 256, 2, 128), (3, 50, 128, 2, 64)],
+    [
+        (1, 50, 1024, 8, 256),  # Pi0's action expert
+        (2, 7, 128, 4, 64),
+        (1, 1, 256, 2, 128),
+        (3, 50, 128, 2, 64),
+    ],
 )
 def test_qkv_rope_matches_composed_and_fills_cache(b, t, width, heads, head_dim):
     x, norm_w, w, cos, sin, cache_len, start = qkv_case(b, t, width, heads, head_dim, 80, 9)
@@ -118,7 +123,8 @@ def attention_inputs(b, lq, h, dh, lk, per_query_mask):
 
 @pytest.mark.parametrize("split", [1, 3, None])
 @pytest.mark.parametrize(
-    "b,lq,h,dh,lk,per_query", [(1, 50, 2, 64, 300, False), (2, 5, 4, 128, 97, True)]
+    "b,lq,h,dh,lk,per_query",
+    [(1, 50, 8, 256, 867, False), (1, 50, 2, 64, 300, False), (2, 5, 4, 128, 97, True)],
 )
 def test_mqa_attention_matches_composed(b, lq, h, dh, lk, per_query, split):
     q, k, v, mask = attention_inputs(b, lq, h, dh, lk, per_query)
