@@ -42,7 +42,7 @@ def graph_ms(fn, reps=5):
 def expert_cases(batch, prefix=816, chunk=50, tower="expert"):
     """The ops of one layer of `tower` ("expert", or "llm" with `chunk` prefix tokens)."""
     d = PRESETS["pi0"][tower]
-    m, dev, bf = batch * chunk, "cuda", torch.bfloat16
+    dev, bf = "cuda", torch.bfloat16
     r = lambda *s: torch.randn(*s, device=dev).to(bf) * 0.05  # noqa: E731
     x, res = r(batch, chunk, d.width) * 20, r(batch, chunk, d.width) * 20
     norm_w = torch.randn(d.width, device=dev) * 0.1
