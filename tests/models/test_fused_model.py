@@ -70,3 +70,16 @@ def test_fused_model_matches_composed(batch, monkeypatch):
     assert err_fused <= 1.5 * err_composed + 1e-3, (err_fused, err_composed)
     # the expert passes (state + 3 steps, 2 layers each) went through the kernels
     assert calls["qkv_rope"] >= 2 * 4 and calls["mqa_attention"] >= 2 * 4
+
+
+def test_policy_fused_kernels_selection():
+    from flagscale.models.pi0 import PI0Policy
+    from flagscale.ops import build_ops
+
+    assert not PI0Policy.random("tiny", device="cpu").model.ops.fused  # auto: CUDA only
+    with pytest.raises(ValueError, match="CUDA"):
+        PI0Policy.random("tiny", device="cpu", fused_kernels=True)
+    fake_flaggems = build_ops("native")
+    fake_flaggems.backend = "flaggems"
+    with pytest.raises(ValueError, match="native op backend"):
+        fake_flaggems.with_fused_kernels()

@@ -136,6 +136,15 @@ def test_config_ops_flaggems_without_env():
     assert load_serve_config(engine(ops="FlagGems"), env={}).ops == "flaggems"
 
 
+@pytest.mark.parametrize(
+    "value, expected", [("auto", "auto"), ("AUTO", "auto"), (True, "true"), ("off", "false")]
+)
+def test_fused_kernels_values(value, expected):
+    assert load_serve_config(engine(fused_kernels=value), env={}).fused_kernels == expected
+    assert load_serve_config(engine(), env={}).fused_kernels == "auto"  # the default
+    assert "serve.engine.fused_kernels" in error_of(engine(fused_kernels="sometimes"))
+
+
 BAD = [
     (
         "unknown key",
