@@ -15,13 +15,13 @@ from flagscale.ops.composite import COMPOSITE_NAMES, compose
 
 OP_NAMES = ("linear", "rms_norm", "layer_norm", "gelu_tanh", "geglu", "silu", "attention")
 
-_TRUE = ("1", "true", "yes", "on")
+TRUE_STRINGS = ("1", "true", "yes", "on")
 
 
 def flaggems_requested(env=None) -> bool:
     """FlagScale's convention: USE_FLAGGEMS in {1, true, yes} (case-insensitive) turns FlagGems on."""
     env = os.environ if env is None else env
-    return str(env.get("USE_FLAGGEMS", "false")).strip().lower() in _TRUE
+    return str(env.get("USE_FLAGGEMS", "false")).strip().lower() in TRUE_STRINGS
 
 
 @dataclass

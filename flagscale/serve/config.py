@@ -354,11 +354,7 @@ def _as_cameras(key: str, value) -> dict:
     for name, slot in value.items():
         if not isinstance(name, str) or not name:
             raise ConfigError(f"{key}: camera names must be non-empty strings, got {name!r}")
-        if slot not in IMAGE_SLOTS:
-            raise ConfigError(
-                f"{key}.{name}: unknown image slot {slot!r}; "
-                f"must be one of {', '.join(IMAGE_SLOTS)}"
-            )
+        _check_slot(f"{key}.{name}", slot)
         if slot in cameras.values():
             raise ConfigError(f"{key}.{name}: slot {slot!r} is already used by another camera")
         cameras[name] = slot
@@ -474,6 +470,13 @@ def _as_route(key: str, value) -> str:
     return text
 
 
+def _check_slot(key: str, slot) -> None:
+    if slot not in IMAGE_SLOTS:
+        raise ConfigError(
+            f"{key}: unknown image slot {slot!r}; must be one of {', '.join(IMAGE_SLOTS)}"
+        )
+
+
 def _as_openpi_images(key: str, value) -> dict:
     if not isinstance(value, Mapping) or not value:
         raise ConfigError(f"{key}: expected a non-empty mapping of openpi key -> image slot")
@@ -481,10 +484,7 @@ def _as_openpi_images(key: str, value) -> dict:
     for name, slot in value.items():
         if not isinstance(name, str) or not name.strip("/"):
             raise ConfigError(f"{key}: keys must be non-empty strings, got {name!r}")
-        if slot not in IMAGE_SLOTS:
-            raise ConfigError(
-                f"{key}.{name}: unknown image slot {slot!r}; must be one of {', '.join(IMAGE_SLOTS)}"
-            )
+        _check_slot(f"{key}.{name}", slot)
         images[name.strip("/")] = slot
     return images
 

@@ -21,7 +21,7 @@ from flagscale.models.pi0.config import PI0Config
 from flagscale.models.pi0.modeling_pi0 import PI0Model
 from flagscale.models.pi0.tokenizer import build_test_tokenizer
 from flagscale.models.pi0.weights import init_random_weights, load_weights
-from flagscale.ops import Ops, build_ops
+from flagscale.ops import TRUE_STRINGS, Ops, build_ops
 
 logger = get_logger(__name__)
 
@@ -66,7 +66,7 @@ def op_table(ops, device: torch.device, fused_kernels="auto") -> Ops:
         if device.type == "cuda" and table.backend == "native" and _has_triton():
             return table.with_fused_kernels()
         return table
-    if wanted not in ("true", "1", "yes", "on"):
+    if wanted not in TRUE_STRINGS:
         return table
     if device.type != "cuda":
         raise ValueError(f"fused_kernels=true needs a CUDA device, not {device}")

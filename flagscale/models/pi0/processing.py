@@ -249,18 +249,19 @@ def aloha_gripper_from_angular(v):
 
 
 def aloha_state_to_pi(state: np.ndarray) -> np.ndarray:
-    out = np.asarray(state, np.float32).copy()
-    out[..., :14] *= ALOHA_FLIP
-    for g in ALOHA_GRIPPERS:
-        out[..., g] = aloha_gripper_to_angular(out[..., g])
-    return out
+    return _aloha_convert(state, aloha_gripper_to_angular)
 
 
 def pi_actions_to_aloha(actions: np.ndarray) -> np.ndarray:
-    out = np.asarray(actions, np.float32).copy()
+    return _aloha_convert(actions, aloha_gripper_from_angular)
+
+
+def _aloha_convert(values: np.ndarray, gripper_fn) -> np.ndarray:
+    """Flip the joints whose sign conventions differ and map both grippers with gripper_fn."""
+    out = np.asarray(values, np.float32).copy()
     out[..., :14] *= ALOHA_FLIP
     for g in ALOHA_GRIPPERS:
-        out[..., g] = aloha_gripper_from_angular(out[..., g])
+        out[..., g] = gripper_fn(out[..., g])
     return out
 
 
