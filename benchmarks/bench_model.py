@@ -30,7 +30,7 @@ def make_inputs(policy, batch, cameras, seed=0):
 
 
 def phase_split(policy, inputs, steps, iters):
-    """Eager per-phase times: vision, prefix (language + Gemma), state, denoise loop."""
+    """Eager per-phase times: vision, prefix (language + Gemma), denoise loop (incl. state)."""
     m = policy.model
     images, masks = inputs["images"], inputs["img_masks"]
     b = images.shape[0]
@@ -41,11 +41,9 @@ def phase_split(policy, inputs, steps, iters):
     out["prefix_ms"] = percentiles(cuda_time(lambda: m.fill_prefix_cache(embs, pad, k, v), iters))[
         "p50"
     ]
-    out["state_ms"] = percentiles(
-        cuda_time(lambda: m.fill_state_cache(inputs["state"], pad, k, v), iters)
-    )["p50"]
+    state = inputs["state"]
     out["denoise_ms"] = percentiles(
-        cuda_time(lambda: m.euler(inputs["noise"], steps, pad, k, v), iters)
+        cuda_time(lambda: m.euler(inputs["noise"], steps, pad, state, k, v), iters)
     )["p50"]
     return out
 

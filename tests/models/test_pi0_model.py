@@ -83,19 +83,35 @@ def test_num_steps_changes_result_and_is_validated(tiny_policy):
 
 
 def test_state_token_cache_matches_recomputation(tiny_policy):
-    """The state token's K/V are computed once; recomputing them each step gives the same."""
+    """The first step writes the state token's K/V (computed with the chunk, behind its own mask
+    row); they equal a separate pass over the state token alone, and later steps never rewrite
+    the prefix or the state slot."""
+    from flagscale.models.pi0.modeling_pi0 import _stack_cameras, additive_mask, rope_cos_sin
+
     model = tiny_policy.model
     inputs = tiny_policy.preprocess([tiny_policy.example_observation(seed=12)])
-    from flagscale.models.pi0.modeling_pi0 import _stack_cameras
-
     images, masks = _stack_cameras(inputs["images"], inputs["img_masks"])
     embs, pad = model.embed_prefix(images, masks, inputs["lang_tokens"], inputs["lang_masks"])
-    k1, v1 = model.new_cache(1, embs.shape[1])
+    p = embs.shape[1]
+    noise = torch.randn(1, 50, 32)
+    k1, v1 = model.new_cache(1, p)
     model.fill_prefix_cache(embs, pad, k1, v1)
-    model.fill_state_cache(inputs["state"], pad, k1, v1)
-    snapshot = k1[:, :, : embs.shape[1] + 1].clone()
-    model.euler(torch.randn(1, 50, 32), 3, pad, k1, v1)
-    assert torch.equal(k1[:, :, : embs.shape[1] + 1], snapshot)  # prefix + state never rewritten
+    model.euler(noise, 1, pad, inputs["state"], k1, v1)
+    snapshot = k1[:, :, : p + 1].clone(), v1[:, :, : p + 1].clone()
+    model.euler(noise, 3, pad, inputs["state"], k1, v1)
+    assert torch.equal(k1[:, :, : p + 1], snapshot[0])
+    assert torch.equal(v1[:, :, : p + 1], snapshot[1])
+    # the state token alone: position = number of valid prefix tokens, keys = valid prefix + itself
+    k2, v2 = model.new_cache(1, p)
+    model.fill_prefix_cache(embs, pad, k2, v2)
+    x = model.state_proj(inputs["state"].to(model.dtype))[:, None]
+    cos, sin = rope_cos_sin(
+        pad.sum(1, keepdim=True), model.config.expert.head_dim, model.config.rope_theta
+    )
+    mask = additive_mask(torch.cat([pad, torch.ones_like(pad[:, :1])], 1)[:, None], x.dtype)
+    model._expert_pass(x, p, cos, sin, mask, k2, v2)
+    torch.testing.assert_close(k1[:, :, p], k2[:, :, p], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v1[:, :, p], v2[:, :, p], rtol=1e-5, atol=1e-5)
 
 
 def test_full_size_parameter_table_on_meta():
@@ -126,7 +142,7 @@ def test_tiny_model_is_deterministic_from_seed():
 
 
 def test_compiled_passes_match_eager():
-    """torch.compile of the prefix/state/denoise passes (the engine's `compile` option) computes
+    """torch.compile of the prefix / first-step / denoise passes (the engine's `compile` option) computes
     the same actions as the eager passes (CPU inductor here; GPU in benchmarks)."""
     from flagscale.models.pi0 import PI0Policy
 

@@ -6,19 +6,19 @@ Axes: B batch, N cameras, P prefix tokens (N*256 image + 48 language), S suffix 
 Sampling (openpi convention: t=1 is noise, t=0 is data):
   1. prefix pass: images -> SigLIP -> projector, language -> embed * sqrt(W); run the prefix tower
      once, keeping post-RoPE K/V of every layer in a cache [L, B, P + S, Dh].
-  2. state pass: the state token depends only on the prefix and the state, so its K/V are computed
-     once (cache slot P) instead of at every step.
-  3. Euler loop: for t = 1, 1 + dt, ... the chunk's action tokens attend to prefix + state + chunk;
+  2. Euler loop: for t = 1, 1 + dt, ... the chunk's action tokens attend to prefix + state + chunk;
      v = action_out_proj(expert(...)); x += dt * v. The prefix region of the cache is never written.
+     The state token depends only on the prefix and the state: it runs with the chunk in the first
+     step only (cache slot P, its own mask row); later steps reuse its cached K/V.
 
 Attention masks follow big_vision's cumsum scheme (`make_attn_mask`); with the state cached, every
-remaining mask is a key-padding mask. Masked logits get -2.3819763e38, as in openpi.
+mask after the first step is a key-padding mask. Masked logits get -2.3819763e38, as in openpi.
 Numerics: bf16 (or fp32) weights, fp32 norms / RoPE / softmax / time embedding / x_t / v_t.
 """
 
 import math
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -26,6 +26,18 @@ import torch.nn as nn
 from flagscale.models.pi0.config import PI0Config, TowerDims, VisionDims
 from flagscale.ops import Ops, native_ops
 from flagscale.ops.native import MASK_VALUE, apply_rope, rope_cos_sin  # noqa: F401 (re-export)
+
+
+class SuffixTables(NamedTuple):
+    """`PI0Model.suffix_inputs`: RoPE tables [B, T, 1, Dh] and additive masks [B, T | 1, keys] of
+    the first step (T = 1 + C: state + chunk) and of the later steps (T = C)."""
+
+    first_cos: torch.Tensor
+    first_sin: torch.Tensor
+    first_mask: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor
 
 
 def make_attn_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tensor:
@@ -212,10 +224,10 @@ class PI0Model(nn.Module):
     def compile_passes(self, parts=None, mode=None):
         """torch.compile the given passes (default all three): fuses the norms, RoPE, GeGLU and
         residual adds that otherwise cost hundreds of tiny kernels per denoising step."""
-        parts = parts or ("state", "denoise", "prefix")
+        parts = parts or ("first", "denoise", "prefix")
         fns = {
             "prefix": self.fill_prefix_cache,
-            "state": self.fill_state_cache,
+            "first": self.first_step,
             "denoise": self.denoise_step,
         }
         torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
@@ -271,16 +283,6 @@ class PI0Model(nn.Module):
             x = layer.finish(x, self.ops.attention(q, keys, values, mask))
         return self.expert.norm(x)
 
-    def fill_state_cache(self, state, pad, cache_k, cache_v):
-        """The state token sees the prefix and itself; its K/V never change across steps."""
-        p = pad.shape[1]
-        x = self.state_proj(state.to(self.dtype))[:, None]
-        n_valid = pad.sum(dim=1, keepdim=True)
-        cos, sin = rope_cos_sin(n_valid, self.config.expert.head_dim, self.config.rope_theta)
-        keys_valid = torch.cat([pad, torch.ones_like(pad[:, :1])], dim=1)
-        mask = additive_mask(keys_valid[:, None, :], x.dtype)
-        self._expert_pass(x, p, cos, sin, mask, cache_k, cache_v)
-
     def time_embedding(self, t):
         """t [B] -> [B, W] sin-cos embedding of the flow time, in the weights' dtype."""
         c = self.config
@@ -294,18 +296,39 @@ class PI0Model(nn.Module):
         h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)  # action first
         return self.action_time_mlp_out(self.ops.silu(self.action_time_mlp_in(h)))
 
-    def suffix_inputs(self, pad, chunk):
-        """RoPE tables [B, C, 1, Dh] and the additive mask [B, 1, P+1+C] of the chunk's tokens:
-        the same at every denoising step, so computed once per request."""
-        b = pad.shape[0]
+    def suffix_inputs(self, pad, chunk) -> SuffixTables:
+        """RoPE tables and additive masks of the expert's tokens, the same at every denoising
+        step, so computed once per request. The first step runs the state token with the chunk
+        (1 + C tokens; the state token sees the prefix and itself, the chunk sees everything);
+        later steps run the chunk alone over the state token's cached K/V."""
+        b, p = pad.shape
         n_valid = pad.sum(dim=1, keepdim=True)
-        positions = n_valid + 1 + torch.arange(chunk, device=pad.device)[None]
+        positions = n_valid + torch.arange(chunk + 1, device=pad.device)[None]
         cos, sin = rope_cos_sin(positions, self.config.expert.head_dim, self.config.rope_theta)
-        keys_valid = torch.cat([pad, torch.ones_like(pad[:, :1]).expand(b, chunk + 1)], dim=1)
-        return cos, sin, additive_mask(keys_valid[:, None, :], self.dtype)
+        keys = torch.cat([pad, torch.ones_like(pad[:, :1]).expand(b, chunk + 1)], dim=1)
+        first = keys[:, None, :].repeat(1, chunk + 1, 1)
+        first[:, 0, p + 1 :] = False  # the state token does not attend to the actions
+        return SuffixTables(
+            first_cos=cos,
+            first_sin=sin,
+            first_mask=additive_mask(first, self.dtype),
+            cos=cos[:, 1:].contiguous(),
+            sin=sin[:, 1:].contiguous(),
+            mask=additive_mask(keys[:, None, :], self.dtype),
+        )
+
+    def first_step(self, state, x_t, time_emb, s: SuffixTables, cache_k, cache_v):
+        """Step 1: the state token and the chunk in one expert pass (the state token's K/V land
+        in the cache for the later steps: they never change). -> velocity [B, C, A] fp32."""
+        state_token = self.state_proj(state.to(self.dtype))[:, None]
+        h = torch.cat([state_token, self.embed_actions(x_t, time_emb)], dim=1)
+        start = s.first_mask.shape[-1] - h.shape[1]  # prefix slots
+        out = self._expert_pass(h, start, s.first_cos, s.first_sin, s.first_mask, cache_k, cache_v)
+        return self.action_out_proj(out[:, 1:]).float()
 
     def denoise_step(self, x_t, time_emb, cos, sin, mask, cache_k, cache_v):
-        """x_t [B, C, A] fp32, time_emb [B, W], suffix_inputs(...) -> velocity [B, C, A] fp32."""
+        """Steps 2..n: x_t [B, C, A] fp32, time_emb [B, W], the suffix tables' cos / sin / mask
+        -> velocity [B, C, A] fp32."""
         h = self.embed_actions(x_t, time_emb)
         start = mask.shape[-1] - x_t.shape[1]  # prefix + state slots
         out = self._expert_pass(h, start, cos, sin, mask, cache_k, cache_v)
@@ -353,21 +376,23 @@ class PI0Model(nn.Module):
         )
         cache_k, cache_v = self.new_cache(b, embs.shape[1])
         self._pass("prefix", self.fill_prefix_cache)(embs, pad, cache_k, cache_v)
-        self._pass("state", self.fill_state_cache)(state.to(self.device), pad, cache_k, cache_v)
-        return self.euler(noise.to(self.device, torch.float32), num_steps, pad, cache_k, cache_v)
+        noise = noise.to(self.device, torch.float32)
+        return self.euler(noise, num_steps, pad, state.to(self.device), cache_k, cache_v)
 
-    def euler(self, noise, num_steps, pad, cache_k, cache_v):
+    def euler(self, noise, num_steps, pad, state, cache_k, cache_v):
         dt = -1.0 / num_steps
         b = noise.shape[0]
         times = torch.empty(num_steps, b, dtype=torch.float32, device=noise.device)
         for i in range(num_steps):  # Python-int schedule: no host sync, same values as openpi
             times[i].fill_(1.0 + i * dt)
         time_embs = self.time_embedding(times.flatten()).view(num_steps, b, -1)
-        suffix = self.suffix_inputs(pad, noise.shape[1])
+        s = self.suffix_inputs(pad, noise.shape[1])
         step = self._pass("denoise", self.denoise_step)
-        x_t = noise.clone()
-        for i in range(num_steps):
-            x_t = x_t + dt * step(x_t, time_embs[i], *suffix, cache_k, cache_v)
+        x_t = noise + dt * self._pass("first", self.first_step)(
+            state, noise, time_embs[0], s, cache_k, cache_v
+        )
+        for i in range(1, num_steps):
+            x_t = x_t + dt * step(x_t, time_embs[i], s.cos, s.sin, s.mask, cache_k, cache_v)
         return x_t
 
     # ---- uncached reference (tests) -----------------------------------------------------
