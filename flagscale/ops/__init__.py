@@ -53,10 +53,10 @@ class Ops:
         return text
 
     def with_fused_kernels(self) -> "Ops":
-        """This table plus the fused Triton kernels (native backend, CUDA): each replaces a
-        composite (or attention) for the shapes it covers and falls back to it elsewhere."""
-        if self.backend != "native":
-            raise ValueError(f"fused kernels need the native op backend, not {self.backend!r}")
+        """This table plus the fused Triton kernels (CUDA): each replaces a composite (or
+        attention) for the shapes it covers and falls back to it elsewhere. With a backend other
+        than native, only the action expert's short inputs take them; long (prefix) inputs keep
+        the backend's own ops instead of the cuBLAS-based long path."""
         try:
             from flagscale.ops import triton_fused
         except ImportError as err:

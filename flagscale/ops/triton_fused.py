@@ -672,15 +672,19 @@ def mqa_attention(q, k, v, mask=None, scale=None, split=None):
 
 
 def dispatchers(ops) -> Dict[str, Callable]:
-    """Fused replacements for `ops`' composites and attention, falling back to them."""
+    """Fused replacements for `ops`' composites and attention, falling back to them. The
+    long-input path (cuBLAS + row-wise kernels) is for the native table only: another backend
+    (FlagGems) keeps its own ops for the prefix."""
     base = ops.composed
+    native = ops.backend == "native"
 
     def qkv_rope_op(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
         args = (x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out)
         shapes_ok = kv_heads == 1 and head_dim % 32 == 0 and x.shape[-1] % 128 == 0
         if shapes_ok and supported(x, CONFIG["qkv_rope"]["max_rows"]):
             return qkv_rope(*args)
-        if shapes_ok and supported(x, LONG_ROWS) and cos.is_contiguous() and sin.is_contiguous():
+        long_ok = native and shapes_ok and cos.is_contiguous() and sin.is_contiguous()
+        if long_ok and supported(x, LONG_ROWS):
             return long_qkv_rope(*args)
         return base["qkv_rope"](*args)
 
@@ -688,7 +692,7 @@ def dispatchers(ops) -> Dict[str, Callable]:
         shapes_ok = weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0
         if shapes_ok and supported(x, CONFIG["norm_geglu"]["max_rows"]):
             return norm_geglu(x, norm_weight, eps, weight)
-        if shapes_ok and supported(x, LONG_ROWS):
+        if native and shapes_ok and supported(x, LONG_ROWS):
             return long_norm_geglu(x, norm_weight, eps, weight)
         return base["norm_geglu"](x, norm_weight, eps, weight)
 
@@ -696,7 +700,7 @@ def dispatchers(ops) -> Dict[str, Callable]:
         shapes_ok = weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0
         if shapes_ok and supported(x, CONFIG["linear_residual"]["max_rows"]):
             return linear_residual(x, weight, residual)
-        if supported(x, LONG_ROWS) and residual.dtype == x.dtype:
+        if native and supported(x, LONG_ROWS) and residual.dtype == x.dtype:
             return long_linear_residual(x, weight, residual)
         return base["linear_residual"](x, weight, residual)
 

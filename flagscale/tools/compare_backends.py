@@ -488,9 +488,10 @@ def parse_args(argv=None):
     run.add_argument("--graphs", action="store_true", help="with --latency: also under CUDA graphs")
     run.add_argument(
         "--fused-kernels",
-        choices=("off", "auto"),
+        choices=("off", "auto", "on"),
         default="off",
-        help="native's fused Triton expert kernels: off (same op structure as FlagGems) or auto",
+        help="fused Triton expert kernels: off (both backends: composed ops), auto (native only) "
+        "or on (both: the expert's short inputs on the fused kernels, the rest on each backend)",
     )
     run.add_argument("--timeout", type=float, default=1800, help="seconds per run / request")
     run.add_argument("--out", help="directory for the .npy/.json results (default: a temp dir)")

@@ -74,12 +74,33 @@ def test_fused_model_matches_composed(batch, monkeypatch):
 
 def test_policy_fused_kernels_selection():
     from flagscale.models.pi0 import PI0Policy
-    from flagscale.ops import build_ops
 
     assert not PI0Policy.random("tiny", device="cpu").model.ops.fused  # auto: CUDA only
     with pytest.raises(ValueError, match="CUDA"):
         PI0Policy.random("tiny", device="cpu", fused_kernels=True)
-    fake_flaggems = build_ops("native")
-    fake_flaggems.backend = "flaggems"
-    with pytest.raises(ValueError, match="native op backend"):
-        fake_flaggems.with_fused_kernels()
+
+
+@pytest.mark.parametrize("backend", ["native", "flaggems"])
+def test_long_inputs_keep_other_backends_ops(backend, monkeypatch):
+    """With FlagGems, the fused kernels take the expert's short inputs only: prefix-sized inputs
+    stay on the backend's own composites instead of the cuBLAS-based long path."""
+    from flagscale.ops import build_ops
+
+    table = build_ops("native")
+    table.backend = backend  # a stand-in for the FlagGems table (same op signatures)
+    calls = []
+    for name in ("long_norm_geglu", "long_linear_residual", "norm_geglu"):
+        real = getattr(triton_fused, name)
+        spy = lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a)  # noqa: E731
+        monkeypatch.setattr(triton_fused, name, spy)
+    fused = table.with_fused_kernels()
+    g = torch.Generator().manual_seed(0)
+    long_x = torch.randn(1, 300, 128, generator=g).to(torch.bfloat16)
+    w = (torch.randn(256, 128, generator=g) * 0.05).to(torch.bfloat16)
+    norm_w = torch.zeros(128, dtype=torch.bfloat16)
+    out = fused.norm_geglu(long_x, norm_w, 1e-6, w)
+    fused.linear_residual(out, (torch.randn(128, 128, generator=g) * 0.05).bfloat16(), long_x)
+    fused.norm_geglu(long_x[:, :40], norm_w, 1e-6, w)  # short: the fused kernel either way
+    expected = ["long_norm_geglu", "long_linear_residual"] if backend == "native" else []
+    assert calls == expected + ["norm_geglu"]
+    torch.testing.assert_close(out, table.composed["norm_geglu"](long_x, norm_w, 1e-6, w))

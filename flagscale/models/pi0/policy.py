@@ -57,7 +57,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 def op_table(ops, device: torch.device, fused_kernels="auto") -> Ops:
     """An op backend name ("native", "flaggems", "auto") or a built `Ops` table, plus the fused
-    Triton kernels when `fused_kernels` is true, or "auto" with native ops on a CUDA device."""
+    Triton kernels when `fused_kernels` is true (any backend), or "auto" with native ops on a
+    CUDA device (FlagGems keeps every op on FlagGems unless they are asked for)."""
     table = ops if isinstance(ops, Ops) else build_ops(ops)
     if table.fused:
         return table
