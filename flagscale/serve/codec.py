@@ -15,6 +15,11 @@ import numpy as np
 
 from PIL import Image
 
+try:  # libjpeg-turbo straight into numpy: the same pixels as PIL's JPEG decoder, ~2x faster
+    import simplejpeg
+except ImportError:  # optional: PIL then decodes JPEGs too
+    simplejpeg = None
+
 # Decoders we accept; exotic formats are refused rather than parsed.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _DATA_URL = re.compile(r"^data:([\w.+/-]*)(;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -31,6 +36,9 @@ def decode_image(text: str, max_side: int = 4096) -> np.ndarray:
     The image header is checked first: a side above max_side is refused before decoding pixels.
     """
     raw = decode_base64(text)
+    fast = _decode_jpeg_fast(raw, max_side)
+    if fast is not None:
+        return fast
     with _open(raw) as img:
         _check_size(img, max_side)
         rgb = _load_rgb(img)
@@ -59,6 +67,23 @@ def _decode_or_error(text: str, max_side: int):
         return decode_image(text, max_side)
     except ImageDecodeError as e:
         return e
+
+
+def _decode_jpeg_fast(raw: bytes, max_side: int) -> Union[np.ndarray, None]:
+    """A baseline/progressive YCbCr or grayscale JPEG within max_side, decoded by simplejpeg
+    (same libjpeg-turbo, IDCT and upsampling as Pillow: identical pixels, tested). None for
+    anything else, and on any decoder complaint (strict): the PIL path then decodes the image or
+    words the error."""
+    if simplejpeg is None or raw[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
+        too_large = max(width, height) > max_side or width * height > Image.MAX_IMAGE_PIXELS
+        if colorspace not in ("YCbCr", "Gray") or too_large:
+            return None
+        return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
 
 
 def decode_base64(text: str) -> bytes:

@@ -5,11 +5,14 @@ import io
 import struct
 import zlib
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from PIL import Image
 
+from flagscale.serve import codec
 from flagscale.serve.codec import ImageDecodeError, decode_image, decode_images, encode_image
 
 
@@ -104,3 +107,48 @@ def test_decode_images_in_parallel_keeps_order_and_errors_in_place():
     for got, want in zip(out[:2] + out[3:], arrays):
         np.testing.assert_array_equal(got, want)
     assert [a.shape for a in decode_images(texts[:1])] == [arrays[0].shape]
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "pi0"
+
+
+def _jpeg_variants():
+    rng = np.random.default_rng(5)
+    smooth = np.cumsum(rng.integers(0, 9, (61, 83, 3)), axis=1).clip(0, 255).astype(np.uint8)
+    out = {f.name: f.read_bytes() for f in sorted(SAMPLES.glob("*.jpg"))}
+    for name, mode, options in [
+        ("444", "RGB", dict(subsampling=0)),
+        ("422", "RGB", dict(subsampling=1)),
+        ("420", "RGB", dict(subsampling=2)),
+        ("progressive", "RGB", dict(progressive=True)),
+        ("gray", "L", {}),
+    ]:
+        buf = io.BytesIO()
+        Image.fromarray(smooth).convert(mode).save(buf, "JPEG", quality=87, **options)
+        out[name] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("name,raw", list(_jpeg_variants().items()))
+def test_fast_jpeg_path_gives_pils_pixels(name, raw, monkeypatch):
+    """simplejpeg (when installed) decodes JPEGs; its pixels equal Pillow's exactly."""
+    sj = pytest.importorskip("simplejpeg")
+    calls = []
+    monkeypatch.setattr(
+        sj, "decode_jpeg", lambda *a, _f=sj.decode_jpeg, **k: calls.append(1) or _f(*a, **k)
+    )
+    text = base64.b64encode(raw).decode()
+    fast = decode_image(text)
+    monkeypatch.setattr(codec, "simplejpeg", None)
+    slow = decode_image(text)
+    assert calls == [1] and fast.dtype == np.uint8 and fast.flags.writeable
+    np.testing.assert_array_equal(fast, slow)
+
+
+def test_fast_jpeg_path_refuses_oversized_images_first(monkeypatch):
+    pytest.importorskip("simplejpeg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the decompression bomb limit
+    with pytest.raises(ImageDecodeError, match="image too large"):
+        decode_image(encode_image(np.zeros((20, 20, 3), np.uint8)))
+    with pytest.raises(ImageDecodeError, match="each side must be at most 8"):
+        decode_image(encode_image(np.zeros((5, 9, 3), np.uint8)), max_side=8)
