@@ -29,6 +29,26 @@ def make_inputs(policy, batch, cameras, seed=0):
     return obs, inputs
 
 
+def decode_ms(iters: int) -> dict:
+    """Host time to decode the three 640x480 sample JPEGs the HTTP benchmark sends."""
+    from pathlib import Path
+
+    from flagscale.serve import codec
+
+    samples = sorted((Path(__file__).resolve().parent.parent / "examples" / "pi0").glob("*.jpg"))
+    texts = [codec.base64.b64encode(f.read_bytes()).decode() for f in samples]
+    times = []
+    for _ in range(iters + 3):
+        t = time.perf_counter()
+        codec.decode_images(texts)
+        times.append((time.perf_counter() - t) * 1e3)
+    return {
+        "images": len(texts),
+        "simplejpeg": codec.simplejpeg is not None,
+        **percentiles(times[3:]),
+    }
+
+
 def phase_split(policy, inputs, steps, iters):
     """Eager per-phase times: vision, prefix (language + Gemma), denoise loop (incl. state)."""
     m = policy.model
@@ -91,12 +111,15 @@ def one(policy, args, ops, graphs, b, cams, steps, build_s):
         "first_call_s": first_s,
         "build_s": build_s,
     }
-    e2e = []
-    for _ in range(max(5, args.iters // 3)):
+    e2e, split = [], []
+    for _ in range(max(10, args.iters)):
         t = time.perf_counter()
-        policy.infer_batch(obs, num_steps=steps)
+        out = policy.infer_batch(obs, num_steps=steps)
         e2e.append((time.perf_counter() - t) * 1e3)
+        split.append(out[0]["timing"])
     row["infer_ms_p50"] = float(np.median(e2e))  # + preprocessing of 640x480 uint8 images
+    for part in ("preprocess_ms", "model_ms", "postprocess_ms"):  # host clock, model incl. sync
+        row[f"infer_{part}_p50"] = float(np.median([t[part] for t in split]))
     if args.phases and graphs == "off":
         row["phases"] = phase_split(policy, inputs, steps, args.iters)
     return row
@@ -135,6 +158,7 @@ def main():
     except ImportError:
         pass
     print(json.dumps(info), flush=True)
+    print(json.dumps({"decode_sample_jpegs_ms": decode_ms(args.iters)}), flush=True)
     if args.no_cudnn:
         torch.backends.cuda.enable_cudnn_sdp(False)
     results = run(args)

@@ -304,9 +304,10 @@ async def _infer(request: Request, app: FastAPI):
     if policy is None:
         raise RequestError(503, _not_ready(worker))
     body = await read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
-    req = await run_in_threadpool(parse_request, body)  # a 32 MB body must not block the loop
-    noise_shape = _noise_shape(policy)
-    batch = await run_in_threadpool(build_batch, req, cfg, noise_shape, app.state.fixed_noise)
+    # parsing and image decoding off the event loop (a 32 MB body must not block it), one hop
+    batch = await run_in_threadpool(
+        _parse_and_build, body, cfg, _noise_shape(policy), app.state.fixed_noise
+    )
     preprocess_ms = (time.perf_counter() - start) * 1000.0
     result = await run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps)
     app.state.metrics.observe_result(result.queue_ms, preprocess_ms)
@@ -400,6 +401,10 @@ async def _discard(request: Request, size: int, limit: int) -> None:
                 return
     except Exception:  # the stream may already be consumed or disconnected
         return
+
+
+def _parse_and_build(body: bytes, cfg, noise_shape, fixed_noise) -> "Batch":
+    return build_batch(parse_request(body), cfg, noise_shape, fixed_noise)
 
 
 def parse_request(body: bytes) -> InferRequest:

@@ -164,3 +164,30 @@ def test_stats_wider_than_the_model_are_refused(tmp_path):
     path.write_text(json.dumps(stats))
     with pytest.raises(ValueError, match="action has 40 dims.*at most 32"):
         PI0Policy.random("tiny", stat_path=str(path))
+
+
+def test_prompt_cache_rows_equal_fresh_tokenization(tiny_policy):
+    tok = tiny_policy.tokenizer
+    cache = proc.PromptCache(tok, 16, size=2)
+    prompts = ["pick up the cube", "", "fold the towel", "pick up the cube"]
+    for _ in range(2):  # second round: partly cached, partly evicted (size 2)
+        ids, masks = cache(prompts)
+        want_ids, want_masks = proc.tokenize_prompts(tok, prompts, 16)
+        assert torch.equal(ids, want_ids) and torch.equal(masks, want_masks)
+    assert list(cache._rows) == ["fold the towel", "pick up the cube"]  # most recent last
+
+
+def test_prepare_images_mixed_sizes_and_slots_match_one_by_one():
+    rng = np.random.default_rng(3)
+    big = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    frames = [{"a": big, "b": small}, {"b": big}]
+    images, masks = proc.prepare_images(frames, ["a", "b"], 16)
+    assert masks.tolist() == [[True, True], [False, True]]
+    for i, frame in enumerate(frames):
+        for j, key in enumerate(["a", "b"]):
+            if key in frame:
+                one, _ = proc.prepare_images([{key: frame[key]}], [key], 16)
+                assert torch.equal(images[i, j], one[0, 0])
+            else:
+                assert (images[i, j] == -1).all()

@@ -90,6 +90,7 @@ class PI0Policy:
         self.model = model.eval()
         self.config: PI0Config = model.config
         self.tokenizer = tokenizer
+        self._prompts = proc.PromptCache(tokenizer, self.config.tokenizer_max_length)
         self.normalizer = normalizer or proc.Normalizer()
         self._check_stats_dims()
         self.pad_mode = pad_mode
@@ -270,8 +271,9 @@ class PI0Policy:
         images, masks = proc.prepare_images(frames, keys, c.image_size, self.pad_mode, device)
         if not keys or not masks.any(dim=1).all():
             raise ValueError("every observation needs at least one camera image")
-        prompts = [str(o.get("prompt") or "") for o in observations]
-        tokens, lang_masks = proc.tokenize_prompts(self.tokenizer, prompts, c.tokenizer_max_length)
+        if self._prompts.tokenizer is not self.tokenizer:  # replaced after construction
+            self._prompts = proc.PromptCache(self.tokenizer, c.tokenizer_max_length)
+        tokens, lang_masks = self._prompts([str(o.get("prompt") or "") for o in observations])
         states = [self._state(o.get("state")) for o in observations]
         state = torch.as_tensor(np.stack(states), device=device)
         return {

@@ -8,7 +8,9 @@ Outputs: actions (normalized, padded) -> unnormalize -> (adapt_to_pi_aloha) -> c
 
 import json
 import os
+import threading
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -57,7 +59,6 @@ def prepare_images(
 
     Images of equal size are stacked and go through one host-to-device copy and one resize."""
     b, n = len(images), len(image_keys)
-    out = torch.full((b, n, 3, size, size), -1.0, dtype=torch.float32, device=device)
     masks = torch.zeros((b, n), dtype=torch.bool)
     groups: Dict[tuple, list] = {}  # (H, W) -> [(sample, slot, array)]
     for i, sample in enumerate(images):
@@ -67,12 +68,25 @@ def prepare_images(
             _check_image(key, sample[key])
             groups.setdefault(sample[key].shape[:2], []).append((i, j, sample[key]))
             masks[i, j] = True
-    for group in groups.values():
-        stacked = torch.from_numpy(np.stack([a for _, _, a in group])).to(device)
-        batch = stacked.permute(0, 3, 1, 2).float() / 255.0
+    resized = [(group, _resize_group(group, size, pad_mode, device)) for group in groups.values()]
+    if len(resized) == 1 and len(resized[0][0]) == b * n:  # every slot, one size: in order
+        return resized[0][1].view(b, n, 3, size, size), masks.to(device)
+    out = torch.full((b, n, 3, size, size), -1.0, dtype=torch.float32, device=device)
+    for group, result in resized:
         rows = torch.tensor([i for i, _, _ in group]), torch.tensor([j for _, j, _ in group])
-        out[rows] = resize_with_pad(batch, size, pad_mode) * 2.0 - 1.0
+        out[rows] = result
     return out, masks.to(device)
+
+
+def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
+    """Equal-size uint8 images [(sample, slot, H x W x 3)] -> [G, 3, S, S] in [-1, 1] on device:
+    one copy into (pinned, on CUDA) host memory, one host-to-device copy, one resize."""
+    device = torch.device(device)
+    h, w = group[0][2].shape[:2]
+    staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    np.stack([a for _, _, a in group], out=staged.numpy())
+    batch = staged.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+    return resize_with_pad(batch, size, pad_mode) * 2.0 - 1.0
 
 
 def _check_image(key: str, image) -> None:
@@ -282,6 +296,29 @@ def tokenize_prompts(tokenizer, prompts: List[str], max_length: int):
         padding_side="right",
     )
     return enc["input_ids"], enc["attention_mask"].bool()
+
+
+class PromptCache:
+    """`tokenize_prompts` with the rows of recent prompts kept (a robot repeats its instruction;
+    each row depends on its own prompt only). Thread-safe; least recently used rows go first."""
+
+    def __init__(self, tokenizer, max_length: int, size: int = 1024):
+        self.tokenizer, self.max_length, self.size = tokenizer, max_length, size
+        self._rows: "OrderedDict[str, tuple]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, prompts: List[str]):
+        with self._lock:
+            missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
+            if missing:
+                ids, masks = tokenize_prompts(self.tokenizer, missing, self.max_length)
+                self._rows.update(zip(missing, zip(ids, masks)))
+            for p in prompts:
+                self._rows.move_to_end(p)
+            rows = [self._rows[p] for p in prompts]
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
 
 def load_tokenizer(path: str):
