@@ -57,7 +57,18 @@ def expert_cases(batch, prefix=816, chunk=50, tower="expert"):
     mask = torch.zeros(batch, 1, total, device=dev, dtype=bf)
     ks, vs = cache_k[:, prefix + 1 :], cache_v[:, prefix + 1 :]
     kv = cache_k[:, :, None], cache_v[:, :, None]
+    pq = r(batch, prefix, d.heads, d.head_dim) * 20  # the prefix's attention (llm shapes)
+    pk, pv = cache_k[:, :prefix, None], cache_v[:, :prefix, None]
+    pmask = torch.zeros(batch, 1, prefix, device=dev, dtype=bf)
+    pmask[:, :, prefix - 37 :] = -2.3819763e38  # prompt padding
+
+    def prefix_attention(ops):
+        if ops.fused:  # the long configuration, whatever its max_rows
+            return tf.mqa_attention(pq, pk, pv, pmask, config="mqa_attention_long")
+        return ops.attention(pq, pk, pv, pmask)
+
     return {
+        "attention(prefix)": prefix_attention,
         "qkv_rope": lambda ops: ops.qkv_rope(
             x, norm_w, 1e-6, w_qkv, cos, sin, d.heads, 1, d.head_dim, ks, vs
         ),
@@ -75,7 +86,15 @@ SWEEP = {
         bn=[32, 64, 128], bk=[64, 128, 256], split=[0, 2, 4, 8, 16], warps=[4], stages=[3]
     ),
     "mqa_attention": dict(
-        br=[16, 32, 64], bkv=[32, 64, 128], split=[0, 2, 4, 8, 16], warps=[4, 8], stages=[2]
+        br=[16, 32, 64],
+        bkv=[64, 128],
+        split=[4, 8, 16],
+        warps=[8],
+        stages=[2],
+        merge=["last", "kernel"],
+    ),
+    "mqa_attention_long": dict(
+        br=[32, 64, 128], bkv=[32, 64], split=[1], warps=[4, 8], stages=[1, 2, 3], merge=["last"]
     ),
 }
 SWEPT_BY = {
@@ -84,6 +103,7 @@ SWEPT_BY = {
     "norm_geglu": "norm_geglu",
     "linear_residual(down)": "linear_residual",
     "attention": "mqa_attention",
+    "attention(prefix)": "mqa_attention_long",
 }
 
 
@@ -93,12 +113,13 @@ def sweep(name, fn, fused):
     best = (graph_ms(lambda: fn(fused)), default)
     grid = SWEEP[key]
     for values in itertools.product(*grid.values()):
-        tf.CONFIG[key] = dict(zip(grid, values))
+        tf.CONFIG[key] = dict(default, **dict(zip(grid, values)))
         try:
             us = graph_ms(lambda: fn(fused))
         except Exception as err:  # resources exceeded etc.
             print(f"  {key} {tf.CONFIG[key]}: {type(err).__name__}", flush=True)
             continue
+        print(f"  {key} {values}: {us:.1f} us", flush=True)
         best = min(best, (us, dict(tf.CONFIG[key])), key=lambda b: b[0])
     tf.CONFIG[key] = default
     return best

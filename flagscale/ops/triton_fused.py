@@ -313,9 +313,11 @@ def _mqa_kernel(
     SPLIT: tl.constexpr,
     BR: tl.constexpr,
     BKV: tl.constexpr,
+    MERGE_KERNEL: tl.constexpr,
 ):
     """Rows r = t * H + h (query t, head h); program (rows, split, batch) runs an online softmax
-    over its key range; with SPLIT > 1 the last split to arrive merges the partial states."""
+    over its key range; with SPLIT > 1 the last split to arrive merges the partial states, or
+    (MERGE_KERNEL) `_mqa_merge_kernel` does, spread over many programs."""
     pid_r, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_r = pid_r * BR + tl.arange(0, BR)
     offs_d = tl.arange(0, DH)
@@ -352,8 +354,60 @@ def _mqa_kernel(
     out_rows = out_ptr + b * stride_ob + offs_r[:, None] * DH + offs_d[None, :]
     if SPLIT == 1:
         tl.store(out_rows, _cast(acc / l_i[:, None], out_ptr.dtype.element_ty), r_mask[:, None])
+    elif MERGE_KERNEL:
+        tile = b * tl.num_programs(0) + pid_r
+        _mqa_store_partial(acc, m_i, l_i, ws_ptr + tile * SPLIT * BR * (DH + 2), split)
     else:
         _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, split, b, SPLIT)
+
+
+@triton.jit
+def _mqa_store_partial(acc, m_i, l_i, tile_ws, split):
+    """Workspace of a row tile: per split, acc [BR, DH] fp32, then m [BR], then l [BR]."""
+    BR: tl.constexpr = acc.shape[0]
+    DH: tl.constexpr = acc.shape[1]
+    rows = tl.arange(0, BR)
+    part = tile_ws + split * BR * (DH + 2)
+    tl.store(part + rows[:, None] * DH + tl.arange(0, DH)[None, :], acc)
+    tl.store(part + BR * DH + rows, m_i)
+    tl.store(part + BR * DH + BR + rows, l_i)
+
+
+@triton.jit
+def _mqa_merge(tile_ws, rows, SPLIT: tl.constexpr, BR: tl.constexpr, DH: tl.constexpr):
+    """Softmax-weighted sum of the SPLIT partial states of the tile's `rows` -> [rows, DH]."""
+    local = rows[:, None] * DH + tl.arange(0, DH)[None, :]
+    m_all = tl.full([rows.shape[0]], float("-inf"), dtype=tl.float32)
+    for s in range(SPLIT):
+        m_s = tl.load(tile_ws + s * BR * (DH + 2) + BR * DH + rows, cache_modifier=".cg")
+        m_all = tl.maximum(m_all, m_s)
+    total = tl.zeros([rows.shape[0], DH], dtype=tl.float32)
+    denom = tl.zeros([rows.shape[0]], dtype=tl.float32)
+    for s in range(SPLIT):
+        part = tile_ws + s * BR * (DH + 2)
+        m_s = tl.load(part + BR * DH + rows, cache_modifier=".cg")
+        l_s = tl.load(part + BR * DH + BR + rows, cache_modifier=".cg")
+        w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_all))
+        total += tl.load(part + local, cache_modifier=".cg") * w[:, None]
+        denom += l_s * w
+    return total / denom[:, None]
+
+
+@triton.jit
+def _mqa_merge_kernel(
+    ws_ptr, out_ptr, R, stride_ob, SPLIT: tl.constexpr, BR: tl.constexpr, DH: tl.constexpr,
+    ROWS: tl.constexpr,
+):  # fmt: skip
+    """Program (row chunk, batch): merges the partial states of ROWS rows of one tile."""
+    pid, b = tl.program_id(0), tl.program_id(1)
+    CHUNKS: tl.constexpr = BR // ROWS
+    tile_r = pid // CHUNKS
+    rows = (pid % CHUNKS) * ROWS + tl.arange(0, ROWS)
+    tile_ws = ws_ptr + (b * tl.cdiv(R, BR) + tile_r) * SPLIT * BR * (DH + 2)
+    out = _mqa_merge(tile_ws, rows, SPLIT, BR, DH)
+    offs_r = tile_r * BR + rows
+    out_rows = out_ptr + b * stride_ob + offs_r[:, None] * DH + tl.arange(0, DH)[None, :]
+    tl.store(out_rows, _cast(out, out_ptr.dtype.element_ty), (offs_r < R)[:, None])
 
 
 @triton.jit
@@ -362,30 +416,12 @@ def _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, spli
     DH: tl.constexpr = acc.shape[1]
     tile = b * tl.num_programs(0) + pid_r
     tile_ws = ws_ptr + tile * SPLIT * BR * (DH + 2)
-    local = tl.arange(0, BR)[:, None] * DH + tl.arange(0, DH)[None, :]
-    rows = tl.arange(0, BR)
-    part = tile_ws + split * BR * (DH + 2)
-    tl.store(part + local, acc)
-    tl.store(part + BR * DH + rows, m_i)
-    tl.store(part + BR * DH + BR + rows, l_i)
+    _mqa_store_partial(acc, m_i, l_i, tile_ws, split)
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
     if arrived == SPLIT - 1:
-        m_all = tl.full([BR], float("-inf"), dtype=tl.float32)
-        for s in range(SPLIT):
-            m_s = tl.load(tile_ws + s * BR * (DH + 2) + BR * DH + rows, cache_modifier=".cg")
-            m_all = tl.maximum(m_all, m_s)
-        total = tl.zeros([BR, DH], dtype=tl.float32)
-        denom = tl.zeros([BR], dtype=tl.float32)
-        for s in range(SPLIT):
-            part = tile_ws + s * BR * (DH + 2)
-            m_s = tl.load(part + BR * DH + rows, cache_modifier=".cg")
-            l_s = tl.load(part + BR * DH + BR + rows, cache_modifier=".cg")
-            w = tl.where(m_s == float("-inf"), 0.0, tl.exp(m_s - m_all))
-            total += tl.load(part + local, cache_modifier=".cg") * w[:, None]
-            denom += l_s * w
+        out = _mqa_merge(tile_ws, tl.arange(0, BR), SPLIT, BR, DH)
         tl.store(count_ptr + tile, 0)
-        out = total / denom[:, None]
         tl.store(out_rows, _cast(out, out_rows.dtype.element_ty), r_mask[:, None])
 
 
@@ -477,12 +513,14 @@ CONFIG = {
     "qkv_rope": dict(bn=16, bk=64, warps=4, stages=4, max_rows=512),
     "norm_geglu": dict(bn=32, bk=64, warps=4, stages=4, max_rows=256),
     "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3, max_rows=64),
-    "mqa_attention": dict(br=16, bkv=128, split=4, warps=8, stages=2),
+    # max_rows here: query rows (tokens x heads) per sample. merge: "last" (the last key split
+    # to finish merges the tile) or "kernel" (a second, wider kernel merges).
+    "mqa_attention": dict(br=16, bkv=128, split=4, warps=8, stages=2, merge="last", max_rows=1024),
+    # the prefix (816 x 8 rows, native ops only); max_rows 0 = SDPA, which measured faster so far
+    "mqa_attention_long": dict(br=64, bkv=64, split=1, warps=8, stages=2, merge="last", max_rows=0),
 }
 LONG_ROWS = 1 << 20  # beyond the fused GEMMs: row-wise kernels around cuBLAS (the prefix)
-# Query rows (tokens x heads) up to which attention uses the Triton kernel. The prefix (816 x 8
-# rows) stays on SDPA: the kernel measured no faster there (59.6 vs 63.4 us per layer, H200).
-SHORT_ROWS = 1024
+MERGE_ROWS = 4  # rows per program of the merge kernel
 _SCRATCH: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 _RETIRED = []  # outgrown buffers stay alive: CUDA graphs captured earlier still point at them
 
@@ -634,17 +672,19 @@ def long_linear_residual(x, weight, residual):
     return out.view(residual.shape)
 
 
-def mqa_attention(q, k, v, mask=None, scale=None, split=None):
+def mqa_attention(q, k, v, mask=None, scale=None, split=None, config="mqa_attention"):
     """q [B, Lq, H, Dh], k/v [B, Lk, 1, Dh] (any batch/token/head strides, unit last stride),
     mask additive [B, 1 | Lq, Lk] -> [B, Lq, H*Dh]. fp32 logits and softmax, like
-    `native.attention`. Programs split over rows and over keys (merged in-kernel)."""
+    `native.attention`. Programs split over rows and over keys (merged in-kernel, or by a second
+    kernel); `config` names the CONFIG entry (launch parameters)."""
     b, lq, h, dh = q.shape
     lk = k.shape[1]
     scale = dh**-0.5 if scale is None else scale
     rows = lq * h
-    cfg = CONFIG["mqa_attention"]
+    cfg = CONFIG[config]
     br, bkv = cfg["br"], cfg["bkv"]
     split = split or cfg["split"] or max(1, min(8, triton.cdiv(lk, 2 * bkv)))
+    merge_kernel = split > 1 and cfg.get("merge") == "kernel"
     out = torch.empty(b, lq, h * dh, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(rows, br), split, b)
     tiles = grid[0] * b
@@ -661,8 +701,13 @@ def mqa_attention(q, k, v, mask=None, scale=None, split=None):
         q, k, v, m, out, ws, count, rows, h, scale, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), m.stride(0) if has_mask else 0,
         stride_mq, out.stride(0), LK=lk, HAS_MASK=has_mask, DH=dh, SPLIT=split, BR=br, BKV=bkv,
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
+        MERGE_KERNEL=merge_kernel, num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
+    if merge_kernel:
+        chunk = min(MERGE_ROWS, br)
+        _mqa_merge_kernel[(grid[0] * (br // chunk), b)](
+            ws, out, rows, out.stride(0), SPLIT=split, BR=br, DH=dh, ROWS=chunk, num_warps=4
+        )
     return out
 
 
@@ -707,9 +752,11 @@ def dispatchers(ops) -> Dict[str, Callable]:
     def attention_op(q, k, v, mask=None, scale=None):
         b, lq, h, dh = q.shape
         ok = supported(q, max_rows=1 << 30) and k.shape[2] == 1 and h > 1 and dh in (64, 128, 256)
-        short = lq * h <= SHORT_ROWS and q.stride(-1) == 1
-        if ok and short and (mask is None or mask.dim() == 3):
+        ok = ok and q.stride(-1) == 1 and (mask is None or mask.dim() == 3)
+        if ok and lq * h <= CONFIG["mqa_attention"]["max_rows"]:
             return mqa_attention(q, k, v, mask, scale)
+        if ok and native and lq * h <= CONFIG["mqa_attention_long"]["max_rows"]:
+            return mqa_attention(q, k, v, mask, scale, config="mqa_attention_long")
         return ops.attention(q, k, v, mask, scale)
 
     ops_by_name = {

@@ -135,6 +135,36 @@ def test_mqa_attention_matches_composed(b, lq, h, dh, lk, per_query, split):
     assert int(tf._SCRATCH[("count_attn", out.device)].abs().sum()) == 0
 
 
+@pytest.mark.parametrize("per_query", [False, True])
+def test_mqa_attention_merge_kernel_matches_in_kernel_merge(per_query, monkeypatch):
+    """The two ways to merge key splits: the last split to finish, or a second kernel."""
+    q, k, v, mask = attention_inputs(2, 7, 4, 128, 200, per_query)
+    last = tf.mqa_attention(q, k, v, mask, split=3)
+    monkeypatch.setitem(
+        tf.CONFIG, "mqa_attention", dict(tf.CONFIG["mqa_attention"], merge="kernel")
+    )
+    merged = tf.mqa_attention(q, k, v, mask, split=3)
+    torch.testing.assert_close(merged, last, rtol=0, atol=0)  # same sums, same order
+    check(merged, OPS.attention(q, k, v, mask), OPS.attention(*f32(q, k, v), mask.float()))
+
+
+def test_long_attention_config_for_the_prefix(monkeypatch):
+    """Prefix-sized attention takes the kernel's long configuration once max_rows allows it."""
+    b, h, dh, lk = 1, 8, 64, 140
+    _, k, v, mask = attention_inputs(b, 1, h, dh, lk, False)
+    q = rand(b, lk, h, dh, seed=12)  # 1120 query rows: above the short limit
+    assert lk * h > tf.CONFIG["mqa_attention"]["max_rows"]
+    monkeypatch.setitem(
+        tf.CONFIG, "mqa_attention_long", dict(tf.CONFIG["mqa_attention_long"], max_rows=1 << 20)
+    )
+    calls = []
+    real = tf.mqa_attention
+    monkeypatch.setattr(tf, "mqa_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    out = tf.dispatchers(OPS)["attention"](q, k, v, mask)
+    assert calls == [{"config": "mqa_attention_long"}]
+    check(out, OPS.attention(q, k, v, mask), OPS.attention(*f32(q, k, v), mask.float()))
+
+
 def test_attention_with_strided_queries_and_long_fallback():
     b, lq, h, dh, lk = 1, 20, 8, 64, 130
     qk = rand(b, lq, h + 1, dh, seed=10)
@@ -142,7 +172,9 @@ def test_attention_with_strided_queries_and_long_fallback():
     _, k, v, mask = attention_inputs(b, 1, h, dh, lk, False)
     out = FUSED.attention(q, k, v, mask)
     check(out, OPS.attention(q, k, v, mask), OPS.attention(*f32(q, k, v), mask.float()))
-    long_q = rand(b, tf.SHORT_ROWS // h + 1, h, dh, seed=11)  # prefix-like: SDPA, bit for bit
+    long_q = rand(
+        b, tf.CONFIG["mqa_attention"]["max_rows"] // h + 1, h, dh, seed=11
+    )  # prefix-like: SDPA, bit for bit
     assert torch.equal(FUSED.attention(long_q, k, v, mask), OPS.attention(long_q, k, v, mask))
 
 
