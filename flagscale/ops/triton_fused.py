@@ -515,9 +515,13 @@ CONFIG = {
     "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3, max_rows=64),
     # max_rows here: query rows (tokens x heads) per sample. merge: "last" (the last key split
     # to finish merges the tile) or "kernel" (a second, wider kernel merges).
-    "mqa_attention": dict(br=16, bkv=128, split=4, warps=8, stages=2, merge="last", max_rows=1024),
-    # the prefix (816 x 8 rows, native ops only); max_rows 0 = SDPA, which measured faster so far
-    "mqa_attention_long": dict(br=64, bkv=64, split=1, warps=8, stages=2, merge="last", max_rows=0),
+    "mqa_attention": dict(
+        br=16, bkv=128, split=4, warps=8, stages=2, merge="kernel", max_rows=1024
+    ),
+    # the prefix (816 x 8 rows; native ops only): 40.5 us per layer vs 62.4 us for SDPA (H200)
+    "mqa_attention_long": dict(
+        br=64, bkv=32, split=1, warps=4, stages=3, merge="last", max_rows=1 << 20
+    ),
 }
 LONG_ROWS = 1 << 20  # beyond the fused GEMMs: row-wise kernels around cuBLAS (the prefix)
 MERGE_ROWS = 4  # rows per program of the merge kernel

@@ -95,11 +95,12 @@ def test_long_inputs_keep_other_backends_ops(backend, monkeypatch):
         monkeypatch.setattr(triton_fused, name, spy)
     fused = table.with_fused_kernels()
     g = torch.Generator().manual_seed(0)
-    long_x = torch.randn(1, 300, 128, generator=g).to(torch.bfloat16)
-    w = (torch.randn(256, 128, generator=g) * 0.05).to(torch.bfloat16)
-    norm_w = torch.zeros(128, dtype=torch.bfloat16)
+    long_x = torch.randn(1, 300, 128, generator=g).to(DEVICE, torch.bfloat16)
+    w = (torch.randn(256, 128, generator=g) * 0.05).to(DEVICE, torch.bfloat16)
+    w_out = (torch.randn(128, 128, generator=g) * 0.05).to(DEVICE, torch.bfloat16)
+    norm_w = torch.zeros(128, dtype=torch.bfloat16, device=DEVICE)
     out = fused.norm_geglu(long_x, norm_w, 1e-6, w)
-    fused.linear_residual(out, (torch.randn(128, 128, generator=g) * 0.05).bfloat16(), long_x)
+    fused.linear_residual(out, w_out, long_x)
     fused.norm_geglu(long_x[:, :40], norm_w, 1e-6, w)  # short: the fused kernel either way
     expected = ["long_norm_geglu", "long_linear_residual"] if backend == "native" else []
     assert calls == expected + ["norm_geglu"]
