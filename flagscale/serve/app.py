@@ -44,6 +44,11 @@ from flagscale.serve.schemas import (
 )
 from flagscale.serve.worker import InferenceWorker, InferTimeout, NotReady, QueueFull
 
+try:
+    import orjson
+except ImportError:  # optional: the standard library renders the same JSON, slower
+    orjson = None
+
 logger = get_logger("flagscale.serve.app")
 
 V2_IMAGE_PREFIX = "observation.images."
@@ -319,14 +324,15 @@ async def _infer(request: Request, app: FastAPI):
         total_ms=(time.perf_counter() - start) * 1000.0,
         batch_size=result.batch_size,
     )
-    response = InferResponse(
-        actions=actions,
-        qpos=actions,
-        num_steps=batch.num_steps,
-        seed=batch.echo_seed,
-        timing=timing,
-    )
-    return JSONResponse(response.model_dump(exclude_none=True))
+    body = {  # InferResponse's fields, built directly: no per-float validation
+        "success": True,
+        "actions": actions,
+        "qpos": actions,  # same values: v1 clients read the actions from `qpos`
+        "num_steps": batch.num_steps,
+        "seed": batch.echo_seed,
+        "timing": timing.model_dump(exclude_none=True),
+    }
+    return ActionsResponse({k: v for k, v in body.items() if v is not None})
 
 
 async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
@@ -622,8 +628,20 @@ def _request_seeds(seed, size: int) -> list:
     return seeds
 
 
+class ActionsResponse(JSONResponse):
+    """JSON with numpy arrays inside, rendered by orjson when installed (~30x faster than the
+    standard library for an action chunk; the same float64 digits), else by json."""
+
+    def render(self, content) -> bytes:
+        if orjson is not None:
+            return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        plain = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in content.items()}
+        return super().render(plain)
+
+
 def cut_actions(outputs: list, cfg: ServeConfig) -> np.ndarray:
-    """Policy outputs -> [B, action_horizon, action_dim] float32 (v1 truncation)."""
+    """Policy outputs -> [B, action_horizon, action_dim] float64 array of the float32 actions
+    (v1 truncation; float64 so that JSON prints the same digits as before)."""
     chunks = []
     for out in outputs:
         actions = np.asarray(out["actions"], dtype=np.float32)
@@ -641,7 +659,7 @@ def cut_actions(outputs: list, cfg: ServeConfig) -> np.ndarray:
     stacked = np.stack(chunks)
     if not np.isfinite(stacked).all():
         raise RequestError(500, "the model produced NaN or infinite actions")
-    return stacked.astype(np.float64).tolist()
+    return stacked.astype(np.float64)
 
 
 # ---------------------------------------------------------------- errors and helpers

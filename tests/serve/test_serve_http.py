@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 from serve_helpers import sample_b64, small_image, v2_body
 
+from flagscale.serve.schemas import InferResponse
+
 STATE_DIM = 14
 V1_INSTRUCTION = "Grab the orange and put it into the basket."
 
@@ -110,6 +112,25 @@ def test_v1_body_as_the_flagscale_client_sends_it(http):
     }
     assert body["timing"]["batch_size"] >= 1
     assert body["timing"]["total_ms"] >= body["timing"]["model_ms"]
+    InferResponse.model_validate(body)  # the documented schema (the body is built directly)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_actions_render_the_same_with_and_without_orjson(fast, monkeypatch):
+    from flagscale.serve import app as app_module
+
+    if fast:
+        pytest.importorskip("orjson")
+    else:
+        monkeypatch.setattr(app_module, "orjson", None)
+    values = np.random.default_rng(0).standard_normal((1, 50, 14)).astype(np.float32)
+    values[0, 0, :3] = [1e-7, -3.5e-12, 0.0]
+    actions = values.astype(np.float64)
+    body = app_module.ActionsResponse({"success": True, "actions": actions, "seed": 3}).body
+    parsed = json.loads(body)
+    assert parsed["success"] is True and parsed["seed"] == 3
+    assert np.asarray(parsed["actions"]).tolist() == actions.tolist()  # every digit round-trips
+    assert np.array_equal(np.asarray(parsed["actions"], dtype=np.float32), values)
 
 
 def test_eef_pose_is_the_state_and_state_is_ignored_in_v1(http):
