@@ -311,12 +311,7 @@ async def _infer(request: Request, app: FastAPI):
     body = await read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
     # parsing and image decoding off the event loop (a 32 MB body must not block it), one hop
     batch = await run_in_threadpool(
-        _parse_and_build,
-        body,
-        cfg,
-        _noise_shape(policy),
-        app.state.fixed_noise,
-        getattr(policy, "host_alloc", None),
+        _parse_and_build, body, cfg, _noise_shape(policy), app.state.fixed_noise
     )
     preprocess_ms = (time.perf_counter() - start) * 1000.0
     result = await run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps)
@@ -414,8 +409,8 @@ async def _discard(request: Request, size: int, limit: int) -> None:
         return
 
 
-def _parse_and_build(body: bytes, cfg, noise_shape, fixed_noise, alloc) -> "Batch":
-    return build_batch(parse_request(body), cfg, noise_shape, fixed_noise, alloc)
+def _parse_and_build(body: bytes, cfg, noise_shape, fixed_noise) -> "Batch":
+    return build_batch(parse_request(body), cfg, noise_shape, fixed_noise)
 
 
 def parse_request(body: bytes) -> InferRequest:
@@ -442,11 +437,8 @@ class Batch:
     echo_seed: Any  # the request's or the config's seed, echoed in the response
 
 
-def build_batch(
-    req: InferRequest, cfg: ServeConfig, noise_shape: tuple, fixed_noise, alloc=None
-) -> Batch:
-    """Validate against the config and decode images (into `alloc`'s arrays, see
-    `codec.decode_image`): one observation per `images` element."""
+def build_batch(req: InferRequest, cfg: ServeConfig, noise_shape: tuple, fixed_noise) -> Batch:
+    """Validate against the config and decode images: one observation per `images` element."""
     size = req.batch_size
     if size > cfg.max_batch_size:
         raise RequestError(
@@ -461,7 +453,7 @@ def build_batch(
     noises, seeds, echo = _noise_and_seeds(req, cfg, noise_shape, fixed_noise)
     observations = [
         {
-            "images": _images(i, req.images[i], masks[i], cfg, alloc),
+            "images": _images(i, req.images[i], masks[i], cfg),
             "state": states[i],
             "prompt": prompts[i],
         }
@@ -569,7 +561,7 @@ def _masks(req: InferRequest, cfg: ServeConfig) -> list:
     return masks
 
 
-def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, alloc=None) -> dict:
+def _images(index: int, cams: dict, masked: set, cfg: ServeConfig) -> dict:
     todo, seen = [], set()  # (camera name, slot, base64 text)
     for name, text in cams.items():
         slot = _slot_for(name, cfg)
@@ -588,7 +580,7 @@ def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, alloc=None) -
         )
     images = {}
     for (name, slot, _), image in zip(
-        todo, decode_images([t for *_, t in todo], cfg.max_image_side, alloc)
+        todo, decode_images([t for *_, t in todo], cfg.max_image_side)
     ):
         if isinstance(image, ImageDecodeError):
             raise RequestError(400, f"images[{index}].{name}: {image}")

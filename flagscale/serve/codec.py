@@ -30,15 +30,13 @@ class ImageDecodeError(ValueError):
     """The image text is not valid base64, not a supported image, truncated or too large."""
 
 
-def decode_image(text: str, max_side: int = 4096, alloc=None) -> np.ndarray:
+def decode_image(text: str, max_side: int = 4096) -> np.ndarray:
     """Decode base64 image text (an optional `data:image/...;base64,` prefix is allowed).
 
     The image header is checked first: a side above max_side is refused before decoding pixels.
-    `alloc((H, W, 3))` -> writable uint8 array, if given, receives JPEG pixels (e.g. page-locked
-    memory, for one asynchronous copy to the GPU); other images get fresh arrays.
     """
     raw = decode_base64(text)
-    fast = _decode_jpeg_fast(raw, max_side, alloc)
+    fast = _decode_jpeg_fast(raw, max_side)
     if fast is not None:
         return fast
     with _open(raw) as img:
@@ -51,30 +49,28 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def decode_images(
-    texts: Sequence[str], max_side: int = 4096, alloc=None
-) -> List[Union[np.ndarray, Exception]]:
+def decode_images(texts: Sequence[str], max_side: int = 4096) -> List[Union[np.ndarray, Exception]]:
     """decode_image for several images at once: the first in this thread, the others on a shared
     thread pool (the decoders release the GIL: three 640x480 JPEGs take about one image's time).
     Failures come back in place, as the ImageDecodeError, so the caller can name the camera."""
     global _POOL
     if len(texts) < 2:
-        return [_decode_or_error(text, max_side, alloc) for text in texts]
+        return [_decode_or_error(text, max_side) for text in texts]
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode")
-    rest = [_POOL.submit(_decode_or_error, text, max_side, alloc) for text in texts[1:]]
-    return [_decode_or_error(texts[0], max_side, alloc)] + [f.result() for f in rest]
+    rest = [_POOL.submit(_decode_or_error, text, max_side) for text in texts[1:]]
+    return [_decode_or_error(texts[0], max_side)] + [f.result() for f in rest]
 
 
-def _decode_or_error(text: str, max_side: int, alloc=None):
+def _decode_or_error(text: str, max_side: int):
     try:
-        return decode_image(text, max_side, alloc)
+        return decode_image(text, max_side)
     except ImageDecodeError as e:
         return e
 
 
-def _decode_jpeg_fast(raw: bytes, max_side: int, alloc=None) -> Union[np.ndarray, None]:
+def _decode_jpeg_fast(raw: bytes, max_side: int) -> Union[np.ndarray, None]:
     """A baseline/progressive YCbCr or grayscale JPEG within max_side, decoded by simplejpeg
     (same libjpeg-turbo, IDCT and upsampling as Pillow: identical pixels, tested). None for
     anything else, and on any decoder complaint (strict): the PIL path then decodes the image or
@@ -86,11 +82,7 @@ def _decode_jpeg_fast(raw: bytes, max_side: int, alloc=None) -> Union[np.ndarray
         too_large = max(width, height) > max_side or width * height > Image.MAX_IMAGE_PIXELS
         if colorspace not in ("YCbCr", "Gray") or too_large:
             return None
-        if alloc is None:
-            return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True)
-        out = alloc((height, width, 3))
-        simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True, buffer=out)
-        return out
+        return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True)
     except ValueError:
         return None
 

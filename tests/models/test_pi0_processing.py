@@ -191,20 +191,3 @@ def test_prepare_images_mixed_sizes_and_slots_match_one_by_one():
                 assert torch.equal(images[i, j], one[0, 0])
             else:
                 assert (images[i, j] == -1).all()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_pinned_images_go_straight_to_the_gpu_with_the_same_result():
-    rng = np.random.default_rng(4)
-    plain = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
-    pinned = []
-    for a in plain:
-        pinned.append(proc.pinned_uint8(a.shape))
-        pinned[-1][...] = a
-    assert all(proc._pinned_tensor(p) is not None for p in pinned)
-    assert proc._pinned_tensor(plain[0]) is None and proc._pinned_tensor(pinned[0][1:]) is None
-    keys = ["a", "b", "c"]
-    want, _ = proc.prepare_images([dict(zip(keys, plain))], keys, 32, device="cuda")
-    got, _ = proc.prepare_images([dict(zip(keys, pinned))], keys, 32, device="cuda")
-    assert torch.equal(got, want)

@@ -212,12 +212,6 @@ class PI0Policy:
         return self.normalizer.action_dim or self.config.max_action_dim
 
     @property
-    def host_alloc(self):
-        """Allocator for decoded camera images (`codec.decode_images(alloc=...)`): page-locked
-        memory when the model is on CUDA (one async copy per image), else None (plain arrays)."""
-        return proc.pinned_uint8 if self.model.device.type == "cuda" else None
-
-    @property
     def metadata(self) -> dict:
         c = self.config
         return {

@@ -80,39 +80,13 @@ def prepare_images(
 
 def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
     """Equal-size uint8 images [(sample, slot, H x W x 3)] -> [G, 3, S, S] in [-1, 1] on device:
-    images in page-locked memory (`pinned_uint8`) go straight to the GPU; others are first
-    copied into one (pinned, on CUDA) host buffer. Then one resize for the group."""
+    one copy into (pinned, on CUDA) host memory, one host-to-device copy, one resize."""
     device = torch.device(device)
     h, w = group[0][2].shape[:2]
-    shape = (len(group), h, w, 3)
-    pinned = [_pinned_tensor(a) for _, _, a in group] if device.type == "cuda" else [None]
-    if all(src is not None for src in pinned):
-        staged = torch.empty(shape, dtype=torch.uint8, device=device)
-        for k, src in enumerate(pinned):
-            staged[k].copy_(src, non_blocking=True)
-    else:
-        host = torch.empty(shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
-        np.stack([a for _, _, a in group], out=host.numpy())
-        staged = host.to(device, non_blocking=True)
-    batch = staged.permute(0, 3, 1, 2).float() / 255.0
+    staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    np.stack([a for _, _, a in group], out=staged.numpy())
+    batch = staged.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
     return resize_with_pad(batch, size, pad_mode) * 2.0 - 1.0
-
-
-def pinned_uint8(shape) -> np.ndarray:
-    """A writable uint8 array in page-locked host memory (CUDA); its `.base` is the pinned tensor,
-    so an image decoded into it reaches the GPU in one asynchronous copy."""
-    return torch.empty(shape, dtype=torch.uint8, pin_memory=True).numpy()
-
-
-def _pinned_tensor(array: np.ndarray):
-    """The pinned tensor behind a `pinned_uint8` array, viewed like it; else None. Copies read
-    from this tensor, so the host allocator keeps its memory until they are done."""
-    base = getattr(array, "base", None)
-    if not isinstance(base, torch.Tensor) or base.numel() != array.size:
-        return None
-    if base.data_ptr() != array.ctypes.data or not array.flags.c_contiguous:
-        return None
-    return base.view(array.shape) if base.is_pinned() else None
 
 
 def _check_image(key: str, image) -> None:
