@@ -94,7 +94,7 @@ SWEEP = {
         merge=["last", "kernel"],
     ),
     "mqa_attention_long": dict(
-        br=[32, 64, 128], bkv=[32, 64], split=[1], warps=[4, 8], stages=[1, 2, 3], merge=["last"]
+        br=[32, 64], bkv=[16, 32, 64], split=[1, 2], warps=[4, 8], stages=[2, 3], merge=["kernel"]
     ),
 }
 SWEPT_BY = {

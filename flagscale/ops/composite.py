@@ -8,11 +8,11 @@ from typing import Callable, Dict
 
 from flagscale.ops.native import apply_rope
 
-COMPOSITE_NAMES = ("qkv_rope", "norm_geglu", "linear_residual")
+COMPOSITE_NAMES = ("qkv_rope", "norm_geglu", "linear_residual", "add_layer_norm")
 
 
 def compose(ops) -> Dict[str, Callable]:
-    """Composite implementations built on `ops`' primitives (linear, rms_norm, geglu)."""
+    """Composite implementations built on `ops`' primitives (linear, norms, geglu)."""
 
     def qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
         """x [B, T, W] -> RMSNorm(1 + w) -> q|k|v -> RoPE on q and k. Returns q [B, T, H, Dh];
@@ -32,4 +32,14 @@ def compose(ops) -> Dict[str, Callable]:
     def linear_residual(x, weight, residual):
         return residual + ops.linear(x, weight)
 
-    return {"qkv_rope": qkv_rope, "norm_geglu": norm_geglu, "linear_residual": linear_residual}
+    def add_layer_norm(x, y, weight, bias, eps):
+        """SigLIP's residual add and the LayerNorm after it: -> (x + y, LayerNorm(x + y))."""
+        total = x + y
+        return total, ops.layer_norm(total, weight, bias, eps)
+
+    return {
+        "qkv_rope": qkv_rope,
+        "norm_geglu": norm_geglu,
+        "linear_residual": linear_residual,
+        "add_layer_norm": add_layer_norm,
+    }

@@ -446,6 +446,32 @@ def _rms_norm_kernel(
 
 
 @triton.jit
+def _add_layer_norm_kernel(
+    x_ptr, y_ptr, w_ptr, b_ptr, sum_ptr, out_ptr, stride_x, stride_y, stride_s, stride_o, eps,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One row: s = bf16(x + y) (stored), out = bf16(LayerNorm(s) * w + b) in fp32."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * stride_y + offs, mask, other=0.0).to(tl.float32)
+    total = _cast(x + y, sum_ptr.dtype.element_ty)  # rounded like the composed add
+    tl.store(sum_ptr + row * stride_s + offs, total, mask)
+    t = total.to(tl.float32)
+    mean = tl.sum(t, axis=0) / D
+    centred = tl.where(mask, t - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / D + eps)
+    w = tl.load(w_ptr + offs, mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask, other=0.0).to(tl.float32)
+    tl.store(
+        out_ptr + row * stride_o + offs,
+        _cast(centred * rstd * w + b, out_ptr.dtype.element_ty),
+        mask,
+    )
+
+
+@triton.jit
 def _rope_split_kernel(
     qkv_ptr,
     cos_ptr,
@@ -643,6 +669,19 @@ def rms_norm(x, weight, eps):
     return out.view(x.shape)
 
 
+def add_layer_norm(x, y, weight, bias, eps):
+    """(x + y, LayerNorm(x + y)) for x, y [..., D] in one row-wise kernel."""
+    d = x.shape[-1]
+    x2, y2 = x.reshape(-1, d), y.reshape(-1, d)
+    total, out = torch.empty_like(x2), torch.empty_like(x2)
+    block = triton.next_power_of_2(d)
+    _add_layer_norm_kernel[(x2.shape[0],)](
+        x2, y2, weight, bias, total, out, x2.stride(0), y2.stride(0), total.stride(0),
+        out.stride(0), eps, D=d, BLOCK=block, num_warps=max(1, min(16, block // 256)),
+    )  # fmt: skip
+    return total.view(x.shape), out.view(x.shape)
+
+
 def long_qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
     """`qkv_rope` for long inputs: RMSNorm kernel, cuBLAS projection, RoPE + scatter kernel."""
     b, t, _ = x.shape
@@ -763,7 +802,14 @@ def dispatchers(ops) -> Dict[str, Callable]:
             return mqa_attention(q, k, v, mask, scale, config="mqa_attention_long")
         return ops.attention(q, k, v, mask, scale)
 
+    def add_layer_norm_op(x, y, weight, bias, eps):
+        same = y.shape == x.shape and y.dtype == x.dtype and x.stride(-1) == y.stride(-1) == 1
+        if native and same and supported(x, LONG_ROWS):
+            return add_layer_norm(x, y, weight, bias, eps)
+        return base["add_layer_norm"](x, y, weight, bias, eps)
+
     ops_by_name = {
+        "add_layer_norm": add_layer_norm_op,
         "qkv_rope": qkv_rope_op,
         "norm_geglu": norm_geglu_op,
         "linear_residual": linear_residual_op,

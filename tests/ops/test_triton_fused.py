@@ -96,6 +96,18 @@ def test_norm_geglu_matches_composed(m, width, ffw):
     )
 
 
+@pytest.mark.parametrize("m,d", [(768, 1152), (5, 100), (1, 64)])  # SigLIP So400m: 768 x 1152
+def test_add_layer_norm_matches_composed(m, d):
+    x, y = rand(m, d, scale=4.0, seed=20), rand(m, d, scale=2.0, seed=21)
+    w = 1.0 + rand(d, scale=0.2, dtype=torch.float32, seed=22)
+    b = rand(d, scale=0.1, dtype=torch.float32, seed=23)
+    total, out = FUSED.add_layer_norm(x, y, w, b, 1e-6)
+    ref_total, ref_out = OPS.add_layer_norm(x, y, w, b, 1e-6)
+    assert torch.equal(total, ref_total)  # the residual stream is rounded like the composed add
+    check(out, ref_out, OPS.layer_norm(ref_total.float(), w, b, 1e-6))
+    check(out, ref_out, OPS.add_layer_norm(*f32(x, y), w, b, 1e-6)[1])
+
+
 @pytest.mark.parametrize("split", [1, 2, 4, None])
 @pytest.mark.parametrize("m,k,n", [(50, 1024, 128), (1, 512, 64), (128, 256, 192), (300, 256, 64)])
 def test_linear_residual_matches_composed(m, k, n, split):
@@ -220,7 +232,13 @@ def test_fp32_inputs_use_the_composed_ops():
 
 def test_table_describes_fused_kernels():
     assert not OPS.fused and "fused" not in OPS.describe()
-    assert set(FUSED.fused) == {"qkv_rope", "norm_geglu", "linear_residual", "attention"}
+    assert set(FUSED.fused) == {
+        "qkv_rope",
+        "norm_geglu",
+        "linear_residual",
+        "attention",
+        "add_layer_norm",
+    }
     assert "fused Triton kernels" in FUSED.describe()
     assert FUSED.with_fused_kernels  # a table can be rebuilt; backend unchanged
     assert FUSED.backend == "native"

@@ -117,11 +117,19 @@ class SiglipLayer(nn.Module):
         self.fc1 = Linear(ops, dims.width, dims.mlp)
         self.fc2 = Linear(ops, dims.mlp, dims.width)
 
-    def forward(self, x):  # x [B, T, W]
+    def forward(self, x, branch):
+        """x [B, T, W] and the previous layer's MLP output (None for the first layer), whose
+        residual add runs with this layer's first LayerNorm -> (x, this layer's MLP output)."""
         b, t, w = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, w // self.heads).unbind(2)
-        x = x + self.out(self.ops.attention(q, k, v))
-        return x + self.fc2(self.ops.gelu_tanh(self.fc1(self.ln2(x))))
+        if branch is None:
+            h = self.ln1(x)
+        else:
+            x, h = self.ops.add_layer_norm(x, branch, self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, w // self.heads).unbind(2)
+        x, h = self.ops.add_layer_norm(
+            x, self.out(self.ops.attention(q, k, v)), self.ln2.weight, self.ln2.bias, self.ln2.eps
+        )
+        return x, self.fc2(self.ops.gelu_tanh(self.fc1(h)))
 
 
 class Siglip(nn.Module):
@@ -142,9 +150,13 @@ class Siglip(nn.Module):
         weight = self.patch_embed.float().reshape(self.dims.width, -1)
         x = self.ops.linear(patches.reshape(b, g * g, -1), weight, self.patch_bias.float())
         x = (x + self.pos_embed.float()).to(self.projector.weight.dtype)
+        branch = None
         for layer in self.layers:
-            x = layer(x)
-        return self.projector(self.post_ln(x))
+            x, branch = layer(x, branch)
+        ln = self.post_ln
+        if branch is None:  # no layers
+            return self.projector(ln(x))
+        return self.projector(self.ops.add_layer_norm(x, branch, ln.weight, ln.bias, ln.eps)[1])
 
 
 # --------------------------------------------------------------------------------------------
