@@ -21,10 +21,12 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 
 step "GPU tests"
 python -m pytest -q -m "gpu or not gpu" tests/engine tests/ops/test_triton_fused.py \
-  tests/models/test_fused_model.py 2>&1 | tail -5 | tee "$OUT_DIR/pytest_gpu.txt"
+  tests/models/test_fused_model.py tests/models/test_pi0_model.py tests/models/test_pi0_processing.py \
+  tests/serve/test_serve_codec.py tests/serve/test_serve_http.py 2>&1 | tail -5 | tee "$OUT_DIR/pytest_gpu.txt"
 
 step "fused kernels vs composed ops (expert layer shapes)"
 python benchmarks/bench_kernels.py --batch 1 2 4 8 --out "$OUT_DIR/kernels.json"
+python benchmarks/profile_model.py --steps 1 > "$OUT_DIR/profile_steps1.txt" 2>&1
 
 step "model latency"
 if [ "${QUICK:-0}" = 1 ]; then grid=(--batch 1 --cameras 3 --steps 10); else
@@ -52,5 +54,10 @@ if [ "${FLAGGEMS:-1}" = 1 ] && python -c "import flag_gems" 2>/dev/null; then
     --latency 15 --graphs --cache-dir "$FLAGGEMS_CACHE_DIR" --timeout 1500 --out "$OUT_DIR/cmp" \
     --fused-kernels off \
     2>&1 | tail -40 | tee "$OUT_DIR/flaggems.txt"
+  step "FlagGems vs native, both with the fused expert kernels (warm cache)"
+  python -m flagscale.tools.compare_backends --preset pi0 --random --cameras 3 --steps 10 \
+    --latency 15 --graphs --cache-dir "$FLAGGEMS_CACHE_DIR" --timeout 1500 --out "$OUT_DIR/cmp_fused" \
+    --fused-kernels on \
+    2>&1 | tail -40 | tee "$OUT_DIR/flaggems_fused.txt"
 fi
 step "done: $OUT_DIR"
