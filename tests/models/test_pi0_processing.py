@@ -191,3 +191,11 @@ def test_prepare_images_mixed_sizes_and_slots_match_one_by_one():
                 assert torch.equal(images[i, j], one[0, 0])
             else:
                 assert (images[i, j] == -1).all()
+
+
+def test_every_observation_needs_a_camera(tiny_policy):
+    obs = tiny_policy.example_observation(seed=1)
+    with pytest.raises(ValueError, match="at least one camera image"):
+        tiny_policy.preprocess([{**obs, "images": {}}])
+    with pytest.raises(ValueError, match="at least one camera image"):  # one of two is empty
+        tiny_policy.preprocess([obs, {**obs, "images": {}}])

@@ -268,20 +268,20 @@ class PI0Policy:
         # Slots missing from every observation are dropped rather than masked: same result (masked
         # cameras neither attend nor advance positions), 256 fewer tokens each.
         keys = [k for k in self.image_keys if any(f.get(k) is not None for f in frames)]
-        images, masks = proc.prepare_images(frames, keys, c.image_size, self.pad_mode, device)
-        if not keys or not masks.any(dim=1).all():
+        if not all(any(f.get(k) is not None for k in keys) for f in frames):
             raise ValueError("every observation needs at least one camera image")
+        images, masks = proc.prepare_images(frames, keys, c.image_size, self.pad_mode, device)
         if self._prompts.tokenizer is not self.tokenizer:  # replaced after construction
             self._prompts = proc.PromptCache(self.tokenizer, c.tokenizer_max_length)
         tokens, lang_masks = self._prompts([str(o.get("prompt") or "") for o in observations])
-        states = [self._state(o.get("state")) for o in observations]
-        state = torch.as_tensor(np.stack(states), device=device)
+        state = torch.from_numpy(np.stack([self._state(o.get("state")) for o in observations]))
+        # no host sync on the way in: small pageable copies are staged by CUDA before returning
         return {
             "images": images,
             "img_masks": masks,
-            "lang_tokens": tokens.to(device),
-            "lang_masks": lang_masks.to(device),
-            "state": state,
+            "lang_tokens": tokens.to(device, non_blocking=True),
+            "lang_masks": lang_masks.to(device, non_blocking=True),
+            "state": state.to(device, non_blocking=True),
         }
 
     def _state(self, state) -> np.ndarray:
@@ -308,7 +308,7 @@ class PI0Policy:
             else:
                 gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
                 rows.append(torch.randn(shape, generator=gen, dtype=torch.float32))
-        return torch.stack(rows).to(self.model.device)
+        return torch.stack(rows).to(self.model.device, non_blocking=True)
 
     def postprocess(self, actions: np.ndarray) -> np.ndarray:
         actions = self.normalizer.unnormalize_actions(actions)

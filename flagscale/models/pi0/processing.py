@@ -70,12 +70,12 @@ def prepare_images(
             masks[i, j] = True
     resized = [(group, _resize_group(group, size, pad_mode, device)) for group in groups.values()]
     if len(resized) == 1 and len(resized[0][0]) == b * n:  # every slot, one size: in order
-        return resized[0][1].view(b, n, 3, size, size), masks.to(device)
+        return resized[0][1].view(b, n, 3, size, size), masks.to(device, non_blocking=True)
     out = torch.full((b, n, 3, size, size), -1.0, dtype=torch.float32, device=device)
     for group, result in resized:
         rows = torch.tensor([i for i, _, _ in group]), torch.tensor([j for _, j, _ in group])
         out[rows] = result
-    return out, masks.to(device)
+    return out, masks.to(device, non_blocking=True)
 
 
 def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
