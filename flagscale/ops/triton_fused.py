@@ -1,4 +1,4 @@
-"""Fused Triton kernels for Pi0's Gemma layers (native ops on CUDA; `engine.fused_kernels`).
+"""Fused Triton kernels for Pi0's Gemma and SigLIP layers (CUDA; `engine.fused_kernels`).
 
 Short inputs (the action expert: batch x 50 rows) are memory-bound on the weights, and launch
 count dominates: the composed path runs ~15 kernels per layer (cuBLAS split-K GEMMs plus their
@@ -9,11 +9,15 @@ reductions, norm, RoPE, GeGLU, residual adds, cache copies, attention pieces). F
 - `linear_residual`: residual + x @ W^T (o_proj, down_proj), split-K with an in-kernel,
                    fixed-order reduction (deterministic);
 - `norm_geglu`:    RMSNorm (1 + w) -> gate|up projection -> gelu_tanh(gate) * up;
-- `mqa_attention`: one-K/V-head attention over the cache, split over keys, combined in-kernel.
+- `mqa_attention`: one-K/V-head attention over the cache, split over keys, the splits merged by
+                   the last one to finish or by a second kernel.
 
 Long inputs (the prefix: 816 tokens per sample) keep cuBLAS for the projections and get row-wise
-kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU) and one `addmm` for linear +
-residual. Which path an op takes depends on its row count (`CONFIG[...]["max_rows"]`, measured).
+kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU), one `addmm` for linear + residual,
+the same MQA kernel with a long-sequence configuration for the padded prefix attention, and one
+row kernel for SigLIP's residual add + LayerNorm (`add_layer_norm`). Which path an op takes depends
+on its row count (`CONFIG[...]["max_rows"]`, measured). The long path is for the native table only:
+with another backend (FlagGems) only the expert's short inputs take these kernels.
 
 RMSNorm's (1 + w) is folded into the projection weight (cached per weight) and the row scale
 1 / rms is applied to the fp32 accumulator, so the K loop is a plain pipelined GEMM: one bf16
