@@ -198,6 +198,17 @@ def test_attention_full_mask_rows(fg):
     assert_within_bf16(out, native.attention(q, k, v, mask), attention64(q, k, v, mask))
 
 
+def test_attention_first_step_state_row(fg):
+    """The first denoising step: state + 50 action queries; the state row does not see the
+    actions (per-query mask [B, 51, Lk]), every row skips the prompt padding."""
+    lq, lk = 51, 867
+    q, k, v = randn(1, lq, 8, 256, seed=20), randn(1, lk, 1, 256, seed=21), randn(1, lk, 1, 256)
+    mask = key_padding(1, lk, [(773, 816)], rows=lq)
+    mask[:, 0, 817:] = MASK_VALUE
+    out = fg.attention(q, k, v, mask)
+    assert_within_bf16(out, native.attention(q, k, v, mask), attention64(q, k, v, mask))
+
+
 def test_attention_siglip_hd72_falls_back_to_native(fg):
     q, k, v = (randn(3, 256, 16, 72, seed=s) for s in (17, 18, 19))
     torch.testing.assert_close(fg.attention(q, k, v), native.attention(q, k, v), rtol=0, atol=0)
