@@ -8,6 +8,7 @@ call (`policy.sampler`, inputs already on the GPU); `--phases` adds an eager per
 """
 
 import argparse
+import base64
 import itertools
 import json
 import time
@@ -36,7 +37,7 @@ def decode_ms(iters: int) -> dict:
     from flagscale.serve import codec
 
     samples = sorted((Path(__file__).resolve().parent.parent / "examples" / "pi0").glob("*.jpg"))
-    texts = [codec.base64.b64encode(f.read_bytes()).decode() for f in samples]
+    texts = [base64.b64encode(f.read_bytes()).decode() for f in samples]
     times = []
     for _ in range(iters + 3):
         t = time.perf_counter()

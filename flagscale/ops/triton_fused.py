@@ -570,6 +570,11 @@ def _scratch(kind: str, numel: int, dtype: torch.dtype, device: torch.device) ->
     return buf
 
 
+def _row_warps(block: int) -> int:
+    """Warps for a one-row-per-program kernel over `block` columns."""
+    return max(1, min(16, block // 256))
+
+
 def _block_m(m: int) -> int:
     """Row tile: every row in one tile up to 128 rows, else 128-row tiles."""
     return min(128, max(16, triton.next_power_of_2(m)))
@@ -668,7 +673,7 @@ def rms_norm(x, weight, eps):
     block = triton.next_power_of_2(d)
     _rms_norm_kernel[(x2.shape[0],)](
         x2, weight, out, x2.stride(0), out.stride(0), eps, D=d, BLOCK=block,
-        num_warps=max(1, min(16, block // 256)),
+        num_warps=_row_warps(block),
     )  # fmt: skip
     return out.view(x.shape)
 
@@ -681,7 +686,7 @@ def add_layer_norm(x, y, weight, bias, eps):
     block = triton.next_power_of_2(d)
     _add_layer_norm_kernel[(x2.shape[0],)](
         x2, y2, weight, bias, total, out, x2.stride(0), y2.stride(0), total.stride(0),
-        out.stride(0), eps, D=d, BLOCK=block, num_warps=max(1, min(16, block // 256)),
+        out.stride(0), eps, D=d, BLOCK=block, num_warps=_row_warps(block),
     )  # fmt: skip
     return total.view(x.shape), out.view(x.shape)
 

@@ -89,8 +89,7 @@ class PI0Policy:
     def __init__(self, model: PI0Model, tokenizer, normalizer=None, pad_mode="center", source=""):
         self.model = model.eval()
         self.config: PI0Config = model.config
-        self.tokenizer = tokenizer
-        self._prompts = proc.PromptCache(tokenizer, self.config.tokenizer_max_length)
+        self.tokenizer = tokenizer  # sets the prompt-token cache (see the property)
         self.normalizer = normalizer or proc.Normalizer()
         self._check_stats_dims()
         self.pad_mode = pad_mode
@@ -212,6 +211,15 @@ class PI0Policy:
         return self.normalizer.action_dim or self.config.max_action_dim
 
     @property
+    def tokenizer(self):
+        return self._prompts.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer):
+        """A new tokenizer starts an empty prompt-token cache."""
+        self._prompts = proc.PromptCache(tokenizer, self.config.tokenizer_max_length)
+
+    @property
     def metadata(self) -> dict:
         c = self.config
         return {
@@ -271,8 +279,6 @@ class PI0Policy:
         if not all(any(f.get(k) is not None for k in keys) for f in frames):
             raise ValueError("every observation needs at least one camera image")
         images, masks = proc.prepare_images(frames, keys, c.image_size, self.pad_mode, device)
-        if self._prompts.tokenizer is not self.tokenizer:  # replaced after construction
-            self._prompts = proc.PromptCache(self.tokenizer, c.tokenizer_max_length)
         tokens, lang_masks = self._prompts([str(o.get("prompt") or "") for o in observations])
         state = torch.from_numpy(np.stack([self._state(o.get("state")) for o in observations]))
         # no host sync on the way in: small pageable copies are staged by CUDA before returning
