@@ -3,7 +3,9 @@
     python benchmarks/bench_http.py --port 9010 --clients 1 4 8 --requests 50
 
 Each client thread sends FlagScale v1 bodies with the three 640x480 sample JPEGs from examples/pi0/,
-one request at a time, for a bounded number of requests (and at most --max-seconds). Reports
+one request at a time, for a bounded number of requests (and at most --max-seconds): a new
+connection per request (urllib, like examples/pi0/client_pi0.py), or with `--keep-alive` one
+persistent HTTP/1.1 connection per client (http.client; what a robot loop would hold). Reports
 round-trip p50/p90/p99, requests/s, errors, and the server's own timing split (means): queue,
 preprocess (body, parsing, image decoding), model (the policy call: GPU preprocessing, the model,
 the copy back) and total (in the handler).
@@ -11,6 +13,7 @@ the copy back) and total (in the handler).
 
 import argparse
 import base64
+import http.client
 import ipaddress
 import json
 import threading
@@ -46,17 +49,41 @@ def body(seed: int, steps: int, state_dim: int) -> bytes:
     ).encode()
 
 
-def client(url, payload, n, deadline, out, timeout):
+def post_urllib(url, payload, timeout):
+    req = urllib.request.Request(url, data=payload, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+class KeepAlive:
+    """One persistent connection (reopened after an error)."""
+
+    def __init__(self, host, port, timeout):
+        self.host, self.port, self.timeout, self.conn = host, port, timeout, None
+
+    def __call__(self, url, payload, timeout):
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        try:
+            self.conn.request("POST", "/infer", payload, {"Content-Type": "application/json"})
+            resp = self.conn.getresponse()
+            data = resp.read()
+        except Exception:
+            self.conn.close()
+            self.conn = None
+            raise
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+        return json.loads(data)
+
+
+def client(url, payload, n, deadline, out, timeout, post=post_urllib):
     for _ in range(n):
         if time.monotonic() > deadline:
             return
-        req = urllib.request.Request(
-            url, data=payload, headers={"Content-Type": "application/json"}
-        )
         t = time.perf_counter()
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                reply = json.loads(resp.read())
+            reply = post(url, payload, timeout)
             out.append(((time.perf_counter() - t) * 1e3, reply.get("timing", {}), None))
         except Exception as exc:  # counted, reported
             out.append(((time.perf_counter() - t) * 1e3, {}, repr(exc)))
@@ -65,13 +92,18 @@ def client(url, payload, n, deadline, out, timeout):
 def run_level(args, clients):
     url = f"http://{args.host}:{args.port}/infer"
     payload = body(0, args.steps, args.state_dim)
-    client(url, payload, 2, time.monotonic() + 60, [], args.timeout)  # warm-up
+    posts = [
+        KeepAlive(args.host, args.port, args.timeout) if args.keep_alive else post_urllib
+        for _ in range(clients)
+    ]
+    for post in posts:  # warm-up (and the connections opened)
+        client(url, payload, 2, time.monotonic() + 60, [], args.timeout, post)
     results, threads = [], []
     deadline = time.monotonic() + args.max_seconds
     start = time.perf_counter()
-    for _ in range(clients):
+    for post in posts:
         th = threading.Thread(
-            target=client, args=(url, payload, args.requests, deadline, results, args.timeout)
+            target=client, args=(url, payload, args.requests, deadline, results, args.timeout, post)
         )
         th.start()
         threads.append(th)
@@ -84,6 +116,7 @@ def run_level(args, clients):
     split = {k: float(np.mean([r[1].get(k, np.nan) for r in ok])) for k in keys}
     return {
         "clients": clients,
+        "keep_alive": args.keep_alive,
         "requests": len(results),
         "errors": len(results) - len(ok),
         "p50_ms": float(np.percentile(lat, 50)),
@@ -105,6 +138,7 @@ def main():
     p.add_argument("--state-dim", type=int, default=14)
     p.add_argument("--max-seconds", type=float, default=120.0, help="per concurrency level")
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--keep-alive", action="store_true", help="one persistent connection per client")
     args = p.parse_args()
     if not ipaddress.ip_address(args.host).is_loopback:
         raise SystemExit("bench_http.py only targets loopback addresses")

@@ -1,6 +1,6 @@
 """GPU time of the fused Triton kernels vs the composed native ops on Pi0's expert shapes.
 
-    python benchmarks/bench_kernels.py [--batch 1 8] [--sweep] [--out kernels.json]
+    python benchmarks/bench_kernels.py [--batch 1 8] [--copies 8] [--sweep] [--out kernels.json]
 
 Each op is captured 50 times in one CUDA graph and replayed, so the time per call is GPU time
 including the inter-kernel gaps a whole-request graph sees. `--sweep` also tries other launch
@@ -39,59 +39,73 @@ def graph_ms(fn, reps=5):
     return sorted(times)[len(times) // 2] * 1e3  # us
 
 
-def expert_cases(batch, prefix=816, chunk=50, tower="expert"):
-    """The ops of one layer of `tower` ("expert", or "llm" with `chunk` prefix tokens)."""
+def expert_cases(batch, prefix=816, chunk=50, tower="expert", copies=1):
+    """The ops of one layer of `tower` ("expert", or "llm" with `chunk` prefix tokens). With
+    copies > 1 each call takes the next of `copies` sets of weights and caches, so that (with
+    enough copies to overflow L2) weights come from HBM as they do in the model, where every
+    layer streams its own."""
     d = PRESETS["pi0"][tower]
     dev, bf = "cuda", torch.bfloat16
     r = lambda *s: torch.randn(*s, device=dev).to(bf) * 0.05  # noqa: E731
     x, res = r(batch, chunk, d.width) * 20, r(batch, chunk, d.width) * 20
     norm_w = torch.randn(d.width, device=dev) * 0.1
-    w_qkv, w_o = r((d.heads + 2) * d.head_dim, d.width), r(d.width, d.heads * d.head_dim)
-    w_gu, w_down = r(2 * d.mlp, d.width), r(d.width, d.mlp)
     attn_in, act = r(batch, chunk, d.heads * d.head_dim) * 20, r(batch, chunk, d.mlp) * 20
     total = prefix + 1 + chunk
-    cache_k, cache_v = r(batch, total, d.head_dim) * 20, r(batch, total, d.head_dim) * 20
     pos = torch.arange(chunk, device=dev)[None].expand(batch, chunk) + prefix + 1
     cos, sin = rope_cos_sin(pos, d.head_dim, 10000.0)
     q = r(batch, chunk, d.heads, d.head_dim) * 20
     mask = torch.zeros(batch, 1, total, device=dev, dtype=bf)
-    ks, vs = cache_k[:, prefix + 1 :], cache_v[:, prefix + 1 :]
-    kv = cache_k[:, :, None], cache_v[:, :, None]
     pq = r(batch, prefix, d.heads, d.head_dim) * 20  # the prefix's attention (llm shapes)
-    pk, pv = cache_k[:, :prefix, None], cache_v[:, :prefix, None]
     pmask = torch.zeros(batch, 1, prefix, device=dev, dtype=bf)
     pmask[:, :, prefix - 37 :] = -2.3819763e38  # prompt padding
+    sets = []
+    for _ in range(copies):
+        cache_k, cache_v = r(batch, total, d.head_dim) * 20, r(batch, total, d.head_dim) * 20
+        sets.append(
+            dict(
+                w_qkv=r((d.heads + 2) * d.head_dim, d.width),
+                w_o=r(d.width, d.heads * d.head_dim),
+                w_gu=r(2 * d.mlp, d.width),
+                w_down=r(d.width, d.mlp),
+                ks=cache_k[:, prefix + 1 :],
+                vs=cache_v[:, prefix + 1 :],
+                kv=(cache_k[:, :, None], cache_v[:, :, None]),
+                pkv=(cache_k[:, :prefix, None], cache_v[:, :prefix, None]),
+            )
+        )
+    calls = itertools.count()
+    nxt = lambda: sets[next(calls) % copies]  # noqa: E731 (advances per call, also in capture)
 
     def prefix_attention(ops):
+        pk, pv = nxt()["pkv"]
         if ops.fused:  # the long configuration, whatever its max_rows
             return tf.mqa_attention(pq, pk, pv, pmask, config="mqa_attention_long")
         return ops.attention(pq, pk, pv, pmask)
 
+    def qkv_rope(ops):
+        w = nxt()
+        return ops.qkv_rope(
+            x, norm_w, 1e-6, w["w_qkv"], cos, sin, d.heads, 1, d.head_dim, w["ks"], w["vs"]
+        )
+
     return {
         "attention(prefix)": prefix_attention,
-        "qkv_rope": lambda ops: ops.qkv_rope(
-            x, norm_w, 1e-6, w_qkv, cos, sin, d.heads, 1, d.head_dim, ks, vs
-        ),
-        "linear_residual(o_proj)": lambda ops: ops.linear_residual(attn_in, w_o, res),
-        "norm_geglu": lambda ops: ops.norm_geglu(x, norm_w, 1e-6, w_gu),
-        "linear_residual(down)": lambda ops: ops.linear_residual(act, w_down, res),
-        "attention": lambda ops: ops.attention(q, *kv, mask),
+        "qkv_rope": qkv_rope,
+        "linear_residual(o_proj)": lambda ops: ops.linear_residual(attn_in, nxt()["w_o"], res),
+        "norm_geglu": lambda ops: ops.norm_geglu(x, norm_w, 1e-6, nxt()["w_gu"]),
+        "linear_residual(down)": lambda ops: ops.linear_residual(act, nxt()["w_down"], res),
+        "attention": lambda ops: ops.attention(q, *nxt()["kv"], mask),
     }
 
 
 SWEEP = {
-    "qkv_rope": dict(bn=[16, 32], bk=[64, 128, 256], warps=[4, 8], stages=[2, 4]),
-    "norm_geglu": dict(bn=[16, 32, 64], bk=[64, 128, 256], warps=[4, 8], stages=[2, 4]),
+    "qkv_rope": dict(bm=[16, 64], bn=[16, 32], bk=[64, 128], warps=[4], stages=[3, 4, 6]),
+    "norm_geglu": dict(bm=[16, 64], bn=[16, 32], bk=[64, 128], warps=[4], stages=[3, 4, 6]),
     "linear_residual": dict(
-        bn=[32, 64, 128], bk=[64, 128, 256], split=[0, 2, 4, 8, 16], warps=[4], stages=[3]
+        bm=[16, 64], bn=[32, 64], bk=[64, 128], split=[4, 8, 16], warps=[4], stages=[3, 5]
     ),
     "mqa_attention": dict(
-        br=[16, 32, 64],
-        bkv=[64, 128],
-        split=[4, 8, 16],
-        warps=[8],
-        stages=[2],
-        merge=["last", "kernel"],
+        br=[16, 32, 64], bkv=[64, 128], split=[4, 8, 16], warps=[8], stages=[2], merge=["kernel"]
     ),
     "mqa_attention_long": dict(
         br=[32, 64], bkv=[16, 32, 64], split=[1, 2], warps=[4, 8], stages=[2, 3], merge=["kernel"]
@@ -133,17 +147,28 @@ def main():
     p.add_argument(
         "--sweep", nargs="*", default=None, help="sweep these CONFIG entries (none named: all)"
     )
+    p.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="weight/cache sets cycled through (8: weights from HBM, as in the model)",
+    )
+    p.add_argument("--ops", nargs="*", default=None, help="only these cases")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     composed, fused = native_ops(), native_ops().with_fused_kernels()
     rows = []
     for batch in args.batch:
-        for name, fn in expert_cases(batch, chunk=args.tokens, tower=args.tower).items():
+        cases = expert_cases(batch, chunk=args.tokens, tower=args.tower, copies=args.copies)
+        for name, fn in cases.items():
+            if args.ops and name not in args.ops:
+                continue
             row = {
                 "batch": batch,
                 "tower": args.tower,
                 "tokens": args.tokens,
                 "op": name,
+                "copies": args.copies,
                 "composed_us": graph_ms(lambda: fn(composed)),
             }
             row["fused_us"] = graph_ms(lambda: fn(fused))

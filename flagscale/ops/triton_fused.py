@@ -575,9 +575,10 @@ def _row_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-def _block_m(m: int) -> int:
-    """Row tile: every row in one tile up to 128 rows, else 128-row tiles."""
-    return min(128, max(16, triton.next_power_of_2(m)))
+def _block_m(m: int, cfg: dict) -> int:
+    """Row tile: `cfg["bm"]` if set, else every row in one tile up to 128 rows, else 128-row
+    tiles. Smaller tiles mean more programs reading each weight slice (from L2 after the first)."""
+    return cfg.get("bm") or min(128, max(16, triton.next_power_of_2(m)))
 
 
 def folded_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
@@ -607,7 +608,7 @@ def qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k
     x2 = x.reshape(m, width)
     q = torch.empty(b, t, heads * head_dim, dtype=x.dtype, device=x.device)
     cfg = CONFIG["qkv_rope"]
-    bm, bn, bk = _block_m(m), cfg["bn"], cfg["bk"]
+    bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
     assert k_out.stride() == v_out.stride() and k_out.stride(-1) == 1 and x2.stride(-1) == 1
     assert cos.is_contiguous() and sin.is_contiguous() and (head_dim // 2) % bn == 0
     assert width % bk == 0
@@ -629,7 +630,7 @@ def norm_geglu(x, norm_weight, eps, weight):
     m, f = x2.shape[0], weight.shape[0] // 2
     out = torch.empty(m, f, dtype=x.dtype, device=x.device)
     cfg = CONFIG["norm_geglu"]
-    bm, bn, bk = _block_m(m), cfg["bn"], cfg["bk"]
+    bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
     assert f % bn == 0 and width % bk == 0 and x2.stride(-1) == 1
     w = folded_weight(weight, norm_weight)
     grid = (f // bn, triton.cdiv(m, bm))
@@ -648,7 +649,7 @@ def linear_residual(x, weight, residual, split=None):
     m = x2.shape[0]
     out = torch.empty_like(r2)
     cfg = CONFIG["linear_residual"]
-    bm, bn, bk = _block_m(m), cfg["bn"], cfg["bk"]
+    bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
     split = split or cfg["split"] or max(1, min(8, k // (4 * bk)))
     while k % (split * bk):
         split -= 1
