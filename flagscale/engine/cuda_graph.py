@@ -37,6 +37,10 @@ class CudaGraphSampler:
         self.model = model
         self.buckets = sorted(set(int(b) for b in batch_buckets))
         self.graphs: Dict[Tuple[int, int, int], _Graph] = {}
+        # One memory pool for every graph: they replay one at a time on one stream and each
+        # result is copied out right after its replay, so their activations can share memory
+        # (peak memory is the largest graph's, not the sum over buckets).
+        self.pool = torch.cuda.graph_pool_handle()
         self.captures = 0
         self.replays = 0
 
@@ -96,7 +100,7 @@ class CudaGraphSampler:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             static_out = run()
         torch.cuda.synchronize()
         self.captures += 1

@@ -145,7 +145,7 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
     if cfg.warmup and hasattr(policy, "warmup"):
         start = time.perf_counter()
         policy.warmup(
-            batch_sizes=batch_buckets(cfg.max_batch_size),
+            batch_sizes=batch_buckets(cfg),
             num_steps_list=sorted({cfg.num_steps, *cfg.warmup_num_steps}),
         )
         logger.info("warm-up done in %.1f s", time.perf_counter() - start)
@@ -167,11 +167,17 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
         )
 
 
-def batch_buckets(max_batch_size: int) -> list:
-    """Batch sizes to warm up / capture: powers of two below max_batch_size, and max_batch_size
-    (CUDA graphs pad a batch up to the next bucket)."""
-    buckets = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < max_batch_size]
-    return buckets + [max_batch_size]
+def batch_buckets(cfg: ServeConfig) -> list:
+    """Batch sizes to warm up / capture (CUDA graphs pad a batch up to the next bucket), always
+    ending at max_batch_size. `engine.batch_buckets` if set; else every size up to 8 (a batch of
+    5 then runs as 5, not padded to 8: the model's time grows with the batch) and powers of two
+    above 8."""
+    top = cfg.max_batch_size
+    if cfg.batch_buckets:
+        sizes = set(cfg.batch_buckets)
+    else:
+        sizes = set(range(1, min(8, top) + 1)) | {b for b in (16, 32, 64, 128) if b < top}
+    return sorted(sizes | {top})
 
 
 def _check_dims(policy, meta, cfg: ServeConfig, fixed_noise) -> None:

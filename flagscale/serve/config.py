@@ -101,6 +101,7 @@ class ServeConfig:
     deterministic: bool = False
     fixed_noise: str | None = None
     max_batch_size: int = 8
+    batch_buckets: tuple = ()
     max_wait_ms: float = 0.0
     max_queue: int = 64
     max_body_mb: float = 32.0
@@ -419,6 +420,7 @@ _PARSERS = {
     "deterministic": _as_bool,
     "fixed_noise": _as_noise_file,
     "max_batch_size": lambda k, v: _as_int(k, v, 1, 256),
+    "batch_buckets": lambda k, v: _as_buckets(k, v),
     "max_wait_ms": lambda k, v: _as_float(k, v, 0.0, 1000.0),
     "max_queue": lambda k, v: _as_int(k, v, 1, 100000),
     "max_body_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),
@@ -497,6 +499,16 @@ def _as_steps_list(key: str, value) -> tuple:
     return tuple(_as_int(key, v, 1, 1000) for v in value)
 
 
+def _as_buckets(key: str, value) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, (int, str)) or not hasattr(value, "__iter__"):
+        raise ConfigError(
+            f"{key}: expected a list of batch sizes, e.g. [1, 2, 4, 8], got {value!r}"
+        )
+    return tuple(sorted({_as_int(f"{key}[{i}]", v, 1, 256) for i, v in enumerate(value)}))
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
@@ -534,6 +546,11 @@ def _check_cross_fields(cfg: ServeConfig) -> None:
         raise ConfigError(
             f"serve.engine.num_steps: must be in 1..{cfg.max_num_steps} "
             f"(serve.engine.max_num_steps), got {cfg.num_steps}"
+        )
+    too_big = [b for b in cfg.batch_buckets if b > cfg.max_batch_size]
+    if too_big:
+        raise ConfigError(
+            f"serve.engine.batch_buckets: {too_big} exceed max_batch_size {cfg.max_batch_size}"
         )
     if cfg.host in ("", "*"):
         raise ConfigError(f"serve.engine.host: invalid bind address {cfg.host!r}")

@@ -78,7 +78,7 @@ def build_policy(cfg: ServeConfig):
     if cfg.cuda_graphs and cfg.device.startswith("cuda"):
         from flagscale.serve.app import batch_buckets
 
-        policy.enable_cuda_graphs(batch_buckets(cfg.max_batch_size), compile=cfg.compile)
+        policy.enable_cuda_graphs(batch_buckets(cfg), compile=cfg.compile)
     elif cfg.cuda_graphs:
         logger.info("engine.cuda_graphs ignored on device %s", cfg.device)
     return policy

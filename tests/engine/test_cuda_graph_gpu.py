@@ -63,6 +63,25 @@ def test_bucket_selection_and_no_recapture(policy):
     assert sampler.captures == 2
 
 
+def test_graphs_share_one_pool_without_clobbering(policy):
+    """Every bucket's graph allocates from one memory pool: replaying one bucket must not change
+    another's results, and a second bucket adds little memory."""
+    from flagscale.engine.cuda_graph import CudaGraphSampler
+
+    sampler = CudaGraphSampler(policy.model, (1, 2, 3))
+    small, large = _inputs(policy, 1, seed=7), _inputs(policy, 3, seed=8)
+    first_small = sampler(**small, num_steps=4)
+    torch.cuda.synchronize()
+    one_graph = torch.cuda.memory_reserved()
+    first_large = sampler(**large, num_steps=4)
+    for _ in range(3):  # interleaved replays of the two graphs
+        assert torch.equal(sampler(**small, num_steps=4), first_small)
+        assert torch.equal(sampler(**large, num_steps=4), first_large)
+    assert sampler.captures == 2
+    # the tiny model's activations are a few MB; two separate pools would at least double them
+    assert torch.cuda.memory_reserved() - one_graph < 64 * 2**20
+
+
 def test_policy_with_graphs_matches_batch_rows(policy):
     policy.enable_cuda_graphs((1, 2, 4))
     try:

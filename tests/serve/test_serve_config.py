@@ -42,6 +42,22 @@ def test_demo_task_file_loads():
     }
 
 
+@pytest.mark.parametrize(
+    "values,expected",
+    [
+        ({}, [1, 2, 3, 4, 5, 6, 7, 8]),  # the default max_batch_size 8: every size
+        ({"max_batch_size": 3}, [1, 2, 3]),
+        ({"max_batch_size": 40}, [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 40]),
+        ({"batch_buckets": [4, 1, 2, 2]}, [1, 2, 4, 8]),  # max_batch_size is always a bucket
+        ({"batch_buckets": [1, 2], "max_batch_size": 2}, [1, 2]),
+    ],
+)
+def test_batch_buckets(values, expected):
+    from flagscale.serve.app import batch_buckets
+
+    assert batch_buckets(load_serve_config(engine(**values), env={})) == expected
+
+
 def fake_checkpoint(tmp_path, files=("config.json", "model.safetensors")):
     model, tok = tmp_path / "pi0", tmp_path / "tok"
     model.mkdir(), tok.mkdir()
@@ -191,6 +207,13 @@ BAD = [
     ),
     ("batch size", engine(max_batch_size=0), "serve.engine.max_batch_size: must be in 1..256"),
     ("wait", engine(max_wait_ms=-1), "serve.engine.max_wait_ms: must be in 0.0..1000.0"),
+    ("buckets scalar", engine(batch_buckets=4), "serve.engine.batch_buckets: expected a list"),
+    ("bucket zero", engine(batch_buckets=[0, 2]), "serve.engine.batch_buckets[0]: must be in"),
+    (
+        "bucket too big",
+        engine(batch_buckets=[1, 16], max_batch_size=8),
+        "serve.engine.batch_buckets: [16] exceed max_batch_size 8",
+    ),
     ("seed", engine(seed=-3), "serve.engine.seed: must be in 0.."),
     (
         "no model",
