@@ -6,6 +6,7 @@ Inputs:  camera images (H x W x 3 uint8) -> resize-with-pad -> [-1, 1]; missing 
 Outputs: actions (normalized, padded) -> unnormalize -> (adapt_to_pi_aloha) -> cut to action dim.
 """
 
+import functools
 import json
 import os
 import threading
@@ -30,22 +31,27 @@ def resize_with_pad(images: torch.Tensor, size: int, pad_mode: str = "center") -
 
     openpi pads centered (extra pixel bottom/right); lerobot G1 / FlagScale v1 pads top and left.
     """
-    if pad_mode not in PAD_MODES:
-        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     h, w = images.shape[-2:]
+    new_h, new_w, top, left = pad_geometry(h, w, size, pad_mode)
     if (h, w) == (size, size):
         return images
+    resized = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    pads = (left, size - new_w - left, top, size - new_h - top)
+    return F.pad(resized.clamp(0.0, 1.0), pads, value=0.0)
+
+
+def pad_geometry(h: int, w: int, size: int, pad_mode: str = "center") -> tuple:
+    """(new_h, new_w, top, left): the resized image's size and its offset in the size x size
+    output of `resize_with_pad`."""
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
     ratio = max(w / size, h / size)
     # at least one pixel: a 4000x1 image would otherwise resize to 0 rows and fail
     new_h, new_w = max(1, int(h / ratio)), max(1, int(w / ratio))
-    resized = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
     pad_h, pad_w = size - new_h, size - new_w
     if pad_mode == "center":
-        top, left = pad_h // 2, pad_w // 2
-    else:
-        top, left = pad_h, pad_w
-    pads = (left, pad_w - left, top, pad_h - top)
-    return F.pad(resized.clamp(0.0, 1.0), pads, value=0.0)
+        return new_h, new_w, pad_h // 2, pad_w // 2
+    return new_h, new_w, pad_h, pad_w
 
 
 def prepare_images(
@@ -80,13 +86,30 @@ def prepare_images(
 
 def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
     """Equal-size uint8 images [(sample, slot, H x W x 3)] -> [G, 3, S, S] in [-1, 1] on device:
-    one copy into (pinned, on CUDA) host memory, one host-to-device copy, one resize."""
+    one copy into (pinned, on CUDA) host memory, one host-to-device copy, one resize (on CUDA
+    one Triton kernel, the same arithmetic as the torch ops)."""
     device = torch.device(device)
     h, w = group[0][2].shape[:2]
-    staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=device.type == "cuda")
+    cuda = device.type == "cuda"
+    staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=cuda)
     np.stack([a for _, _, a in group], out=staged.numpy())
-    batch = staged.to(device, non_blocking=True).permute(0, 3, 1, 2).float() / 255.0
+    frames = staged.to(device, non_blocking=True)
+    if cuda and _triton_image() is not None:
+        return _triton_image().resize_pad_normalize(
+            frames, pad_geometry(h, w, size, pad_mode), size
+        )
+    batch = frames.permute(0, 3, 1, 2).float() / 255.0
     return resize_with_pad(batch, size, pad_mode) * 2.0 - 1.0
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_image():
+    """The Triton preprocessing kernel's module, or None without Triton."""
+    try:
+        from flagscale.ops import triton_image
+    except ImportError:
+        return None
+    return triton_image
 
 
 def _check_image(key: str, image) -> None:
