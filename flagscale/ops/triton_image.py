@@ -4,8 +4,9 @@ uint8 [G, H, W, 3] frames (as decoded) -> float32 [G, 3, S, S] in [-1, 1]: the s
 as `processing.resize_with_pad(frames.permute(0, 3, 1, 2).float() / 255) * 2 - 1` (torch's
 bilinear `F.interpolate`, align_corners=False: source index max(scale * (dst + 0.5) - 0.5, 0),
 fp32 weights; clamp to [0, 1]; black padding), in one launch instead of seven kernels and three
-full-size fp32 intermediates. Results agree with torch's CUDA kernels to fp32 rounding (the
-products may fuse differently); tests bound the difference.
+full-size fp32 intermediates. The products are fused into FMAs exactly as nvcc compiles torch's
+CUDA kernel, so the images are bit-identical to the torch path on CUDA (tested on an H200 for
+48x64, 20x24, 640x480 and 1280x720 frames).
 """
 
 import numpy as np
@@ -44,7 +45,10 @@ def _resize_pad_kernel(
         p01 = tl.load(row0 + x1 * 3 + c, inside, other=0).to(tl.float32) * inv255
         p10 = tl.load(row1 + x0 * 3 + c, inside, other=0).to(tl.float32) * inv255
         p11 = tl.load(row1 + x1 * 3 + c, inside, other=0).to(tl.float32) * inv255
-        val = ly0 * (lx0 * p00 + lx1 * p01) + ly1 * (lx0 * p10 + lx1 * p11)
+        # the FMAs torch's CUDA kernel (nvcc contraction) computes: bit-identical results
+        upper = tl.fma(lx0, p00, lx1 * p01)
+        lower = tl.fma(lx0, p10, lx1 * p11)
+        val = tl.fma(ly0, upper, ly1 * lower)
         val = tl.minimum(tl.maximum(val, 0.0), 1.0)
         out = tl.where(inside, val * 2.0 - 1.0, -1.0)
         tl.store(out_ptr + ((g * 3 + c) * S + y) * S + cols, out, cols < S)
