@@ -27,7 +27,8 @@ def _resize_pad_kernel(
     cols = tl.arange(0, BLOCK)
     xx = cols - left
     yy = y - top
-    inside = (cols < S) & (xx >= 0) & (xx < new_w) & (yy >= 0) & (yy < new_h)
+    row_width = tl.where((yy >= 0) & (yy < new_h), new_w, 0)  # 0 columns in a padding row
+    inside = (cols < S) & (xx >= 0) & (xx < row_width)
     sy = tl.maximum(scale_h * (yy.to(tl.float32) + 0.5) - 0.5, 0.0)
     y0 = sy.to(tl.int32)  # sy >= 0: truncation is floor
     y1 = y0 + tl.where(y0 < H - 1, 1, 0)
