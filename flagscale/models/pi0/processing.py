@@ -94,7 +94,7 @@ def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
     staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=cuda)
     np.stack([a for _, _, a in group], out=staged.numpy())
     frames = staged.to(device, non_blocking=True)
-    if cuda and _triton_image() is not None:
+    if cuda and _image_kernel_ok(device):
         return _triton_image().resize_pad_normalize(
             frames, pad_geometry(h, w, size, pad_mode), size
         )
@@ -110,6 +110,12 @@ def _triton_image():
     except ImportError:
         return None
     return triton_image
+
+
+@functools.lru_cache(maxsize=None)
+def _image_kernel_ok(device: torch.device) -> bool:
+    """Triton installed and the GPU an Ampere or newer (older cards keep the torch ops)."""
+    return _triton_image() is not None and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _check_image(key: str, image) -> None:
