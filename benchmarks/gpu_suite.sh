@@ -21,16 +21,17 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 
 step "GPU tests"
 python -m pytest -q -m "gpu or not gpu" tests/engine tests/ops/test_triton_fused.py \
-  tests/models/test_fused_model.py tests/models/test_pi0_model.py tests/models/test_pi0_processing.py \
+  tests/ops/test_triton_image.py tests/models/test_fused_model.py tests/models/test_pi0_model.py tests/models/test_pi0_processing.py \
   tests/serve/test_serve_codec.py tests/serve/test_serve_http.py 2>&1 | tail -5 | tee "$OUT_DIR/pytest_gpu.txt"
 
 step "fused kernels vs composed ops (expert layer shapes)"
 python benchmarks/bench_kernels.py --batch 1 2 4 8 --out "$OUT_DIR/kernels.json"
+python benchmarks/bench_kernels.py --batch 1 --copies 8 --out "$OUT_DIR/kernels_hbm.json"
 python benchmarks/profile_model.py --steps 1 > "$OUT_DIR/profile_steps1.txt" 2>&1
 
 step "model latency"
 if [ "${QUICK:-0}" = 1 ]; then grid=(--batch 1 --cameras 3 --steps 10); else
-  grid=(--batch 1 2 4 8 --cameras 1 2 3 --steps 10 20); fi
+  grid=(--batch 1 2 3 4 5 6 7 8 --cameras 1 2 3 --steps 10 20); fi
 python benchmarks/bench_model.py --graphs off on --fused on off --batch 1 --cameras 3 --steps 1 10 \
   --iters 30 --out "$OUT_DIR/model_b1.json" | grep '"ops"'
 python benchmarks/bench_model.py --graphs on "${grid[@]}" --iters 20 --out "$OUT_DIR/model_grid.json" \
@@ -45,6 +46,8 @@ serve=(--config-path ./examples/pi0/conf --config-name serve experiment.exp_dir=
 if python run.py "${serve[@]}" action=run; then
   python benchmarks/bench_http.py --port "$PORT" --clients 1 4 8 --requests 50 \
     | tee "$OUT_DIR/http.jsonl"
+  python benchmarks/bench_http.py --port "$PORT" --clients 1 4 8 --requests 50 --keep-alive \
+    | tee "$OUT_DIR/http_keepalive.jsonl"
   python run.py "${serve[@]}" action=stop
 fi
 
