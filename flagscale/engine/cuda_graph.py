@@ -4,7 +4,9 @@ One graph per (batch bucket, cameras, num_steps): SigLIP, the prefix pass, the s
 Euler step are captured together, so a request is a few `copy_` into static input buffers plus one
 `replay()`. Batches are padded up to the next bucket (rows are independent, so padding rows never
 change the real rows' actions). Capture happens during warm-up; an unseen shape is captured on first
-use (and counted in `captures`, so steady-state recapture is visible).
+use (and counted in `captures`, so steady-state recapture is visible) until `max_graphs` exist;
+shapes beyond that run eagerly (counted in `eager_calls`): requests cycling through num_steps
+values or camera counts cannot grow GPU memory and capture stalls without bound.
 """
 
 import time
@@ -28,7 +30,7 @@ class _Graph:
 class CudaGraphSampler:
     """Drop-in replacement for `model.sample_actions` (same arguments, same result)."""
 
-    def __init__(self, model, batch_buckets: Sequence[int] = (1, 2, 4, 8)):
+    def __init__(self, model, batch_buckets: Sequence[int] = (1, 2, 4, 8), max_graphs: int = 64):
         if model.device.type != "cuda":
             raise RuntimeError("CUDA graphs need the model on a CUDA device")
         # Measured on H200 / torch 2.11: cuDNN SDPA captured in a graph kept ~80 GB of workspace
@@ -37,12 +39,15 @@ class CudaGraphSampler:
         self.model = model
         self.buckets = sorted(set(int(b) for b in batch_buckets))
         self.graphs: Dict[Tuple[int, int, int], _Graph] = {}
-        # One memory pool for every graph: they replay one at a time on one stream and each
-        # result is copied out right after its replay, so their activations can share memory
-        # (peak memory is the largest graph's, not the sum over buckets).
-        self.pool = torch.cuda.graph_pool_handle()
+        self.max_graphs = int(max_graphs)
+        # One memory pool for every graph (created at the first capture): they replay one at a
+        # time on one stream and each result is copied out right after its replay, so their
+        # activations can share memory (peak memory is the largest graph's, not the sum).
+        self.pool = None
         self.captures = 0
         self.replays = 0
+        self.eager_calls = 0
+        self._warned_full = False
 
     def bucket(self, batch: int) -> int:
         for b in self.buckets:
@@ -72,15 +77,33 @@ class CudaGraphSampler:
         )
         batch = images.shape[0]
         bucket = self.bucket(batch)
-        if noise is None or bucket == 0:
-            return self.model.sample_actions(**inputs, num_steps=num_steps, generator=generator)
         key = (bucket, images.shape[1], num_steps)
-        entry = self.graphs.get(key) or self._capture(key, inputs)
+        entry = None
+        if noise is not None and bucket:  # a graph takes the noise as one of its inputs
+            entry = self.graphs.get(key) or (
+                self._capture(key, inputs) if self._room(key) else None
+            )
+        if entry is None:  # no noise given, batch above every bucket, or max_graphs reached
+            self.eager_calls += 1
+            return self.model.sample_actions(**inputs, num_steps=num_steps, generator=generator)
         for name in INPUTS:
             _copy_padded(entry.static_in[name], inputs[name])
         entry.graph.replay()
         self.replays += 1
         return entry.static_out[:batch].clone()
+
+    def _room(self, key) -> bool:
+        if len(self.graphs) < self.max_graphs:
+            return True
+        if not self._warned_full:
+            self._warned_full = True
+            logger.warning(
+                "%d CUDA graphs captured (engine.max_graphs); batch=%d cameras=%d steps=%d and "
+                "other new shapes run eagerly (slower)",
+                self.max_graphs,
+                *key,
+            )
+        return False
 
     def _capture(self, key, example) -> _Graph:
         bucket, _, num_steps = key
@@ -100,6 +123,8 @@ class CudaGraphSampler:
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
             static_out = run()
         torch.cuda.synchronize()

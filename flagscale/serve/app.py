@@ -278,6 +278,22 @@ def _health(worker: InferenceWorker, cfg: ServeConfig) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
+def _graph_stats(policy) -> dict | None:
+    """The CUDA-graph sampler's counters (None without graphs): steady-state captures or eager
+    calls show up here."""
+    sampler = getattr(policy, "sampler", None)
+    if not hasattr(sampler, "graphs"):
+        return None
+    return {
+        "graphs": len(sampler.graphs),
+        "max_graphs": sampler.max_graphs,
+        "shapes": [dict(zip(("batch", "cameras", "num_steps"), k)) for k in sorted(sampler.graphs)],
+        "captures": sampler.captures,
+        "replays": sampler.replays,
+        "eager_calls": sampler.eager_calls,
+    }
+
+
 def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
     policy = worker.policy
     return {
@@ -286,6 +302,7 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
         "version": __version__,
         "random_init": cfg.random_init,
         "metadata": None if policy is None else dict(policy.metadata),
+        "cuda_graphs": _graph_stats(policy),
         "ops": cfg.ops,
         "device": cfg.device,
         "dtype": cfg.torch_dtype,

@@ -102,6 +102,7 @@ class ServeConfig:
     fixed_noise: str | None = None
     max_batch_size: int = 8
     batch_buckets: tuple = ()
+    max_graphs: int = 64
     max_wait_ms: float = 0.0
     max_queue: int = 64
     max_body_mb: float = 32.0
@@ -421,6 +422,7 @@ _PARSERS = {
     "fixed_noise": _as_noise_file,
     "max_batch_size": lambda k, v: _as_int(k, v, 1, 256),
     "batch_buckets": lambda k, v: _as_buckets(k, v),
+    "max_graphs": lambda k, v: _as_int(k, v, 1, 4096),
     "max_wait_ms": lambda k, v: _as_float(k, v, 0.0, 1000.0),
     "max_queue": lambda k, v: _as_int(k, v, 1, 100000),
     "max_body_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),

@@ -78,7 +78,16 @@ def build_policy(cfg: ServeConfig):
     if cfg.cuda_graphs and cfg.device.startswith("cuda"):
         from flagscale.serve.app import batch_buckets
 
-        policy.enable_cuda_graphs(batch_buckets(cfg), compile=cfg.compile)
+        buckets = batch_buckets(cfg)
+        policy.enable_cuda_graphs(buckets, compile=cfg.compile, max_graphs=cfg.max_graphs)
+        warm = len(buckets) * len({cfg.num_steps, *cfg.warmup_num_steps}) if cfg.warmup else 0
+        if warm > cfg.max_graphs:
+            logger.warning(
+                "engine.max_graphs=%d is below the %d graphs warm-up captures (batch buckets x "
+                "num_steps values): the rest run eagerly",
+                cfg.max_graphs,
+                warm,
+            )
     elif cfg.cuda_graphs:
         logger.info("engine.cuda_graphs ignored on device %s", cfg.device)
     return policy

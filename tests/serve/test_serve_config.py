@@ -209,6 +209,7 @@ BAD = [
     ("wait", engine(max_wait_ms=-1), "serve.engine.max_wait_ms: must be in 0.0..1000.0"),
     ("buckets scalar", engine(batch_buckets=4), "serve.engine.batch_buckets: expected a list"),
     ("bucket zero", engine(batch_buckets=[0, 2]), "serve.engine.batch_buckets[0]: must be in"),
+    ("graphs zero", engine(max_graphs=0), "serve.engine.max_graphs: must be in 1..4096"),
     (
         "bucket too big",
         engine(batch_buckets=[1, 16], max_batch_size=8),

@@ -92,6 +92,7 @@ def test_info_describes_model_and_limits(http):
     assert body["limits"]["max_body_mb"] == 1
     assert body["limits"]["max_batch_size"] == 4
     assert body["num_steps"] == {"default": 10, "max": 100}
+    assert body["cuda_graphs"] is None  # CPU: no graphs
 
 
 # ---------------------------------------------------------------- valid requests

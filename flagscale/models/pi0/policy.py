@@ -334,9 +334,10 @@ class PI0Policy:
             "prompt": "pick up the cube",
         }
 
-    def enable_cuda_graphs(self, batch_buckets=(1, 2, 4, 8), compile=False):
-        """Replay whole-request CUDA graphs instead of eager kernels (GPU only). With `compile`,
-        the passes are first torch.compile'd (native ops only; compiled during warm-up)."""
+    def enable_cuda_graphs(self, batch_buckets=(1, 2, 4, 8), compile=False, max_graphs=64):
+        """Replay whole-request CUDA graphs instead of eager kernels (GPU only): one per (batch
+        bucket, cameras, num_steps), at most `max_graphs` (further shapes run eagerly). With
+        `compile`, the passes are first torch.compile'd (native ops only; during warm-up)."""
         from flagscale.engine.cuda_graph import CudaGraphSampler
 
         if compile:
@@ -344,7 +345,7 @@ class PI0Policy:
                 raise ValueError("compile=True needs the native op backend (FlagGems: graphs only)")
             # with the fused kernels (opaque to torch.compile) only the prefix is compiled
             self.model.compile_passes(("prefix",) if self.model.ops.fused else None)
-        self.sampler = CudaGraphSampler(self.model, batch_buckets)
+        self.sampler = CudaGraphSampler(self.model, batch_buckets, max_graphs=max_graphs)
         return self.sampler
 
     def warmup(self, batch_sizes: List[int] = (1,), num_steps_list: List[int] = (None,)):
