@@ -144,8 +144,11 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
     _check_dims(policy, meta, cfg, fixed_noise)
     if cfg.warmup and hasattr(policy, "warmup"):
         start = time.perf_counter()
+        # on a GPU every bucket (graph capture, Triton / FlagGems compilation per shape); on the
+        # CPU nothing is captured or compiled: one batch size warms the code paths
+        on_gpu = str(cfg.device).startswith("cuda")
         policy.warmup(
-            batch_sizes=batch_buckets(cfg),
+            batch_sizes=batch_buckets(cfg) if on_gpu else [1],
             num_steps_list=sorted({cfg.num_steps, *cfg.warmup_num_steps}),
         )
         logger.info("warm-up done in %.1f s", time.perf_counter() - start)
