@@ -148,8 +148,7 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
         # CPU nothing is captured or compiled: one batch size warms the code paths
         on_gpu = str(cfg.device).startswith("cuda")
         policy.warmup(
-            batch_sizes=batch_buckets(cfg) if on_gpu else [1],
-            num_steps_list=sorted({cfg.num_steps, *cfg.warmup_num_steps}),
+            batch_sizes=batch_buckets(cfg) if on_gpu else [1], num_steps_list=warmup_steps(cfg)
         )
         logger.info("warm-up done in %.1f s", time.perf_counter() - start)
     probe = {
@@ -168,6 +167,11 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
             f"serve.engine.action_horizon/action_dim: the model returns actions of shape "
             f"{list(actions.shape)}, cannot cut [:{cfg.action_horizon}, :{cfg.action_dim}]"
         )
+
+
+def warmup_steps(cfg: ServeConfig) -> list:
+    """The num_steps values warmed up (and captured): the default and engine.warmup_num_steps."""
+    return sorted({cfg.num_steps, *cfg.warmup_num_steps})
 
 
 def batch_buckets(cfg: ServeConfig) -> list:

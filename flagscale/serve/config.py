@@ -493,18 +493,20 @@ def _as_openpi_images(key: str, value) -> dict:
     return images
 
 
+def _is_scalar(value) -> bool:
+    return isinstance(value, (int, str)) or not hasattr(value, "__iter__")
+
+
 def _as_steps_list(key: str, value) -> tuple:
     if value is None:
         return ()
-    if isinstance(value, (int, str)) or not hasattr(value, "__iter__"):
-        value = [value]
-    return tuple(_as_int(key, v, 1, 1000) for v in value)
+    return tuple(_as_int(key, v, 1, 1000) for v in ([value] if _is_scalar(value) else value))
 
 
 def _as_buckets(key: str, value) -> tuple:
     if value is None:
         return ()
-    if isinstance(value, (int, str)) or not hasattr(value, "__iter__"):
+    if _is_scalar(value):
         raise ConfigError(
             f"{key}: expected a list of batch sizes, e.g. [1, 2, 4, 8], got {value!r}"
         )

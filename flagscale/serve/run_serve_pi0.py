@@ -76,11 +76,11 @@ def build_policy(cfg: ServeConfig):
     """Runs in the inference thread: build or load the policy, then turn on CUDA graphs."""
     policy = _construct_policy(cfg)
     if cfg.cuda_graphs and cfg.device.startswith("cuda"):
-        from flagscale.serve.app import batch_buckets
+        from flagscale.serve.app import batch_buckets, warmup_steps
 
         buckets = batch_buckets(cfg)
         policy.enable_cuda_graphs(buckets, compile=cfg.compile, max_graphs=cfg.max_graphs)
-        warm = len(buckets) * len({cfg.num_steps, *cfg.warmup_num_steps}) if cfg.warmup else 0
+        warm = len(buckets) * len(warmup_steps(cfg)) if cfg.warmup else 0
         if warm > cfg.max_graphs:
             logger.warning(
                 "engine.max_graphs=%d is below the %d graphs warm-up captures (batch buckets x "

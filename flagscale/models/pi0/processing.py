@@ -94,28 +94,24 @@ def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
     staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=cuda)
     np.stack([a for _, _, a in group], out=staged.numpy())
     frames = staged.to(device, non_blocking=True)
-    if cuda and _image_kernel_ok(device):
-        return _triton_image().resize_pad_normalize(
-            frames, pad_geometry(h, w, size, pad_mode), size
-        )
+    kernel = _image_kernel(device) if cuda else None
+    if kernel is not None:
+        return kernel.resize_pad_normalize(frames, pad_geometry(h, w, size, pad_mode), size)
     batch = frames.permute(0, 3, 1, 2).float() / 255.0
     return resize_with_pad(batch, size, pad_mode) * 2.0 - 1.0
 
 
-@functools.lru_cache(maxsize=1)
-def _triton_image():
-    """The Triton preprocessing kernel's module, or None without Triton."""
+@functools.lru_cache(maxsize=None)
+def _image_kernel(device: torch.device):
+    """The Triton preprocessing kernel's module for a CUDA device, or None: without Triton, or
+    on GPUs older than Ampere (they keep the torch ops)."""
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return None
     try:
         from flagscale.ops import triton_image
     except ImportError:
         return None
     return triton_image
-
-
-@functools.lru_cache(maxsize=None)
-def _image_kernel_ok(device: torch.device) -> bool:
-    """Triton installed and the GPU an Ampere or newer (older cards keep the torch ops)."""
-    return _triton_image() is not None and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _check_image(key: str, image) -> None:
