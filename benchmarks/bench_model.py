@@ -74,7 +74,12 @@ def run(args):
     for ops, fused in itertools.product(args.ops, args.fused):
         t0 = time.perf_counter()
         policy = PI0Policy.random(
-            args.preset, device="cuda", dtype=args.dtype, ops=ops, fused_kernels=fused == "on"
+            args.preset,
+            device="cuda",
+            dtype=args.dtype,
+            ops=ops,
+            fused_kernels=fused != "off",
+            persistent_layers=fused == "on",  # "ops": five kernels per expert layer
         )
         build_s = time.perf_counter() - t0
         for graphs in args.graphs:
@@ -133,7 +138,11 @@ def main():
     p.add_argument("--ops", nargs="+", default=["native"])
     p.add_argument("--graphs", nargs="+", default=["on"], choices=["on", "off"])
     p.add_argument(
-        "--fused", nargs="+", default=["on"], choices=["on", "off"], help="fused Triton kernels"
+        "--fused",
+        nargs="+",
+        default=["on"],
+        choices=["on", "ops", "off"],
+        help="fused Triton kernels (ops: five per expert layer, not one persistent launch)",
     )
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--cameras", nargs="+", type=int, default=[3])

@@ -52,16 +52,18 @@ class Ops:
             text += f"; fused Triton kernels: {', '.join(self.fused)}"
         return text
 
-    def with_fused_kernels(self) -> "Ops":
+    def with_fused_kernels(self, persistent_layers: bool = True) -> "Ops":
         """This table plus the fused Triton kernels (CUDA): each replaces a composite (or
         attention) for the shapes it covers and falls back to it elsewhere. With a backend other
         than native, only the action expert's short inputs take them; long (prefix) inputs keep
-        the backend's own ops instead of the cuBLAS-based long path."""
+        the backend's own ops instead of the cuBLAS-based long path. `persistent_layers` adds
+        `decoder_layer`: a whole expert layer (short inputs) in one persistent launch."""
         try:
             from flagscale.ops import triton_fused
         except ImportError as err:
             raise RuntimeError(f"fused kernels need Triton (pip install triton): {err}") from err
-        return Ops(self.backend, dict(self.routes), self.impls, triton_fused.dispatchers(self))
+        fused = triton_fused.dispatchers(self, persistent_layers)
+        return Ops(self.backend, dict(self.routes), self.impls, fused)
 
 
 def native_ops() -> Ops:

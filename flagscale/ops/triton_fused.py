@@ -149,14 +149,47 @@ def _qkv_rope_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """Program (p, m): head p // PAIRS, columns j..j+BN of its first half and j+HALF.. of its
-    second half (RoPE partners); q/k heads rotated, v heads copied."""
+    _qkv_rope_tile(
+        tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
+        M, T, eps, stride_xm, stride_wn, stride_qm, stride_cb, stride_ct, K, HEAD_DIM, N_Q, N_KV,
+        BM, BN, BK,
+    )  # fmt: skip
+
+
+@triton.jit
+def _qkv_rope_tile(
+    pid,
+    pid_m,
+    x_ptr,
+    w_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    M,
+    T,
+    eps,
+    stride_xm,
+    stride_wn,
+    stride_qm,
+    stride_cb,
+    stride_ct,
+    K: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    N_Q: tl.constexpr,
+    N_KV: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """Tile (pid, pid_m): head pid // PAIRS, columns j..j+BN of its first half and j+HALF.. of
+    its second half (RoPE partners); q/k heads rotated, v heads copied."""
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = HALF // BN
-    pid = tl.program_id(0)
     head = pid // PAIRS
     j = (pid % PAIRS) * BN
-    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
     n0 = head * HEAD_DIM + j
     lo, hi = _mainloop(
@@ -206,8 +239,19 @@ def _norm_geglu_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    n0 = tl.program_id(0) * BN
-    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+    _norm_geglu_tile(
+        tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, out_ptr, M, F, eps, stride_xm,
+        stride_wn, stride_om, K, BM, BN, BK,
+    )  # fmt: skip
+
+
+@triton.jit
+def _norm_geglu_tile(
+    pid_n, pid_m, x_ptr, w_ptr, out_ptr, M, F, eps, stride_xm, stride_wn, stride_om,
+    K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    n0 = pid_n * BN
+    offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
     gate, up = _mainloop(
         x_ptr, w_ptr, offs_m, m_mask, n0, n0 + F, 0, stride_xm, stride_wn, eps, K, True, True, BN,
@@ -246,9 +290,21 @@ def _linear_residual_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """Program (n, m, s) reduces K-slice s; with SPLIT > 1 the partials go to a workspace and the
+    _linear_residual_tile(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), x_ptr, w_ptr,
+        res_ptr, out_ptr, ws_ptr, count_ptr, M, stride_xm, stride_wn, stride_rm, stride_om, K,
+        SPLIT, BM, BN, BK,
+    )  # fmt: skip
+
+
+@triton.jit
+def _linear_residual_tile(
+    pid_n, pid_m, split, n_tiles, x_ptr, w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr, M,
+    stride_xm, stride_wn, stride_rm, stride_om, K: tl.constexpr, SPLIT: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Tile (n, m, s) reduces K-slice s; with SPLIT > 1 the partials go to a workspace and the
     last program to arrive for tile (n, m) sums them in split order and applies the epilogue."""
-    pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n0 = pid_n * BN
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
@@ -258,7 +314,7 @@ def _linear_residual_kernel(
         K // SPLIT, False, False, BN, BK,
     )  # fmt: skip
     if SPLIT > 1:
-        tile = pid_m * tl.num_programs(0) + pid_n
+        tile = pid_m * n_tiles + pid_n
         tile_ws = ws_ptr + tile * SPLIT * BM * BN
         local = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
         tl.store(tile_ws + split * BM * BN + local, acc)
@@ -319,10 +375,24 @@ def _mqa_kernel(
     BKV: tl.constexpr,
     MERGE_KERNEL: tl.constexpr,
 ):
-    """Rows r = t * H + h (query t, head h); program (rows, split, batch) runs an online softmax
+    _mqa_tile(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), q_ptr, k_ptr,
+        v_ptr, mask_ptr, out_ptr, ws_ptr, count_ptr, R, H, scale, stride_qb, stride_qt,
+        stride_qh, stride_kb, stride_kt, stride_vb, stride_vt, stride_mb, stride_mq, stride_ob,
+        LK, HAS_MASK, DH, SPLIT, BR, BKV, MERGE_KERNEL,
+    )  # fmt: skip
+
+
+@triton.jit
+def _mqa_tile(
+    pid_r, split, b, r_tiles, q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, ws_ptr, count_ptr, R, H,
+    scale, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_vb, stride_vt,
+    stride_mb, stride_mq, stride_ob, LK, HAS_MASK: tl.constexpr, DH: tl.constexpr,
+    SPLIT: tl.constexpr, BR: tl.constexpr, BKV: tl.constexpr, MERGE_KERNEL: tl.constexpr,
+):  # fmt: skip
+    """Rows r = t * H + h (query t, head h); tile (rows, split, batch) runs an online softmax
     over its key range; with SPLIT > 1 the last split to arrive merges the partial states, or
     (MERGE_KERNEL) `_mqa_merge_kernel` does, spread over many programs."""
-    pid_r, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_r = pid_r * BR + tl.arange(0, BR)
     offs_d = tl.arange(0, DH)
     r_mask = offs_r < R
@@ -359,10 +429,12 @@ def _mqa_kernel(
     if SPLIT == 1:
         tl.store(out_rows, _cast(acc / l_i[:, None], out_ptr.dtype.element_ty), r_mask[:, None])
     elif MERGE_KERNEL:
-        tile = b * tl.num_programs(0) + pid_r
+        tile = b * r_tiles + pid_r
         _mqa_store_partial(acc, m_i, l_i, ws_ptr + tile * SPLIT * BR * (DH + 2), split)
     else:
-        _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, split, b, SPLIT)
+        tile = b * r_tiles + pid_r
+        _mqa_combine(acc, m_i, l_i, ws_ptr + tile * SPLIT * BR * (DH + 2), count_ptr + tile,
+                     out_rows, r_mask, split, SPLIT)  # fmt: skip
 
 
 @triton.jit
@@ -402,8 +474,16 @@ def _mqa_merge_kernel(
     ws_ptr, out_ptr, R, stride_ob, SPLIT: tl.constexpr, BR: tl.constexpr, DH: tl.constexpr,
     ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Program (row chunk, batch): merges the partial states of ROWS rows of one tile."""
-    pid, b = tl.program_id(0), tl.program_id(1)
+    _mqa_merge_tile(tl.program_id(0), tl.program_id(1), ws_ptr, out_ptr, R, stride_ob, SPLIT, BR,
+                    DH, ROWS)  # fmt: skip
+
+
+@triton.jit
+def _mqa_merge_tile(
+    pid, b, ws_ptr, out_ptr, R, stride_ob, SPLIT: tl.constexpr, BR: tl.constexpr,
+    DH: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """Tile (row chunk, batch): merges the partial states of ROWS rows of one row tile."""
     CHUNKS: tl.constexpr = BR // ROWS
     tile_r = pid // CHUNKS
     rows = (pid % CHUNKS) * ROWS + tl.arange(0, ROWS)
@@ -415,18 +495,222 @@ def _mqa_merge_kernel(
 
 
 @triton.jit
-def _mqa_combine(acc, m_i, l_i, ws_ptr, count_ptr, out_rows, r_mask, pid_r, split, b, SPLIT):
+def _mqa_combine(acc, m_i, l_i, tile_ws, tile_count, out_rows, r_mask, split, SPLIT):
     BR: tl.constexpr = acc.shape[0]
     DH: tl.constexpr = acc.shape[1]
-    tile = b * tl.num_programs(0) + pid_r
-    tile_ws = ws_ptr + tile * SPLIT * BR * (DH + 2)
     _mqa_store_partial(acc, m_i, l_i, tile_ws, split)
     tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+    arrived = tl.atomic_add(tile_count, 1, sem="acq_rel")
     if arrived == SPLIT - 1:
         out = _mqa_merge(tile_ws, tl.arange(0, BR), SPLIT, BR, DH)
-        tl.store(count_ptr + tile, 0)
+        tl.store(tile_count, 0)
         tl.store(out_rows, _cast(out, out_rows.dtype.element_ty), r_mask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# one whole decoder layer in one persistent launch
+# ----------------------------------------------------------------------------------------------
+
+N_BARRIERS = tl.constexpr(5)  # grid barriers per decoder-layer launch
+
+
+@triton.jit
+def _grid_sync(bar_ptr, index: tl.constexpr, NPROG: tl.constexpr):
+    """Grid-wide barrier `index` (every program of the launch is resident: one per SM at most).
+    Stores before it are visible to every program after it (release / acquire at GPU scope).
+    Program 0 then re-arms the previous barrier's counter: everyone has left that one."""
+    tl.debug_barrier()
+    tl.atomic_add(bar_ptr + index, 1, sem="release")
+    seen = tl.atomic_add(bar_ptr + index, 0, sem="acquire")
+    while seen < NPROG:
+        seen = tl.atomic_add(bar_ptr + index, 0, sem="acquire")
+    tl.debug_barrier()
+    if tl.program_id(0) == 0:
+        tl.store(bar_ptr + (index + N_BARRIERS - 1) % N_BARRIERS, 0)
+
+
+@triton.jit
+def _decoder_layer_kernel(
+    x_ptr, q_ptr, attn_ptr, h_ptr, act_ptr, out_ptr,
+    w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr,
+    cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr,
+    ws_ptr, count_ptr, ws_attn_ptr, bar_ptr,
+    M, T, start, eps, scale, stride_cb, stride_ct, stride_mb, stride_mq,
+    W: tl.constexpr, F: tl.constexpr, HEAD_DIM: tl.constexpr, N_Q: tl.constexpr,
+    LK: tl.constexpr, HAS_MASK: tl.constexpr, N_BATCH: tl.constexpr, M_TILES: tl.constexpr,
+    R_TILES: tl.constexpr, NPROG: tl.constexpr, BM: tl.constexpr,
+    QKV_BN: tl.constexpr, QKV_BK: tl.constexpr, GEGLU_BN: tl.constexpr, GEGLU_BK: tl.constexpr,
+    LIN_BN: tl.constexpr, LIN_BK: tl.constexpr, O_SPLIT: tl.constexpr, D_SPLIT: tl.constexpr,
+    BR: tl.constexpr, BKV: tl.constexpr, A_SPLIT: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """A Gemma decoder layer over the expert's rows, the five fused ops' tiles as phases of one
+    launch with grid barriers between them (program p takes tiles p, p + NPROG, ...):
+    qkv_rope -> attention partials -> merge -> o_proj + residual -> norm_geglu -> down_proj +
+    residual. The same tile functions as the separate kernels: the results are bit-identical.
+    Trip counts are constexpr (the interpreter needs them)."""
+    pid = tl.program_id(0)
+    QD: tl.constexpr = N_Q * HEAD_DIM
+    QKV_TILES: tl.constexpr = (N_Q + 2) * (HEAD_DIM // 2 // QKV_BN) * M_TILES
+    for i in range((QKV_TILES + NPROG - 1) // NPROG):
+        t = pid + i * NPROG
+        if t < QKV_TILES:
+            _qkv_rope_tile(
+                t % (QKV_TILES // M_TILES),
+                t // (QKV_TILES // M_TILES),
+                x_ptr,
+                w_qkv_ptr,
+                cos_ptr,
+                sin_ptr,
+                q_ptr,
+                k_ptr + start * stride_ct,
+                v_ptr + start * stride_ct,
+                M,
+                T,
+                eps,
+                W,
+                W,
+                QD,
+                stride_cb,
+                stride_ct,
+                W,
+                HEAD_DIM,
+                N_Q,
+                1,
+                BM,
+                QKV_BN,
+                QKV_BK,
+            )
+    _grid_sync(bar_ptr, 0, NPROG)
+    rows = T * N_Q
+    ATTN_TILES: tl.constexpr = R_TILES * A_SPLIT * N_BATCH
+    for i in range((ATTN_TILES + NPROG - 1) // NPROG):
+        t = pid + i * NPROG
+        if t < ATTN_TILES:
+            _mqa_tile(
+                t % R_TILES,
+                (t // R_TILES) % A_SPLIT,
+                t // (R_TILES * A_SPLIT),
+                R_TILES,
+                q_ptr,
+                k_ptr,
+                v_ptr,
+                mask_ptr,
+                attn_ptr,
+                ws_attn_ptr,
+                count_ptr,
+                rows,
+                N_Q,
+                scale,
+                T * QD,
+                QD,
+                HEAD_DIM,
+                stride_cb,
+                stride_ct,
+                stride_cb,
+                stride_ct,
+                stride_mb,
+                stride_mq,
+                T * QD,
+                LK,
+                HAS_MASK,
+                HEAD_DIM,
+                A_SPLIT,
+                BR,
+                BKV,
+                True,
+            )
+    _grid_sync(bar_ptr, 1, NPROG)
+    MERGE_TILES: tl.constexpr = R_TILES * (BR // ROWS)
+    for i in range((MERGE_TILES * N_BATCH + NPROG - 1) // NPROG):
+        t = pid + i * NPROG
+        if t < MERGE_TILES * N_BATCH:
+            _mqa_merge_tile(
+                t % MERGE_TILES,
+                t // MERGE_TILES,
+                ws_attn_ptr,
+                attn_ptr,
+                rows,
+                T * QD,
+                A_SPLIT,
+                BR,
+                HEAD_DIM,
+                ROWS,
+            )
+    _grid_sync(bar_ptr, 2, NPROG)
+    N_TILES: tl.constexpr = W // LIN_BN
+    for i in range((N_TILES * M_TILES * O_SPLIT + NPROG - 1) // NPROG):
+        t = pid + i * NPROG
+        if t < N_TILES * M_TILES * O_SPLIT:
+            _linear_residual_tile(
+                t % N_TILES,
+                (t // N_TILES) % M_TILES,
+                t // (N_TILES * M_TILES),
+                N_TILES,
+                attn_ptr,
+                w_o_ptr,
+                x_ptr,
+                h_ptr,
+                ws_ptr,
+                count_ptr,
+                M,
+                QD,
+                QD,
+                W,
+                W,
+                QD,
+                O_SPLIT,
+                BM,
+                LIN_BN,
+                LIN_BK,
+            )
+    _grid_sync(bar_ptr, 3, NPROG)
+    GEGLU_TILES: tl.constexpr = F // GEGLU_BN
+    for i in range((GEGLU_TILES * M_TILES + NPROG - 1) // NPROG):
+        t = pid + i * NPROG
+        if t < GEGLU_TILES * M_TILES:
+            _norm_geglu_tile(
+                t % GEGLU_TILES,
+                t // GEGLU_TILES,
+                h_ptr,
+                w_gu_ptr,
+                act_ptr,
+                M,
+                F,
+                eps,
+                W,
+                W,
+                F,
+                W,
+                BM,
+                GEGLU_BN,
+                GEGLU_BK,
+            )
+    _grid_sync(bar_ptr, 4, NPROG)
+    for i in range((N_TILES * M_TILES * D_SPLIT + NPROG - 1) // NPROG):
+        t = pid + i * NPROG
+        if t < N_TILES * M_TILES * D_SPLIT:
+            _linear_residual_tile(
+                t % N_TILES,
+                (t // N_TILES) % M_TILES,
+                t // (N_TILES * M_TILES),
+                N_TILES,
+                act_ptr,
+                w_down_ptr,
+                h_ptr,
+                out_ptr,
+                ws_ptr,
+                count_ptr,
+                M,
+                F,
+                F,
+                W,
+                W,
+                F,
+                D_SPLIT,
+                BM,
+                LIN_BN,
+                LIN_BK,
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,6 +837,12 @@ CONFIG = {
         br=64, bkv=32, split=1, warps=4, stages=3, merge="last", max_rows=1 << 20
     ),
 }
+# One persistent launch per expert layer (`decoder_layer`): the ops' tile sizes above, one warp
+# count and pipeline depth for all phases (shared memory: the attention's key block is smaller).
+CONFIG["decoder_layer"] = dict(
+    qkv_bn=16, qkv_bk=64, geglu_bn=32, geglu_bk=64, lin_bn=32, lin_bk=128, o_split=4, d_split=4,
+    br=16, bkv=32, a_split=4, rows=4, warps=4, stages=5, max_rows=64,
+)  # fmt: skip
 LONG_ROWS = 1 << 20  # beyond the fused GEMMs: row-wise kernels around cuBLAS (the prefix)
 MERGE_ROWS = 4  # rows per program of the merge kernel
 _SCRATCH: Dict[Tuple[str, torch.device], torch.Tensor] = {}
@@ -579,6 +869,14 @@ def _block_m(m: int, cfg: dict) -> int:
     """Row tile: `cfg["bm"]` if set, else every row in one tile up to 128 rows, else 128-row
     tiles. Smaller tiles mean more programs reading each weight slice (from L2 after the first)."""
     return cfg.get("bm") or min(128, max(16, triton.next_power_of_2(m)))
+
+
+def _k_split(k: int, bk: int, split: int = 0) -> int:
+    """K splits of a split-K GEMM: `split` (0: from K), lowered until K divides into them."""
+    split = split or max(1, min(8, k // (4 * bk)))
+    while k % (split * bk):
+        split -= 1
+    return split
 
 
 def folded_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
@@ -650,9 +948,7 @@ def linear_residual(x, weight, residual, split=None):
     out = torch.empty_like(r2)
     cfg = CONFIG["linear_residual"]
     bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
-    split = split or cfg["split"] or max(1, min(8, k // (4 * bk)))
-    while k % (split * bk):
-        split -= 1
+    split = _k_split(k, bk, split or cfg["split"])
     assert n % bn == 0 and k % (split * bk) == 0 and x2.stride(-1) == 1 and r2.stride(-1) == 1
     grid = (n // bn, triton.cdiv(m, bm), split)
     tiles = grid[0] * grid[1]
@@ -764,15 +1060,73 @@ def mqa_attention(q, k, v, mask=None, scale=None, split=None, config="mqa_attent
     return out
 
 
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decoder_layer(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, heads, head_dim):
+    """One Gemma decoder layer in one persistent launch (see `_decoder_layer_kernel`).
+    x [B, T, W]; weights = (input_norm, qkv, o_proj, ffw_norm, gate_up, down_proj) of the layer;
+    cos / sin [B, T, 1, Dh] fp32; cache_k / cache_v [B, S, Dh] (one K/V head): the layer's k, v
+    land in [:, start:start+T] and the attention reads [:, :start+T]; mask additive
+    [B, 1 | T, start+T]. -> [B, T, W], equal to qkv_rope -> mqa_attention -> linear_residual ->
+    norm_geglu -> linear_residual with the same configurations."""
+    input_norm, w_qkv, w_o, ffw_norm, w_gu, w_down = weights
+    b, t, width = x.shape
+    m, f, qd = b * t, w_gu.shape[0] // 2, heads * head_dim
+    cfg = CONFIG["decoder_layer"]
+    bm, br, a_split = _block_m(m, cfg), cfg["br"], cfg["a_split"]
+    lin_bn, lin_bk = cfg["lin_bn"], cfg["lin_bk"]
+    o_split, d_split = _k_split(qd, lin_bk, cfg["o_split"]), _k_split(f, lin_bk, cfg["d_split"])
+    assert width % lin_bn == 0 and width % cfg["qkv_bk"] == 0 and width % cfg["geglu_bk"] == 0
+    assert (head_dim // 2) % cfg["qkv_bn"] == 0 and f % cfg["geglu_bn"] == 0 and x.is_contiguous()
+    assert cos.is_contiguous() and sin.is_contiguous()
+    assert cache_k.stride() == cache_v.stride() and cache_k.stride(-1) == 1
+    assert mask.stride(-1) == 1 and br % cfg["rows"] == 0
+    new = dict(dtype=x.dtype, device=x.device)
+    q, attn = torch.empty(m, qd, **new), torch.empty(m, qd, **new)
+    h, out, act = (
+        torch.empty(m, width, **new),
+        torch.empty(m, width, **new),
+        torch.empty(m, f, **new),
+    )
+    m_tiles, r_tiles = triton.cdiv(m, bm), triton.cdiv(t * heads, br)
+    lin_tiles = (width // lin_bn) * m_tiles * max(o_split, d_split)
+    ws = _scratch("ws", lin_tiles * bm * lin_bn, torch.float32, x.device)
+    count = _scratch("count", lin_tiles, torch.int32, x.device)
+    ws_attn = _scratch(
+        "ws_attn", b * r_tiles * a_split * br * (head_dim + 2), torch.float32, x.device
+    )
+    bars = _scratch("barriers", N_BARRIERS.value, torch.int32, x.device)
+    tiles = max(lin_tiles, (f // cfg["geglu_bn"]) * m_tiles, b * r_tiles * a_split)
+    nprog = 1 if _INTERPRET else min(tiles, _num_sms(x.device))  # all resident: no deadlock
+    stride_mq = mask.stride(1) if mask.shape[1] > 1 else 0
+    _decoder_layer_kernel[(nprog,)](
+        x, q, attn, h, act, out,
+        folded_weight(w_qkv, input_norm), w_o, folded_weight(w_gu, ffw_norm), w_down,
+        cos, sin, cache_k, cache_v, mask, ws, count, ws_attn, bars,
+        m, t, start, eps, head_dim**-0.5, cache_k.stride(0), cache_k.stride(1), mask.stride(0),
+        stride_mq, W=width, F=f, HEAD_DIM=head_dim, N_Q=heads, LK=start + t, HAS_MASK=True,
+        N_BATCH=b, M_TILES=m_tiles, R_TILES=r_tiles, NPROG=nprog, BM=bm, QKV_BN=cfg["qkv_bn"], QKV_BK=cfg["qkv_bk"], GEGLU_BN=cfg["geglu_bn"],
+        GEGLU_BK=cfg["geglu_bk"], LIN_BN=lin_bn, LIN_BK=lin_bk, O_SPLIT=o_split,
+        D_SPLIT=d_split, BR=br, BKV=cfg["bkv"], A_SPLIT=a_split, ROWS=cfg["rows"],
+        num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )  # fmt: skip
+    return out.view(b, t, width)
+
+
 # ----------------------------------------------------------------------------------------------
 # dispatch: fused where the shape is covered, the table's composite otherwise
 # ----------------------------------------------------------------------------------------------
 
 
-def dispatchers(ops) -> Dict[str, Callable]:
+def dispatchers(ops, persistent_layers: bool = True) -> Dict[str, Callable]:
     """Fused replacements for `ops`' composites and attention, falling back to them. The
     long-input path (cuBLAS + row-wise kernels) is for the native table only: another backend
-    (FlagGems) keeps its own ops for the prefix."""
+    (FlagGems) keeps its own ops for the prefix. With `persistent_layers`, `decoder_layer` runs
+    a whole expert layer in one launch where the shape is covered (None elsewhere)."""
     base = ops.composed
     native = ops.backend == "native"
 
@@ -812,6 +1166,19 @@ def dispatchers(ops) -> Dict[str, Callable]:
             return mqa_attention(q, k, v, mask, scale, config="mqa_attention_long")
         return ops.attention(q, k, v, mask, scale)
 
+    def decoder_layer_op(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, heads, dh):
+        """The whole layer in one launch, or None where the shape is not covered."""
+        f, qd = weights[4].shape[0] // 2, heads * dh
+        ok = weights[1].shape[0] == qd + 2 * dh and dh in (64, 128, 256) and x.is_contiguous()
+        ok = ok and x.shape[-1] % 128 == 0 and qd % 128 == 0 and f % 128 == 0
+        ok = ok and mask.dim() == 3 and mask.stride(-1) == 1 and cache_k.stride(-1) == 1
+        ok = ok and cache_k.stride() == cache_v.stride()
+        ok = ok and cos.is_contiguous() and sin.is_contiguous()
+        if ok and supported(x, CONFIG["decoder_layer"]["max_rows"]):
+            args = (x, weights, eps, cos, sin, cache_k, cache_v, start, mask, heads, dh)
+            return decoder_layer(*args)
+        return None
+
     def add_layer_norm_op(x, y, weight, bias, eps):
         same = y.shape == x.shape and y.dtype == x.dtype and x.stride(-1) == y.stride(-1) == 1
         if native and same and supported(x, LONG_ROWS):
@@ -825,6 +1192,8 @@ def dispatchers(ops) -> Dict[str, Callable]:
         "linear_residual": linear_residual_op,
         "attention": attention_op,
     }
+    if persistent_layers:
+        ops_by_name["decoder_layer"] = decoder_layer_op
     # torch.compile (engine.compile) must not trace into these: the kernels write through
     # pointers it cannot follow (KV-cache slices chosen per program); an H200 run that let it
     # ended in an illegal memory access. Compiled passes call them as opaque eager ops.

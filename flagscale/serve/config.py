@@ -110,6 +110,7 @@ class ServeConfig:
     cuda_graphs: bool = True
     compile: bool = False
     fused_kernels: str = "auto"
+    persistent_layers: bool = True
     warmup: bool = True
     warmup_num_steps: tuple = ()
     image_pad: str = "center"
@@ -430,6 +431,7 @@ _PARSERS = {
     "cuda_graphs": _as_bool,
     "compile": _as_bool,
     "fused_kernels": lambda k, v: _as_auto_bool(k, v),
+    "persistent_layers": _as_bool,
     "warmup": _as_bool,
     "warmup_num_steps": lambda k, v: _as_steps_list(k, v),
     "image_pad": lambda k, v: _as_choice(k, v, ("center", "top_left")),

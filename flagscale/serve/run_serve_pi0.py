@@ -112,6 +112,7 @@ def _construct_policy(cfg: ServeConfig):
             stat_path=cfg.stat_path,
             pad_mode=cfg.image_pad,
             fused_kernels=cfg.fused_kernels,
+            persistent_layers=cfg.persistent_layers,
         )
     return PI0Policy.from_pretrained(
         cfg.model,
@@ -123,6 +124,7 @@ def _construct_policy(cfg: ServeConfig):
         preset=cfg.preset,
         pad_mode=cfg.image_pad,
         fused_kernels=cfg.fused_kernels,
+        persistent_layers=cfg.persistent_layers,
     )
 
 

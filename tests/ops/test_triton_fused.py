@@ -238,7 +238,9 @@ def test_table_describes_fused_kernels():
         "linear_residual",
         "attention",
         "add_layer_norm",
+        "decoder_layer",
     }
+    assert "decoder_layer" not in OPS.with_fused_kernels(persistent_layers=False).fused
     assert "fused Triton kernels" in FUSED.describe()
     assert FUSED.with_fused_kernels  # a table can be rebuilt; backend unchanged
     assert FUSED.backend == "native"
@@ -263,3 +265,74 @@ def test_fused_ops_are_opaque_to_torch_compile():
     # traced into, the kernels fail under dynamo (here: inside Triton's interpreter); opaque,
     # they run eagerly between the compiled pieces
     assert torch.equal(torch.compile(fn, backend="eager")(x, w, res), fn(x, w, res))
+
+
+def layer_case(b, t, width, heads, head_dim, ffw, start):
+    """A decoder layer's inputs: weights, RoPE tables, a cache whose first `start` slots hold a
+    prefix, and an additive mask over start + t keys with a few masked prefix keys."""
+    weights = (
+        rand(width, scale=0.3, dtype=torch.float32, seed=30),
+        rand((heads + 2) * head_dim, width, scale=width**-0.5, seed=31),
+        rand(width, heads * head_dim, scale=(heads * head_dim) ** -0.5, seed=32),
+        rand(width, scale=0.3, dtype=torch.float32, seed=33),
+        rand(2 * ffw, width, scale=width**-0.5, seed=34),
+        rand(width, ffw, scale=ffw**-0.5, seed=35),
+    )
+    x = rand(b, t, width, scale=2.0, seed=36)
+    positions = torch.arange(t, device=DEVICE)[None].expand(b, t) + start
+    cos, sin = rope_cos_sin(positions, head_dim, 10000.0)
+    cache_k, cache_v = rand(b, start + t + 3, head_dim, seed=37), rand(b, start + t + 3, head_dim)
+    allowed = torch.ones(b, 1, start + t, dtype=torch.bool)
+    allowed[0, :, 2:6] = False
+    mask = torch.zeros(allowed.shape, dtype=BF16).masked_fill_(~allowed, MASK_VALUE).to(DEVICE)
+    return x, weights, cos, sin, cache_k, cache_v, mask
+
+
+def layer_by_ops(ops, x, weights, cos, sin, cache_k, cache_v, start, mask, heads, head_dim):
+    """The layer as GemmaLayer composes it: qkv -> attention -> o_proj -> GeGLU MLP."""
+    input_norm, w_qkv, w_o, ffw_norm, w_gu, w_down = weights
+    end = start + x.shape[1]
+    q = ops.qkv_rope(
+        x, input_norm, 1e-6, w_qkv, cos, sin, heads, 1, head_dim,
+        cache_k[:, start:end], cache_v[:, start:end],
+    )  # fmt: skip
+    attn = ops.attention(q, cache_k[:, :end, None], cache_v[:, :end, None], mask)
+    h = ops.linear_residual(attn, w_o, x)
+    return ops.linear_residual(ops.norm_geglu(h, ffw_norm, 1e-6, w_gu), w_down, h)
+
+
+@pytest.mark.parametrize(
+    "b,t,width,heads,head_dim,ffw,start",
+    [(1, 51, 256, 2, 128, 512, 40), (2, 7, 128, 4, 64, 256, 20)],
+)
+def test_decoder_layer_equals_the_five_fused_ops(b, t, width, heads, head_dim, ffw, start):
+    """One persistent launch runs the same tiles as the five kernels: bit-identical outputs and
+    caches; within the composed ops' error of an fp32 reference; scratch counters left at 0."""
+    x, weights, cos, sin, cache_k, cache_v, mask = layer_case(
+        b, t, width, heads, head_dim, ffw, start
+    )
+    args = (cos, sin)
+    k_layer, v_layer = cache_k.clone(), cache_v.clone()
+    out = tf.decoder_layer(x, weights, 1e-6, *args, k_layer, v_layer, start, mask, heads, head_dim)
+    cfg = tf.CONFIG["decoder_layer"]
+    attn_cfg = dict(tf.CONFIG["mqa_attention"], br=cfg["br"], bkv=cfg["bkv"], merge="kernel")
+    k_ops, v_ops = cache_k.clone(), cache_v.clone()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(tf.CONFIG, "mqa_attention", dict(attn_cfg, split=cfg["a_split"]))
+        mp.setitem(tf.CONFIG, "linear_residual", dict(tf.CONFIG["linear_residual"], max_rows=1024))
+        mp.setitem(tf.CONFIG, "norm_geglu", dict(tf.CONFIG["norm_geglu"], max_rows=1024))
+        by_ops = layer_by_ops(FUSED, x, weights, *args, k_ops, v_ops, start, mask, heads, head_dim)
+    torch.testing.assert_close(out, by_ops, rtol=0, atol=0)
+    torch.testing.assert_close(k_layer, k_ops, rtol=0, atol=0)
+    torch.testing.assert_close(v_layer, v_ops, rtol=0, atol=0)
+    composed = layer_by_ops(OPS, x, weights, *args, cache_k.clone(), cache_v.clone(), start, mask,
+                            heads, head_dim)  # fmt: skip
+    ref_args = f32(x, *weights, cos, sin, cache_k, cache_v, mask)
+    reference = layer_by_ops(
+        OPS, ref_args[0], ref_args[1:7], *ref_args[7:11], start, ref_args[11], heads, head_dim
+    )
+    check(out, composed, reference)
+    assert int(tf._SCRATCH[("count", out.device)].abs().sum()) == 0
+    # barrier counters: all re-armed but the last one, which the next launch re-arms
+    bars = tf._SCRATCH[("barriers", out.device)][: tf.N_BARRIERS.value].tolist()
+    assert bars[:-1] == [0] * (len(bars) - 1) and bars[-1] > 0

@@ -319,3 +319,9 @@ def test_shipped_serve_variants_compose_and_validate(variant, ops):
         cfg = compose(config_name="serve", overrides=overrides)
     serve = load_serve_config(OmegaConf.to_container(cfg, resolve=True), env={})
     assert serve.ops == ops and serve.port == 9010 and serve.device == "cuda"
+
+
+def test_persistent_layers_switch():
+    assert load_serve_config(engine(), env={}).persistent_layers is True  # the default
+    assert load_serve_config(engine(persistent_layers="false"), env={}).persistent_layers is False
+    assert "serve.engine.persistent_layers" in error_of(engine(persistent_layers="sometimes"))

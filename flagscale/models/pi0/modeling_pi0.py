@@ -194,6 +194,27 @@ class GemmaLayer(nn.Module):
         kv_shape = (b, t, d.kv_heads, d.head_dim)
         return q, k_out.view(kv_shape), v_out.view(kv_shape)
 
+    def cached(self, x, start, cos, sin, mask, cache_k, cache_v):
+        """The layer over tokens at cache slots [start, start + T) that attend to
+        cache[:, :start + T] (the expert's pass; cache_k / cache_v [B, S, Hkv*Dh]). One launch
+        where the op table has a fused `decoder_layer` for the shape, else qkv -> attention ->
+        finish."""
+        d = self.dims
+        fused = getattr(self.ops, "decoder_layer", None)
+        if fused is not None:
+            weights = (
+                self.input_norm.weight, self.qkv_proj.weight, self.o_proj.weight,
+                self.ffw_norm.weight, self.gate_up_proj.weight, self.down_proj.weight,
+            )  # fmt: skip
+            args = (x, weights, self.input_norm.eps, cos, sin, cache_k, cache_v, start, mask)
+            out = fused(*args, d.heads, d.head_dim)
+            if out is not None:
+                return out
+        end = start + x.shape[1]
+        q, _, _ = self.qkv(x, cos, sin, cache_k[:, start:end], cache_v[:, start:end])
+        attn = self.ops.attention(q, cache_k[:, :end, None], cache_v[:, :end, None], mask)
+        return self.finish(x, attn)
+
     def finish(self, x, attn):
         x = self.ops.linear_residual(attn, self.o_proj.weight, x)
         act = self.ops.norm_geglu(
@@ -287,12 +308,8 @@ class PI0Model(nn.Module):
 
     def _expert_pass(self, x, start, cos, sin, mask, cache_k, cache_v):
         """Expert tokens at cache slots [start, start+T) attend to cache[:, :, :start+T]."""
-        end = start + x.shape[1]
         for i, layer in enumerate(self.expert.layers):
-            q, _, _ = layer.qkv(x, cos, sin, cache_k[i, :, start:end], cache_v[i, :, start:end])
-            keys = cache_k[i, :, :end, None]
-            values = cache_v[i, :, :end, None]
-            x = layer.finish(x, self.ops.attention(q, keys, values, mask))
+            x = layer.cached(x, start, cos, sin, mask, cache_k[i], cache_v[i])
         return self.expert.norm(x)
 
     def time_embedding(self, t):

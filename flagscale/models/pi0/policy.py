@@ -55,23 +55,24 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def op_table(ops, device: torch.device, fused_kernels="auto") -> Ops:
+def op_table(ops, device: torch.device, fused_kernels="auto", persistent_layers=True) -> Ops:
     """An op backend name ("native", "flaggems", "auto") or a built `Ops` table, plus the fused
     Triton kernels when `fused_kernels` is true (any backend), or "auto" with native ops on a
-    CUDA device (FlagGems keeps every op on FlagGems unless they are asked for)."""
+    CUDA device (FlagGems keeps every op on FlagGems unless they are asked for).
+    `persistent_layers`: with the fused kernels, each expert layer at batch 1 in one launch."""
     table = ops if isinstance(ops, Ops) else build_ops(ops)
     if table.fused:
         return table
     wanted = str(fused_kernels).lower()
     if wanted == "auto":
         if device.type == "cuda" and table.backend == "native" and _has_triton():
-            return table.with_fused_kernels()
+            return table.with_fused_kernels(persistent_layers)
         return table
     if wanted not in TRUE_STRINGS:
         return table
     if device.type != "cuda":
         raise ValueError(f"fused_kernels=true needs a CUDA device, not {device}")
-    return table.with_fused_kernels()
+    return table.with_fused_kernels(persistent_layers)
 
 
 def _has_triton() -> bool:
@@ -111,12 +112,13 @@ class PI0Policy:
         preset=None,
         progress=True,
         fused_kernels="auto",
+        persistent_layers=True,
     ):
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         config = PI0Config.from_pretrained(model_path, default_preset=preset or "pi0")
         with torch.device("meta"):
-            model = PI0Model(config, op_table(ops, device, fused_kernels))
+            model = PI0Model(config, op_table(ops, device, fused_kernels, persistent_layers))
         start = time.perf_counter()
         info = load_weights(model, model_path, device, dtype, progress=progress)
         logger.info("weights on %s in %.1f s", device, time.perf_counter() - start)
@@ -142,6 +144,7 @@ class PI0Policy:
         pad_mode="center",
         stat_path=None,
         fused_kernels="auto",
+        persistent_layers=True,
         **config_overrides,
     ):
         """Random weights (demo, tests, benchmarks). Its actions are meaningless."""
@@ -149,7 +152,7 @@ class PI0Policy:
         dtype = resolve_dtype(dtype, device)
         config = PI0Config.from_preset(preset, **config_overrides)
         with torch.device("meta"):
-            model = PI0Model(config, op_table(ops, device, fused_kernels))
+            model = PI0Model(config, op_table(ops, device, fused_kernels, persistent_layers))
         model = model.to_empty(device=device)
         init_random_weights(model, seed)
         model.to(dtype)
