@@ -32,7 +32,7 @@ python benchmarks/profile_model.py --steps 1 > "$OUT_DIR/profile_steps1.txt" 2>&
 step "model latency"
 if [ "${QUICK:-0}" = 1 ]; then grid=(--batch 1 --cameras 3 --steps 10); else
   grid=(--batch 1 2 3 4 5 6 7 8 --cameras 1 2 3 --steps 10 20); fi
-python benchmarks/bench_model.py --graphs off on --fused on off --batch 1 --cameras 3 --steps 1 10 \
+python benchmarks/bench_model.py --graphs off on --fused on ops off --batch 1 --cameras 3 --steps 1 10 \
   --iters 30 --out "$OUT_DIR/model_b1.json" | grep '"ops"'
 python benchmarks/bench_model.py --graphs on "${grid[@]}" --iters 20 --out "$OUT_DIR/model_grid.json" \
   | grep '"ops"'

@@ -2,7 +2,8 @@
 
 Short inputs (the action expert: batch x 50 rows) are memory-bound on the weights, and launch
 count dominates: the composed path runs ~15 kernels per layer (cuBLAS split-K GEMMs plus their
-reductions, norm, RoPE, GeGLU, residual adds, cache copies, attention pieces). Five kernels:
+reductions, norm, RoPE, GeGLU, residual adds, cache copies, attention pieces). Five kernels, and
+the five as one:
 
 - `qkv_rope`:      RMSNorm (1 + w) -> q|k|v projection -> RoPE on q and k -> q out, k/v written
                    straight into the KV cache;
@@ -10,7 +11,12 @@ reductions, norm, RoPE, GeGLU, residual adds, cache copies, attention pieces). F
                    fixed-order reduction (deterministic);
 - `norm_geglu`:    RMSNorm (1 + w) -> gate|up projection -> gelu_tanh(gate) * up;
 - `mqa_attention`: one-K/V-head attention over the cache, split over keys, the splits merged by
-                   the last one to finish or by a second kernel.
+                   the last one to finish or by a second kernel;
+- `decoder_layer`: all of the above for one expert layer in one persistent launch (one program
+                   per SM at most; the kernels' tile functions as phases with grid barriers
+                   between them; bit-identical to the separate kernels). Every program must be
+                   resident at once: with GPU partitioning that hides SMs, turn it off
+                   (`engine.persistent_layers: false`).
 
 Long inputs (the prefix: 816 tokens per sample) keep cuBLAS for the projections and get row-wise
 kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU), one `addmm` for linear + residual,
@@ -30,6 +36,7 @@ graphs; on the CPU they run in Triton's interpreter (TRITON_INTERPRET=1), which 
 them. The ops are opaque to torch.compile (see `dispatchers`).
 """
 
+import functools
 import os
 
 from typing import Callable, Dict, Tuple
@@ -1060,6 +1067,7 @@ def mqa_attention(q, k, v, mask=None, scale=None, split=None, config="mqa_attent
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -1087,11 +1095,8 @@ def decoder_layer(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, head
     assert mask.stride(-1) == 1 and br % cfg["rows"] == 0
     new = dict(dtype=x.dtype, device=x.device)
     q, attn = torch.empty(m, qd, **new), torch.empty(m, qd, **new)
-    h, out, act = (
-        torch.empty(m, width, **new),
-        torch.empty(m, width, **new),
-        torch.empty(m, f, **new),
-    )
+    h, out = torch.empty(m, width, **new), torch.empty(m, width, **new)
+    act = torch.empty(m, f, **new)
     m_tiles, r_tiles = triton.cdiv(m, bm), triton.cdiv(t * heads, br)
     lin_tiles = (width // lin_bn) * m_tiles * max(o_split, d_split)
     ws = _scratch("ws", lin_tiles * bm * lin_bn, torch.float32, x.device)
@@ -1100,7 +1105,10 @@ def decoder_layer(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, head
         "ws_attn", b * r_tiles * a_split * br * (head_dim + 2), torch.float32, x.device
     )
     bars = _scratch("barriers", N_BARRIERS.value, torch.int32, x.device)
-    tiles = max(lin_tiles, (f // cfg["geglu_bn"]) * m_tiles, b * r_tiles * a_split)
+    qkv_tiles = (heads + 2) * (head_dim // 2 // cfg["qkv_bn"]) * m_tiles
+    merge_tiles = b * r_tiles * (br // cfg["rows"])
+    geglu_tiles = (f // cfg["geglu_bn"]) * m_tiles
+    tiles = max(qkv_tiles, b * r_tiles * a_split, merge_tiles, lin_tiles, geglu_tiles)
     nprog = 1 if _INTERPRET else min(tiles, _num_sms(x.device))  # all resident: no deadlock
     stride_mq = mask.stride(1) if mask.shape[1] > 1 else 0
     _decoder_layer_kernel[(nprog,)](
@@ -1109,9 +1117,9 @@ def decoder_layer(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, head
         cos, sin, cache_k, cache_v, mask, ws, count, ws_attn, bars,
         m, t, start, eps, head_dim**-0.5, cache_k.stride(0), cache_k.stride(1), mask.stride(0),
         stride_mq, W=width, F=f, HEAD_DIM=head_dim, N_Q=heads, LK=start + t, HAS_MASK=True,
-        N_BATCH=b, M_TILES=m_tiles, R_TILES=r_tiles, NPROG=nprog, BM=bm, QKV_BN=cfg["qkv_bn"], QKV_BK=cfg["qkv_bk"], GEGLU_BN=cfg["geglu_bn"],
-        GEGLU_BK=cfg["geglu_bk"], LIN_BN=lin_bn, LIN_BK=lin_bk, O_SPLIT=o_split,
-        D_SPLIT=d_split, BR=br, BKV=cfg["bkv"], A_SPLIT=a_split, ROWS=cfg["rows"],
+        N_BATCH=b, M_TILES=m_tiles, R_TILES=r_tiles, NPROG=nprog, BM=bm, QKV_BN=cfg["qkv_bn"],
+        QKV_BK=cfg["qkv_bk"], GEGLU_BN=cfg["geglu_bn"], GEGLU_BK=cfg["geglu_bk"], LIN_BN=lin_bn,
+        LIN_BK=lin_bk, O_SPLIT=o_split, D_SPLIT=d_split, BR=br, BKV=cfg["bkv"], A_SPLIT=a_split, ROWS=cfg["rows"],
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out.view(b, t, width)
