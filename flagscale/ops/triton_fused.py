@@ -165,31 +165,10 @@ def _qkv_rope_kernel(
 
 @triton.jit
 def _qkv_rope_tile(
-    pid,
-    pid_m,
-    x_ptr,
-    w_ptr,
-    cos_ptr,
-    sin_ptr,
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    M,
-    T,
-    eps,
-    stride_xm,
-    stride_wn,
-    stride_qm,
-    stride_cb,
-    stride_ct,
-    K: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    N_Q: tl.constexpr,
-    N_KV: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-):
+    pid, pid_m, x_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, M, T, eps, stride_xm,
+    stride_wn, stride_qm, stride_cb, stride_ct, K: tl.constexpr, HEAD_DIM: tl.constexpr,
+    N_Q: tl.constexpr, N_KV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
     """Tile (pid, pid_m): head pid // PAIRS, columns j..j+BN of its first half and j+HALF.. of
     its second half (RoPE partners); q/k heads rotated, v heads copied."""
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -537,6 +516,25 @@ def _grid_sync(bar_ptr, index: tl.constexpr, NPROG: tl.constexpr):
 
 
 @triton.jit
+def _linear_residual_phase(
+    pid, x_ptr, w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr, M, K: tl.constexpr,
+    N: tl.constexpr, SPLIT: tl.constexpr, M_TILES: tl.constexpr, NPROG: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """Program pid's share of the (n, m, split) tiles of out = res + x @ W^T (x [M, K], W [N, K],
+    res and out [M, N], all contiguous)."""
+    N_TILES: tl.constexpr = N // BN
+    TILES: tl.constexpr = N_TILES * M_TILES * SPLIT
+    for i in range((TILES + NPROG - 1) // NPROG):
+        t = pid + i * NPROG
+        if t < TILES:
+            _linear_residual_tile(
+                t % N_TILES, (t // N_TILES) % M_TILES, t // (N_TILES * M_TILES), N_TILES, x_ptr,
+                w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr, M, K, K, N, N, K, SPLIT, BM, BN, BK,
+            )  # fmt: skip
+
+
+@triton.jit
 def _decoder_layer_kernel(
     x_ptr, q_ptr, attn_ptr, h_ptr, act_ptr, out_ptr,
     w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr,
@@ -557,36 +555,15 @@ def _decoder_layer_kernel(
     Trip counts are constexpr (the interpreter needs them)."""
     pid = tl.program_id(0)
     QD: tl.constexpr = N_Q * HEAD_DIM
-    QKV_TILES: tl.constexpr = (N_Q + 2) * (HEAD_DIM // 2 // QKV_BN) * M_TILES
-    for i in range((QKV_TILES + NPROG - 1) // NPROG):
+    PAIRS: tl.constexpr = (N_Q + 2) * (HEAD_DIM // 2 // QKV_BN)  # q|k|v tiles per row tile
+    for i in range((PAIRS * M_TILES + NPROG - 1) // NPROG):
         t = pid + i * NPROG
-        if t < QKV_TILES:
+        if t < PAIRS * M_TILES:
             _qkv_rope_tile(
-                t % (QKV_TILES // M_TILES),
-                t // (QKV_TILES // M_TILES),
-                x_ptr,
-                w_qkv_ptr,
-                cos_ptr,
-                sin_ptr,
-                q_ptr,
-                k_ptr + start * stride_ct,
-                v_ptr + start * stride_ct,
-                M,
-                T,
-                eps,
-                W,
-                W,
-                QD,
-                stride_cb,
-                stride_ct,
-                W,
-                HEAD_DIM,
-                N_Q,
-                1,
-                BM,
-                QKV_BN,
-                QKV_BK,
-            )
+                t % PAIRS, t // PAIRS, x_ptr, w_qkv_ptr, cos_ptr, sin_ptr, q_ptr,
+                k_ptr + start * stride_ct, v_ptr + start * stride_ct, M, T, eps, W, W, QD,
+                stride_cb, stride_ct, W, HEAD_DIM, N_Q, 1, BM, QKV_BN, QKV_BK,
+            )  # fmt: skip
     _grid_sync(bar_ptr, 0, NPROG)
     rows = T * N_Q
     ATTN_TILES: tl.constexpr = R_TILES * A_SPLIT * N_BATCH
@@ -594,130 +571,39 @@ def _decoder_layer_kernel(
         t = pid + i * NPROG
         if t < ATTN_TILES:
             _mqa_tile(
-                t % R_TILES,
-                (t // R_TILES) % A_SPLIT,
-                t // (R_TILES * A_SPLIT),
-                R_TILES,
-                q_ptr,
-                k_ptr,
-                v_ptr,
-                mask_ptr,
-                attn_ptr,
-                ws_attn_ptr,
-                count_ptr,
-                rows,
-                N_Q,
-                scale,
-                T * QD,
-                QD,
-                HEAD_DIM,
-                stride_cb,
-                stride_ct,
-                stride_cb,
-                stride_ct,
-                stride_mb,
-                stride_mq,
-                T * QD,
-                LK,
-                HAS_MASK,
-                HEAD_DIM,
-                A_SPLIT,
-                BR,
-                BKV,
-                True,
-            )
+                t % R_TILES, (t // R_TILES) % A_SPLIT, t // (R_TILES * A_SPLIT), R_TILES, q_ptr,
+                k_ptr, v_ptr, mask_ptr, attn_ptr, ws_attn_ptr, count_ptr, rows, N_Q, scale,
+                T * QD, QD, HEAD_DIM, stride_cb, stride_ct, stride_cb, stride_ct, stride_mb,
+                stride_mq, T * QD, LK, HAS_MASK, HEAD_DIM, A_SPLIT, BR, BKV, True,
+            )  # fmt: skip
     _grid_sync(bar_ptr, 1, NPROG)
-    MERGE_TILES: tl.constexpr = R_TILES * (BR // ROWS)
+    MERGE_TILES: tl.constexpr = R_TILES * (BR // ROWS)  # per sample
     for i in range((MERGE_TILES * N_BATCH + NPROG - 1) // NPROG):
         t = pid + i * NPROG
         if t < MERGE_TILES * N_BATCH:
             _mqa_merge_tile(
-                t % MERGE_TILES,
-                t // MERGE_TILES,
-                ws_attn_ptr,
-                attn_ptr,
-                rows,
-                T * QD,
-                A_SPLIT,
-                BR,
-                HEAD_DIM,
-                ROWS,
-            )
+                t % MERGE_TILES, t // MERGE_TILES, ws_attn_ptr, attn_ptr, rows, T * QD, A_SPLIT,
+                BR, HEAD_DIM, ROWS,
+            )  # fmt: skip
     _grid_sync(bar_ptr, 2, NPROG)
-    N_TILES: tl.constexpr = W // LIN_BN
-    for i in range((N_TILES * M_TILES * O_SPLIT + NPROG - 1) // NPROG):
-        t = pid + i * NPROG
-        if t < N_TILES * M_TILES * O_SPLIT:
-            _linear_residual_tile(
-                t % N_TILES,
-                (t // N_TILES) % M_TILES,
-                t // (N_TILES * M_TILES),
-                N_TILES,
-                attn_ptr,
-                w_o_ptr,
-                x_ptr,
-                h_ptr,
-                ws_ptr,
-                count_ptr,
-                M,
-                QD,
-                QD,
-                W,
-                W,
-                QD,
-                O_SPLIT,
-                BM,
-                LIN_BN,
-                LIN_BK,
-            )
+    _linear_residual_phase(
+        pid, attn_ptr, w_o_ptr, x_ptr, h_ptr, ws_ptr, count_ptr, M, QD, W, O_SPLIT, M_TILES,
+        NPROG, BM, LIN_BN, LIN_BK,
+    )  # fmt: skip
     _grid_sync(bar_ptr, 3, NPROG)
-    GEGLU_TILES: tl.constexpr = F // GEGLU_BN
+    GEGLU_TILES: tl.constexpr = F // GEGLU_BN  # per row tile
     for i in range((GEGLU_TILES * M_TILES + NPROG - 1) // NPROG):
         t = pid + i * NPROG
         if t < GEGLU_TILES * M_TILES:
             _norm_geglu_tile(
-                t % GEGLU_TILES,
-                t // GEGLU_TILES,
-                h_ptr,
-                w_gu_ptr,
-                act_ptr,
-                M,
-                F,
-                eps,
-                W,
-                W,
-                F,
-                W,
-                BM,
-                GEGLU_BN,
-                GEGLU_BK,
-            )
+                t % GEGLU_TILES, t // GEGLU_TILES, h_ptr, w_gu_ptr, act_ptr, M, F, eps, W, W, F,
+                W, BM, GEGLU_BN, GEGLU_BK,
+            )  # fmt: skip
     _grid_sync(bar_ptr, 4, NPROG)
-    for i in range((N_TILES * M_TILES * D_SPLIT + NPROG - 1) // NPROG):
-        t = pid + i * NPROG
-        if t < N_TILES * M_TILES * D_SPLIT:
-            _linear_residual_tile(
-                t % N_TILES,
-                (t // N_TILES) % M_TILES,
-                t // (N_TILES * M_TILES),
-                N_TILES,
-                act_ptr,
-                w_down_ptr,
-                h_ptr,
-                out_ptr,
-                ws_ptr,
-                count_ptr,
-                M,
-                F,
-                F,
-                W,
-                W,
-                F,
-                D_SPLIT,
-                BM,
-                LIN_BN,
-                LIN_BK,
-            )
+    _linear_residual_phase(
+        pid, act_ptr, w_down_ptr, h_ptr, out_ptr, ws_ptr, count_ptr, M, F, W, D_SPLIT, M_TILES,
+        NPROG, BM, LIN_BN, LIN_BK,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
