@@ -303,8 +303,8 @@ def layer_by_ops(ops, x, weights, cos, sin, cache_k, cache_v, start, mask, heads
 
 @pytest.mark.parametrize(
     "b,t,width,heads,head_dim,ffw,start",
-    [(1, 51, 256, 2, 128, 512, 40), (2, 7, 128, 4, 64, 256, 20)],
-)
+    [(1, 51, 256, 2, 128, 512, 40), (2, 7, 128, 4, 64, 256, 20), (3, 50, 128, 2, 64, 256, 9)],
+)  # the last: 150 rows, two row tiles
 def test_decoder_layer_equals_the_five_fused_ops(b, t, width, heads, head_dim, ffw, start):
     """One persistent launch runs the same tiles as the five kernels: bit-identical outputs and
     caches; within the composed ops' error of an fp32 reference; scratch counters left at 0."""
