@@ -412,15 +412,14 @@ def _mqa_tile(
         acc = _dot(_cast(p, v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     out_rows = out_ptr + b * stride_ob + offs_r[:, None] * DH + offs_d[None, :]
+    tile = b * r_tiles + pid_r  # the row tile's workspace and counter (SPLIT > 1)
+    tile_ws = ws_ptr + tile * SPLIT * BR * (DH + 2)
     if SPLIT == 1:
         tl.store(out_rows, _cast(acc / l_i[:, None], out_ptr.dtype.element_ty), r_mask[:, None])
     elif MERGE_KERNEL:
-        tile = b * r_tiles + pid_r
-        _mqa_store_partial(acc, m_i, l_i, ws_ptr + tile * SPLIT * BR * (DH + 2), split)
+        _mqa_store_partial(acc, m_i, l_i, tile_ws, split)
     else:
-        tile = b * r_tiles + pid_r
-        _mqa_combine(acc, m_i, l_i, ws_ptr + tile * SPLIT * BR * (DH + 2), count_ptr + tile,
-                     out_rows, r_mask, split, SPLIT)  # fmt: skip
+        _mqa_combine(acc, m_i, l_i, tile_ws, count_ptr + tile, out_rows, r_mask, split, SPLIT)
 
 
 @triton.jit
