@@ -32,10 +32,15 @@ CAMERAS = {
 }
 
 
-def body(seed: int, steps: int, state_dim: int) -> bytes:
-    images = {
+def sample_images() -> dict:
+    """camera -> base64 text of the three 640x480 sample JPEGs."""
+    return {
         cam: base64.b64encode((SAMPLES / f).read_bytes()).decode() for cam, f in CAMERAS.items()
     }
+
+
+def body(seed: int, steps: int, state_dim: int) -> bytes:
+    images = sample_images()
     state = [[0.0] * state_dim]
     return json.dumps(
         {

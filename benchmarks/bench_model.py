@@ -8,7 +8,6 @@ call (`policy.sampler`, inputs already on the GPU); `--phases` adds an eager per
 """
 
 import argparse
-import base64
 import itertools
 import json
 import time
@@ -32,12 +31,11 @@ def make_inputs(policy, batch, cameras, seed=0):
 
 def decode_ms(iters: int) -> dict:
     """Host time to decode the three 640x480 sample JPEGs the HTTP benchmark sends."""
-    from pathlib import Path
+    from bench_http import sample_images  # this folder (scripts run as benchmarks/...)
 
     from flagscale.serve import codec
 
-    samples = sorted((Path(__file__).resolve().parent.parent / "examples" / "pi0").glob("*.jpg"))
-    texts = [base64.b64encode(f.read_bytes()).decode() for f in samples]
+    texts = list(sample_images().values())
     times = []
     for _ in range(iters + 3):
         t = time.perf_counter()
