@@ -83,17 +83,13 @@ def expert_cases(batch, prefix=816, chunk=50, tower="expert", copies=1):
             return tf.mqa_attention(pq, pk, pv, pmask, config="mqa_attention_long")
         return ops.attention(pq, pk, pv, pmask)
 
-    def qkv_rope(ops):
-        w = nxt()
+    def qkv_rope(ops, w):
         return ops.qkv_rope(
             x, norm_w, 1e-6, w["w_qkv"], cos, sin, d.heads, 1, d.head_dim, w["ks"], w["vs"]
         )
 
     def layer_ops(ops, w):  # the layer as five ops (GemmaLayer.cached without decoder_layer)
-        q = ops.qkv_rope(
-            x, norm_w, 1e-6, w["w_qkv"], cos, sin, d.heads, 1, d.head_dim, w["ks"], w["vs"]
-        )
-        h = ops.linear_residual(ops.attention(q, *w["kv"], mask), w["w_o"], x)
+        h = ops.linear_residual(ops.attention(qkv_rope(ops, w), *w["kv"], mask), w["w_o"], x)
         return ops.linear_residual(ops.norm_geglu(h, norm_w, 1e-6, w["w_gu"]), w["w_down"], h)
 
     def layer(ops):  # one persistent launch where the table has decoder_layer for the shape
@@ -108,7 +104,7 @@ def expert_cases(batch, prefix=816, chunk=50, tower="expert", copies=1):
         "layer": layer,
         "layer(ops)": lambda ops: layer_ops(ops, nxt()),
         "attention(prefix)": prefix_attention,
-        "qkv_rope": qkv_rope,
+        "qkv_rope": lambda ops: qkv_rope(ops, nxt()),
         "linear_residual(o_proj)": lambda ops: ops.linear_residual(attn_in, nxt()["w_o"], res),
         "norm_geglu": lambda ops: ops.norm_geglu(x, norm_w, 1e-6, nxt()["w_gu"]),
         "linear_residual(down)": lambda ops: ops.linear_residual(act, nxt()["w_down"], res),
