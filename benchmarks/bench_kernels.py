@@ -1,6 +1,7 @@
 """GPU time of the fused Triton kernels vs the composed native ops on Pi0's expert shapes.
 
     python benchmarks/bench_kernels.py [--batch 1 8] [--copies 8] [--sweep] [--out kernels.json]
+    python benchmarks/bench_kernels.py --copies 8 --phases   # the layer kernel, phase by phase
 
 Each op is captured 50 times in one CUDA graph and replayed, so the time per call is GPU time
 including the inter-kernel gaps a whole-request graph sees. `--sweep` also tries other launch
@@ -155,6 +156,25 @@ def sweep(name, fn, fused):
     return best
 
 
+PHASE_NAMES = ("qkv_rope", "attention", "merge", "o_proj", "norm_geglu", "down")
+
+
+def phase_times(layer, fused):
+    """The persistent layer kernel with its barriers and one phase at a time (`phases` bit
+    masks): us for the barriers alone, each phase over them, and all phases."""
+    cfg = tf.CONFIG["decoder_layer"]
+    timed = {"barriers only": 0, **{n: 1 << i for i, n in enumerate(PHASE_NAMES)}}
+    timed["all"] = tf.ALL_PHASES
+    out = {}
+    try:
+        for name, mask in timed.items():
+            cfg["phases"] = mask
+            out[name] = round(graph_ms(lambda: layer(fused)), 2)
+    finally:
+        cfg.pop("phases", None)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--batch", nargs="+", type=int, default=[1])
@@ -170,12 +190,24 @@ def main():
         help="weight/cache sets cycled through (8: weights from HBM, as in the model)",
     )
     p.add_argument("--ops", nargs="*", default=None, help="only these cases")
+    p.add_argument(
+        "--phases", action="store_true", help="time the layer kernel's phases one by one"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     composed, fused = native_ops(), native_ops().with_fused_kernels()
     rows = []
     for batch in args.batch:
         cases = expert_cases(batch, chunk=args.tokens, tower=args.tower, copies=args.copies)
+        if args.phases:
+            row = {
+                "batch": batch,
+                "copies": args.copies,
+                "phase_us": phase_times(cases["layer"], fused),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         for name, fn in cases.items():
             if args.ops and name not in args.ops:
                 continue

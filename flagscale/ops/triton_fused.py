@@ -546,63 +546,71 @@ def _decoder_layer_kernel(
     QKV_BN: tl.constexpr, QKV_BK: tl.constexpr, GEGLU_BN: tl.constexpr, GEGLU_BK: tl.constexpr,
     LIN_BN: tl.constexpr, LIN_BK: tl.constexpr, O_SPLIT: tl.constexpr, D_SPLIT: tl.constexpr,
     BR: tl.constexpr, BKV: tl.constexpr, A_SPLIT: tl.constexpr, ROWS: tl.constexpr,
+    PHASES: tl.constexpr,
 ):  # fmt: skip
     """A Gemma decoder layer over the expert's rows, the five fused ops' tiles as phases of one
     launch with grid barriers between them (program p takes tiles p, p + NPROG, ...):
     qkv_rope -> attention partials -> merge -> o_proj + residual -> norm_geglu -> down_proj +
     residual. The same tile functions as the separate kernels: the results are bit-identical.
-    Trip counts are constexpr (the interpreter needs them)."""
+    Trip counts are constexpr (the interpreter needs them). Bit i of PHASES runs phase i (all: 63;
+    fewer only to time the phases, `bench_kernels.py --phases`)."""
     pid = tl.program_id(0)
     QD: tl.constexpr = N_Q * HEAD_DIM
     PAIRS: tl.constexpr = (N_Q + 2) * (HEAD_DIM // 2 // QKV_BN)  # q|k|v tiles per row tile
-    for i in range((PAIRS * M_TILES + NPROG - 1) // NPROG):
-        t = pid + i * NPROG
-        if t < PAIRS * M_TILES:
-            _qkv_rope_tile(
-                t % PAIRS, t // PAIRS, x_ptr, w_qkv_ptr, cos_ptr, sin_ptr, q_ptr,
-                k_ptr + start * stride_ct, v_ptr + start * stride_ct, M, T, eps, W, W, QD,
-                stride_cb, stride_ct, W, HEAD_DIM, N_Q, 1, BM, QKV_BN, QKV_BK,
-            )  # fmt: skip
+    if PHASES >> 0 & 1:
+        for i in range((PAIRS * M_TILES + NPROG - 1) // NPROG):
+            t = pid + i * NPROG
+            if t < PAIRS * M_TILES:
+                _qkv_rope_tile(
+                    t % PAIRS, t // PAIRS, x_ptr, w_qkv_ptr, cos_ptr, sin_ptr, q_ptr,
+                    k_ptr + start * stride_ct, v_ptr + start * stride_ct, M, T, eps, W, W, QD,
+                    stride_cb, stride_ct, W, HEAD_DIM, N_Q, 1, BM, QKV_BN, QKV_BK,
+                )  # fmt: skip
     _grid_sync(bar_ptr, 0, NPROG)
     rows = T * N_Q
     ATTN_TILES: tl.constexpr = R_TILES * A_SPLIT * N_BATCH
-    for i in range((ATTN_TILES + NPROG - 1) // NPROG):
-        t = pid + i * NPROG
-        if t < ATTN_TILES:
-            _mqa_tile(
-                t % R_TILES, (t // R_TILES) % A_SPLIT, t // (R_TILES * A_SPLIT), R_TILES, q_ptr,
-                k_ptr, v_ptr, mask_ptr, attn_ptr, ws_attn_ptr, count_ptr, rows, N_Q, scale,
-                T * QD, QD, HEAD_DIM, stride_cb, stride_ct, stride_cb, stride_ct, stride_mb,
-                stride_mq, T * QD, LK, HAS_MASK, HEAD_DIM, A_SPLIT, BR, BKV, True,
-            )  # fmt: skip
+    if PHASES >> 1 & 1:
+        for i in range((ATTN_TILES + NPROG - 1) // NPROG):
+            t = pid + i * NPROG
+            if t < ATTN_TILES:
+                _mqa_tile(
+                    t % R_TILES, (t // R_TILES) % A_SPLIT, t // (R_TILES * A_SPLIT), R_TILES, q_ptr,
+                    k_ptr, v_ptr, mask_ptr, attn_ptr, ws_attn_ptr, count_ptr, rows, N_Q, scale,
+                    T * QD, QD, HEAD_DIM, stride_cb, stride_ct, stride_cb, stride_ct, stride_mb,
+                    stride_mq, T * QD, LK, HAS_MASK, HEAD_DIM, A_SPLIT, BR, BKV, True,
+                )  # fmt: skip
     _grid_sync(bar_ptr, 1, NPROG)
     MERGE_TILES: tl.constexpr = R_TILES * (BR // ROWS)  # per sample
-    for i in range((MERGE_TILES * N_BATCH + NPROG - 1) // NPROG):
-        t = pid + i * NPROG
-        if t < MERGE_TILES * N_BATCH:
-            _mqa_merge_tile(
-                t % MERGE_TILES, t // MERGE_TILES, ws_attn_ptr, attn_ptr, rows, T * QD, A_SPLIT,
-                BR, HEAD_DIM, ROWS,
-            )  # fmt: skip
+    if PHASES >> 2 & 1:
+        for i in range((MERGE_TILES * N_BATCH + NPROG - 1) // NPROG):
+            t = pid + i * NPROG
+            if t < MERGE_TILES * N_BATCH:
+                _mqa_merge_tile(
+                    t % MERGE_TILES, t // MERGE_TILES, ws_attn_ptr, attn_ptr, rows, T * QD, A_SPLIT,
+                    BR, HEAD_DIM, ROWS,
+                )  # fmt: skip
     _grid_sync(bar_ptr, 2, NPROG)
-    _linear_residual_phase(
-        pid, attn_ptr, w_o_ptr, x_ptr, h_ptr, ws_ptr, count_ptr, M, QD, W, O_SPLIT, M_TILES,
-        NPROG, BM, LIN_BN, LIN_BK,
-    )  # fmt: skip
+    if PHASES >> 3 & 1:
+        _linear_residual_phase(
+            pid, attn_ptr, w_o_ptr, x_ptr, h_ptr, ws_ptr, count_ptr, M, QD, W, O_SPLIT, M_TILES,
+            NPROG, BM, LIN_BN, LIN_BK,
+        )  # fmt: skip
     _grid_sync(bar_ptr, 3, NPROG)
     GEGLU_TILES: tl.constexpr = F // GEGLU_BN  # per row tile
-    for i in range((GEGLU_TILES * M_TILES + NPROG - 1) // NPROG):
-        t = pid + i * NPROG
-        if t < GEGLU_TILES * M_TILES:
-            _norm_geglu_tile(
-                t % GEGLU_TILES, t // GEGLU_TILES, h_ptr, w_gu_ptr, act_ptr, M, F, eps, W, W, F,
-                W, BM, GEGLU_BN, GEGLU_BK,
-            )  # fmt: skip
+    if PHASES >> 4 & 1:
+        for i in range((GEGLU_TILES * M_TILES + NPROG - 1) // NPROG):
+            t = pid + i * NPROG
+            if t < GEGLU_TILES * M_TILES:
+                _norm_geglu_tile(
+                    t % GEGLU_TILES, t // GEGLU_TILES, h_ptr, w_gu_ptr, act_ptr, M, F, eps, W, W, F,
+                    W, BM, GEGLU_BN, GEGLU_BK,
+                )  # fmt: skip
     _grid_sync(bar_ptr, 4, NPROG)
-    _linear_residual_phase(
-        pid, act_ptr, w_down_ptr, h_ptr, out_ptr, ws_ptr, count_ptr, M, F, W, D_SPLIT, M_TILES,
-        NPROG, BM, LIN_BN, LIN_BK,
-    )  # fmt: skip
+    if PHASES >> 5 & 1:
+        _linear_residual_phase(
+            pid, act_ptr, w_down_ptr, h_ptr, out_ptr, ws_ptr, count_ptr, M, F, W, D_SPLIT, M_TILES,
+            NPROG, BM, LIN_BN, LIN_BK,
+        )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -735,6 +743,7 @@ CONFIG["decoder_layer"] = dict(
     qkv_bn=16, qkv_bk=64, geglu_bn=32, geglu_bk=64, lin_bn=32, lin_bk=128, o_split=4, d_split=4,
     br=16, bkv=32, a_split=4, rows=4, warps=4, stages=5, max_rows=64,
 )  # fmt: skip
+ALL_PHASES = 63  # the layer kernel's six phases (CONFIG["decoder_layer"]["phases"]: time some)
 LONG_ROWS = 1 << 20  # beyond the fused GEMMs: row-wise kernels around cuBLAS (the prefix)
 MERGE_ROWS = 4  # rows per program of the merge kernel
 _SCRATCH: Dict[Tuple[str, torch.device], torch.Tensor] = {}
@@ -1005,7 +1014,7 @@ def decoder_layer(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, head
         N_BATCH=b, M_TILES=m_tiles, R_TILES=r_tiles, NPROG=nprog, BM=bm, QKV_BN=cfg["qkv_bn"],
         QKV_BK=cfg["qkv_bk"], GEGLU_BN=cfg["geglu_bn"], GEGLU_BK=cfg["geglu_bk"], LIN_BN=lin_bn,
         LIN_BK=lin_bk, O_SPLIT=o_split, D_SPLIT=d_split, BR=br, BKV=cfg["bkv"], A_SPLIT=a_split, ROWS=cfg["rows"],
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
+        PHASES=cfg.get("phases", ALL_PHASES), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out.view(b, t, width)
 
