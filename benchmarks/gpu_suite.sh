@@ -27,6 +27,8 @@ python -m pytest -q -m "gpu or not gpu" tests/engine tests/ops/test_triton_fused
 step "fused kernels vs composed ops (expert layer shapes)"
 python benchmarks/bench_kernels.py --batch 1 2 4 8 --out "$OUT_DIR/kernels.json"
 python benchmarks/bench_kernels.py --batch 1 --copies 8 --out "$OUT_DIR/kernels_hbm.json"
+python benchmarks/bench_kernels.py --batch 1 --copies 8 --phases --out "$OUT_DIR/layer_phases.json"
+python benchmarks/bench_gpu_probes.py --out "$OUT_DIR/gpu_probes.json"
 python benchmarks/profile_model.py --steps 1 > "$OUT_DIR/profile_steps1.txt" 2>&1
 
 step "model latency"
