@@ -1013,8 +1013,9 @@ def decoder_layer(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, head
         stride_mq, W=width, F=f, HEAD_DIM=head_dim, N_Q=heads, LK=start + t, HAS_MASK=True,
         N_BATCH=b, M_TILES=m_tiles, R_TILES=r_tiles, NPROG=nprog, BM=bm, QKV_BN=cfg["qkv_bn"],
         QKV_BK=cfg["qkv_bk"], GEGLU_BN=cfg["geglu_bn"], GEGLU_BK=cfg["geglu_bk"], LIN_BN=lin_bn,
-        LIN_BK=lin_bk, O_SPLIT=o_split, D_SPLIT=d_split, BR=br, BKV=cfg["bkv"], A_SPLIT=a_split, ROWS=cfg["rows"],
-        PHASES=cfg.get("phases", ALL_PHASES), num_warps=cfg["warps"], num_stages=cfg["stages"],
+        LIN_BK=lin_bk, O_SPLIT=o_split, D_SPLIT=d_split, BR=br, BKV=cfg["bkv"], A_SPLIT=a_split,
+        ROWS=cfg["rows"], PHASES=cfg.get("phases", ALL_PHASES), num_warps=cfg["warps"],
+        num_stages=cfg["stages"],
     )  # fmt: skip
     return out.view(b, t, width)
 
