@@ -22,7 +22,8 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 step "GPU tests"
 python -m pytest -q -m "gpu or not gpu" tests/engine tests/ops/test_triton_fused.py \
   tests/ops/test_triton_image.py tests/models/test_fused_model.py tests/models/test_pi0_model.py tests/models/test_pi0_processing.py \
-  tests/serve/test_serve_codec.py tests/serve/test_serve_http.py 2>&1 | tail -5 | tee "$OUT_DIR/pytest_gpu.txt"
+  tests/serve/test_serve_codec.py tests/serve/test_serve_http.py \
+  tests/serve/test_serve_image_decoder.py 2>&1 | tail -5 | tee "$OUT_DIR/pytest_gpu.txt"
 
 step "fused kernels vs composed ops (expert layer shapes)"
 python benchmarks/bench_kernels.py --batch 1 2 4 8 --out "$OUT_DIR/kernels.json"
@@ -50,6 +51,12 @@ if python run.py "${serve[@]}" action=run; then
     | tee "$OUT_DIR/http.jsonl"
   python benchmarks/bench_http.py --port "$PORT" --clients 1 4 8 --requests 50 --keep-alive \
     | tee "$OUT_DIR/http_keepalive.jsonl"
+  python run.py "${serve[@]}" action=stop
+fi
+step "HTTP end to end, JPEGs decoded on the GPU (engine.image_decoder=gpu)"
+if python run.py "${serve[@]}" serve.engine.image_decoder=gpu action=run; then
+  python benchmarks/bench_http.py --port "$PORT" --clients 1 4 8 --requests 50 --keep-alive \
+    | tee "$OUT_DIR/http_keepalive_gpu_decode.jsonl"
   python run.py "${serve[@]}" action=stop
 fi
 

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from flagscale.logger import get_logger
 from flagscale.serve.auth import resolve_keys, warn_if_exposed
-from flagscale.serve.codec import ImageDecodeError, decode_images
+from flagscale.serve.codec import GpuJpegDecoder, ImageDecodeError, decode_images
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
 from flagscale.serve.errors import RequestError
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
@@ -84,10 +84,23 @@ def create_app(
     cfg = load_serve_config(cfg)
     fixed_noise = _load_fixed_noise(cfg.fixed_noise)
     metrics_ref = {}
+    # request thread: base64 text -> images; inference thread: a batch's deferred JPEGs -> pixels
+    codecs = {"images": decode_images, "frames": None}
+
+    def prepare(policy):
+        prepare_policy(policy, cfg, fixed_noise)
+        if cfg.image_decoder == "gpu":  # in the inference thread: a failure fails start-up
+            gpu = GpuJpegDecoder(cfg.device)
+            codecs.update(images=gpu, frames=gpu.decode_frames)
+
+    def before_batch(observations):
+        return codecs["frames"](observations) if codecs["frames"] else observations
+
     worker = InferenceWorker(
         policy,
         load_policy=load_policy,
-        prepare=lambda p: prepare_policy(p, cfg, fixed_noise),
+        prepare=prepare,
+        before_batch=before_batch,
         max_batch_size=cfg.max_batch_size,
         max_wait_ms=cfg.max_wait_ms,
         max_queue=cfg.max_queue,
@@ -108,6 +121,7 @@ def create_app(
     app.state.cfg = cfg
     app.state.worker = worker
     app.state.fixed_noise = fixed_noise
+    app.state.codecs = codecs
     app.state.metrics = metrics
     app.state.api_keys = keys
     app.state.replica_id = replica_id
@@ -328,6 +342,7 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
             "max_body_mb": cfg.max_body_mb,
             "max_image_side": cfg.max_image_side,
         },
+        "image_decoder": cfg.image_decoder,
         "queue_depth": worker.queue_depth,
     }
 
@@ -341,7 +356,7 @@ async def _infer(request: Request, app: FastAPI):
     body = await read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
     # parsing and image decoding off the event loop (a 32 MB body must not block it), one hop
     batch = await run_in_threadpool(
-        _parse_and_build, body, cfg, _noise_shape(policy), app.state.fixed_noise
+        _parse_and_build, body, cfg, _noise_shape(policy), app.state.fixed_noise, app.state.codecs
     )
     preprocess_ms = (time.perf_counter() - start) * 1000.0
     result = await run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps)
@@ -375,6 +390,8 @@ async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
         return await worker.infer(observations, noises, seeds, num_steps, cfg.infer_timeout_s)
     except (QueueFull, NotReady, InferTimeout) as e:
         raise RequestError(503, str(e)) from None
+    except ImageDecodeError as e:  # a JPEG left to the inference thread (image_decoder: gpu)
+        raise RequestError(400, f"images: {e}") from None
     except Exception as e:
         raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
 
@@ -439,8 +456,8 @@ async def _discard(request: Request, size: int, limit: int) -> None:
         return
 
 
-def _parse_and_build(body: bytes, cfg, noise_shape, fixed_noise) -> "Batch":
-    return build_batch(parse_request(body), cfg, noise_shape, fixed_noise)
+def _parse_and_build(body: bytes, cfg, noise_shape, fixed_noise, codecs) -> "Batch":
+    return build_batch(parse_request(body), cfg, noise_shape, fixed_noise, codecs["images"])
 
 
 def parse_request(body: bytes) -> InferRequest:
@@ -467,8 +484,11 @@ class Batch:
     echo_seed: Any  # the request's or the config's seed, echoed in the response
 
 
-def build_batch(req: InferRequest, cfg: ServeConfig, noise_shape: tuple, fixed_noise) -> Batch:
-    """Validate against the config and decode images: one observation per `images` element."""
+def build_batch(
+    req: InferRequest, cfg: ServeConfig, noise_shape: tuple, fixed_noise, decode=decode_images
+) -> Batch:
+    """Validate against the config and decode images (`decode`: codec.decode_images or a
+    GpuJpegDecoder): one observation per `images` element."""
     size = req.batch_size
     if size > cfg.max_batch_size:
         raise RequestError(
@@ -483,7 +503,7 @@ def build_batch(req: InferRequest, cfg: ServeConfig, noise_shape: tuple, fixed_n
     noises, seeds, echo = _noise_and_seeds(req, cfg, noise_shape, fixed_noise)
     observations = [
         {
-            "images": _images(i, req.images[i], masks[i], cfg),
+            "images": _images(i, req.images[i], masks[i], cfg, decode),
             "state": states[i],
             "prompt": prompts[i],
         }
@@ -591,7 +611,7 @@ def _masks(req: InferRequest, cfg: ServeConfig) -> list:
     return masks
 
 
-def _images(index: int, cams: dict, masked: set, cfg: ServeConfig) -> dict:
+def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, decode) -> dict:
     todo, seen = [], set()  # (camera name, slot, base64 text)
     for name, text in cams.items():
         slot = _slot_for(name, cfg)
@@ -609,9 +629,7 @@ def _images(index: int, cams: dict, masked: set, cfg: ServeConfig) -> dict:
             f"known cameras: {', '.join(cfg.cameras)}",
         )
     images = {}
-    for (name, slot, _), image in zip(
-        todo, decode_images([t for *_, t in todo], cfg.max_image_side)
-    ):
+    for (name, slot, _), image in zip(todo, decode([t for *_, t in todo], cfg.max_image_side)):
         if isinstance(image, ImageDecodeError):
             raise RequestError(400, f"images[{index}].{name}: {image}")
         images[slot] = image

@@ -2,6 +2,7 @@
 
 import base64
 import binascii
+import dataclasses
 import io
 import os
 import re
@@ -35,7 +36,11 @@ def decode_image(text: str, max_side: int = 4096) -> np.ndarray:
 
     The image header is checked first: a side above max_side is refused before decoding pixels.
     """
-    raw = decode_base64(text)
+    return decode_raw(decode_base64(text), max_side)
+
+
+def decode_raw(raw: bytes, max_side: int = 4096) -> np.ndarray:
+    """decode_image after base64: image file bytes -> uint8 (H, W, 3) RGB."""
     fast = _decode_jpeg_fast(raw, max_side)
     if fast is not None:
         return fast
@@ -66,6 +71,110 @@ def decode_images(texts: Sequence[str], max_side: int = 4096) -> List[Union[np.n
 def _decode_or_error(text: str, max_side: int):
     try:
         return decode_image(text, max_side)
+    except ImageDecodeError as e:
+        return e
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedJpeg:
+    """A camera image left encoded by the request thread (header checked), for `GpuJpegDecoder`
+    to decode in the inference thread."""
+
+    raw: bytes
+    height: int
+    width: int
+
+
+class GpuJpegDecoder:
+    """JPEGs decoded on a CUDA GPU by nvJPEG (torchvision; the GPU's hardware JPEG engines where
+    it has them, as on A100 and H100). Opt-in (`engine.image_decoder: gpu`): nvJPEG's chroma
+    upsampling and IDCT are not libjpeg-turbo's, so some values differ from Pillow's by a few
+    levels (docs/benchmarks.md), unlike the CPU path, which matches Pillow exactly.
+
+    Two halves, because nvJPEG synchronises the device (a decode waits for a running model):
+    `__call__` (request thread, like `decode_images`) checks base64 and headers and keeps
+    decodable JPEGs as `EncodedJpeg`; other formats are decoded on the CPU there, errors come
+    back in place. `decode_frames` (inference thread, before the model call) decodes a batch's
+    JPEGs in one call into uint8 (H, W, 3) CUDA tensors; a JPEG nvJPEG refuses goes to the CPU
+    decoder, which words the error. `decode_jpeg` is torchvision's (tests pass a stand-in)."""
+
+    def __init__(self, device="cuda", decode_jpeg=None):
+        import torch
+
+        self.device = torch.device(device)
+        self._decode_jpeg = decode_jpeg or _torchvision_decode_jpeg()
+        probe = base64.b64decode(encode_image(np.full((16, 16, 3), 128, np.uint8)))
+        try:  # fail at start-up, not on the first request
+            self._decode_jpeg([torch.frombuffer(bytearray(probe), dtype=torch.uint8)], self.device)
+        except Exception as e:
+            raise RuntimeError(f"GPU JPEG decoding does not work here: {e}") from e
+
+    def __call__(self, texts: Sequence[str], max_side: int = 4096) -> list:
+        out: list = []
+        for text in texts:
+            try:
+                raw = decode_base64(text)
+            except ImageDecodeError as e:
+                out.append(e)
+                continue
+            size = _jpeg_size(raw, max_side)
+            out.append(EncodedJpeg(raw, *size) if size else _decode_raw_or_error(raw, max_side))
+        return out
+
+    def decode_frames(self, observations: Sequence[dict]) -> list:
+        """Observations with every EncodedJpeg image replaced by its pixels (CUDA tensors)."""
+        import torch
+
+        images = [o.get("images") or {} for o in observations]
+        todo = [(i, k) for i, ims in enumerate(images) for k, v in ims.items()]
+        todo = [(i, k) for i, k in todo if isinstance(images[i][k], EncodedJpeg)]
+        if not todo:
+            return list(observations)
+        raws = [images[i][k].raw for i, k in todo]
+        try:
+            data = [torch.frombuffer(bytearray(raw), dtype=torch.uint8) for raw in raws]
+            frames = [f.permute(1, 2, 0) for f in self._decode_jpeg(data, self.device)]
+        except Exception:  # corrupt data or an unsupported JPEG: the CPU decides (or raises)
+            frames = [_decode_cpu(raw, key) for raw, (_, key) in zip(raws, todo)]
+        out = [dict(o, images=dict(ims)) for o, ims in zip(observations, images)]
+        for (i, key), frame in zip(todo, frames):
+            out[i]["images"][key] = frame
+        return out
+
+
+def _decode_cpu(raw: bytes, key: str) -> np.ndarray:
+    try:
+        return decode_raw(raw)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{key}: {e}") from None
+
+
+def _torchvision_decode_jpeg():
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception as e:  # ImportError, or torchvision built for another torch
+        raise RuntimeError(
+            f"GPU JPEG decoding needs torchvision with nvJPEG (a CUDA build): {e}"
+        ) from e
+    return lambda data, device: decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def _jpeg_size(raw: bytes, max_side: int) -> Union[tuple, None]:
+    """(height, width) of a YCbCr or grayscale JPEG within max_side (header only), else None."""
+    if raw[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        with _open(raw) as img:
+            width, height = img.size
+            ok_mode = img.format == "JPEG" and img.mode in ("RGB", "L")
+    except ImageDecodeError:
+        return None
+    return (height, width) if ok_mode and 0 < max(width, height) <= max_side else None
+
+
+def _decode_raw_or_error(raw: bytes, max_side: int):
+    try:
+        return decode_raw(raw, max_side)
     except ImageDecodeError as e:
         return e
 

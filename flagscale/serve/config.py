@@ -107,6 +107,7 @@ class ServeConfig:
     max_queue: int = 64
     max_body_mb: float = 32.0
     max_image_side: int = 4096
+    image_decoder: str = "cpu"
     cuda_graphs: bool = True
     compile: bool = False
     fused_kernels: str = "auto"
@@ -428,6 +429,7 @@ _PARSERS = {
     "max_queue": lambda k, v: _as_int(k, v, 1, 100000),
     "max_body_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),
     "max_image_side": lambda k, v: _as_int(k, v, 16, 65536),
+    "image_decoder": lambda k, v: _as_choice(k, v, ("cpu", "gpu")),
     "cuda_graphs": _as_bool,
     "compile": _as_bool,
     "fused_kernels": lambda k, v: _as_auto_bool(k, v),
@@ -557,6 +559,11 @@ def _check_cross_fields(cfg: ServeConfig) -> None:
     if too_big:
         raise ConfigError(
             f"serve.engine.batch_buckets: {too_big} exceed max_batch_size {cfg.max_batch_size}"
+        )
+    if cfg.image_decoder == "gpu" and not cfg.device.startswith("cuda"):
+        raise ConfigError(
+            f"serve.engine.image_decoder: gpu needs a CUDA device (serve.engine.device is "
+            f"{cfg.device!r}); use cpu"
         )
     if cfg.host in ("", "*"):
         raise ConfigError(f"serve.engine.host: invalid bind address {cfg.host!r}")

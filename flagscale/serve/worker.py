@@ -69,6 +69,7 @@ class InferenceWorker:
         max_queue: int = 64,
         on_failure: Callable[[BaseException], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
+        before_batch: Callable[[list], list] | None = None,
     ):
         if policy is None and load_policy is None:
             raise ValueError("InferenceWorker needs a policy or a load_policy callable")
@@ -80,6 +81,8 @@ class InferenceWorker:
         self.max_queue = max_queue
         self.on_failure = on_failure
         self.on_batch = on_batch  # (observations, model seconds) after each model call
+        # observations -> observations, in this thread before each model call (GPU decoding)
+        self.before_batch = before_batch
         self.busy_since: float | None = None  # monotonic start of the running model call
         self.state = LOADING
         self.error: str | None = None
@@ -292,6 +295,8 @@ class InferenceWorker:
         start = time.perf_counter()
         self.busy_since = time.monotonic()
         try:
+            if self.before_batch is not None:
+                observations = self.before_batch(observations)
             outputs = self._policy.infer_batch(
                 observations, num_steps=jobs[0].num_steps, noise=noises, seeds=seeds
             )

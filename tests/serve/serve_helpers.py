@@ -1,5 +1,6 @@
 """Helpers for server tests: a real uvicorn server on a loopback port, request bodies."""
 
+import io
 import socket
 import threading
 import time
@@ -7,7 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import uvicorn
+
+from PIL import Image
 
 from flagscale.serve.codec import encode_image
 from flagscale.serve.config import load_serve_config
@@ -88,3 +92,21 @@ def v2_body(image_seed: int = 0, **extra) -> dict:
     }
     body.update(extra)
     return body
+
+
+class PilDecodeJpeg:
+    """Stands in for torchvision's decode_jpeg(list of uint8 tensors, device) -> [3, H, W]: Pillow's
+    pixels, so results can be compared exactly; records each batch."""
+
+    def __init__(self, fail=False):
+        self.batches, self.fail = [], fail
+
+    def __call__(self, data, device):
+        self.batches.append(len(data))
+        if self.fail:
+            raise RuntimeError("nvjpeg: bitstream corrupt")
+        out = []
+        for t in data:
+            rgb = np.array(Image.open(io.BytesIO(t.numpy().tobytes())).convert("RGB"))
+            out.append(torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(device))
+        return out

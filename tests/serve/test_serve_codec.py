@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from PIL import Image
+from serve_helpers import PilDecodeJpeg
 
 from flagscale.serve import codec
 from flagscale.serve.codec import ImageDecodeError, decode_image, decode_images, encode_image
@@ -152,3 +154,54 @@ def test_fast_jpeg_path_refuses_oversized_images_first(monkeypatch):
         decode_image(encode_image(np.zeros((20, 20, 3), np.uint8)))
     with pytest.raises(ImageDecodeError, match="each side must be at most 8"):
         decode_image(encode_image(np.zeros((5, 9, 3), np.uint8)), max_side=8)
+
+
+# ---- GpuJpegDecoder's routing, with a stand-in for torchvision's nvJPEG call (CPU) ----------
+
+
+def test_gpu_decoder_defers_jpegs_and_decodes_a_batch_in_one_call():
+    stand_in = PilDecodeJpeg()
+    decoder = codec.GpuJpegDecoder("cpu", decode_jpeg=stand_in)
+    assert stand_in.batches == [1]  # the start-up probe
+    jpegs = [base64.b64encode(p.read_bytes()).decode() for p in sorted(SAMPLES.glob("*.jpg"))]
+    png = b64_of(Image.new("RGB", (5, 7), (1, 2, 3)))
+    out = decoder(jpegs[:2] + [png, "not base64 !"] + jpegs[2:])  # the request thread's half
+    assert stand_in.batches == [1]  # nothing decoded yet
+    assert isinstance(out[2], np.ndarray) and out[2].shape == (7, 5, 3)  # PNG: CPU decoder
+    assert isinstance(out[3], ImageDecodeError)
+    assert [(e.height, e.width) for e in out[:2] + out[4:]] == [(480, 640)] * 3
+    observations = [
+        {"images": {"a": out[0], "b": out[1]}, "state": 1},
+        {"images": {"a": out[2], "c": out[4]}, "state": 2},
+        {"state": 3},  # no images (not from this path): left alone
+    ]
+    done = decoder.decode_frames(observations)  # the inference thread's half
+    assert stand_in.batches == [1, 3]
+    assert [o["state"] for o in done] == [1, 2, 3] and done[1]["images"]["a"] is out[2]
+    assert isinstance(observations[0]["images"]["a"], codec.EncodedJpeg)  # inputs untouched
+    for got, text in zip(
+        [done[0]["images"]["a"], done[0]["images"]["b"], done[1]["images"]["c"]], jpegs
+    ):
+        assert tuple(got.shape) == (480, 640, 3) and got.dtype == torch.uint8
+        np.testing.assert_array_equal(got.numpy(), decode_image(text))
+
+
+def test_gpu_decoder_leaves_oversized_and_corrupt_jpegs_to_the_cpu_errors():
+    stand_in = PilDecodeJpeg(fail=True)
+    decoder = codec.GpuJpegDecoder.__new__(codec.GpuJpegDecoder)  # skip the start-up probe
+    decoder.device, decoder._decode_jpeg = "cpu", stand_in
+    big = encode_image(np.zeros((40, 50, 3), np.uint8))
+    noise = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    raw = base64.b64decode(encode_image(noise))
+    cut = base64.b64encode(raw[: len(raw) // 2]).decode()  # the header parses, the data ends
+    out = decoder([big, cut], max_side=45)
+    assert "each side must be at most 45" in str(out[0])
+    assert isinstance(out[1], codec.EncodedJpeg)
+    with pytest.raises(ImageDecodeError, match="cam: image data is truncated"):
+        decoder.decode_frames([{"images": {"cam": out[1]}}])
+    assert stand_in.batches == [1]  # tried on the "GPU" (failed), then the CPU words the error
+
+
+def test_gpu_decoder_that_does_not_work_fails_at_start_up():
+    with pytest.raises(RuntimeError, match="GPU JPEG decoding does not work here: .*corrupt"):
+        codec.GpuJpegDecoder("cpu", decode_jpeg=PilDecodeJpeg(fail=True))

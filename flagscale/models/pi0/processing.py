@@ -63,6 +63,7 @@ def prepare_images(
 ):
     """Per-sample dicts {slot: H x W x 3 uint8} -> images [B, N, 3, S, S] in [-1, 1], masks [B, N].
 
+    An image is a numpy array or a torch tensor (e.g. decoded on the GPU: it is used where it is).
     Images of equal size are stacked and go through one host-to-device copy and one resize."""
     b, n = len(images), len(image_keys)
     masks = torch.zeros((b, n), dtype=torch.bool)
@@ -91,9 +92,12 @@ def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
     device = torch.device(device)
     h, w = group[0][2].shape[:2]
     cuda = device.type == "cuda"
-    staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=cuda)
-    np.stack([a for _, _, a in group], out=staged.numpy())
-    frames = staged.to(device, non_blocking=True)
+    if any(isinstance(a, torch.Tensor) for _, _, a in group):  # e.g. decoded on the GPU
+        frames = torch.stack([torch.as_tensor(a).to(device) for _, _, a in group])
+    else:
+        staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=cuda)
+        np.stack([a for _, _, a in group], out=staged.numpy())
+        frames = staged.to(device, non_blocking=True)
     kernel = _image_kernel(device) if cuda else None
     if kernel is not None:
         return kernel.resize_pad_normalize(frames, pad_geometry(h, w, size, pad_mode), size)
@@ -117,7 +121,7 @@ def _image_kernel(device: torch.device):
 def _check_image(key: str, image) -> None:
     """Refuse what would silently be misread: grayscale, RGBA, CHW, 16-bit or float pixels."""
     shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", None)
-    if shape is None or len(shape) != 3 or shape[-1] != 3 or dtype != np.uint8:
+    if shape is None or len(shape) != 3 or shape[-1] != 3 or dtype not in (np.uint8, torch.uint8):
         raise ValueError(
             f"image {key!r}: expected a uint8 (H, W, 3) RGB array, got "
             f"{type(image).__name__} shape {None if shape is None else list(shape)} dtype {dtype}"
