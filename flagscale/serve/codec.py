@@ -160,16 +160,22 @@ def _torchvision_decode_jpeg():
 
 
 def _jpeg_size(raw: bytes, max_side: int) -> Union[tuple, None]:
-    """(height, width) of a YCbCr or grayscale JPEG within max_side (header only), else None."""
+    """(height, width) of a YCbCr or grayscale JPEG within max_side and Pillow's pixel limit
+    (from the header: simplejpeg's, else Pillow's), else None."""
     if raw[:3] != b"\xff\xd8\xff":
         return None
     try:
-        with _open(raw) as img:
-            width, height = img.size
-            ok_mode = img.format == "JPEG" and img.mode in ("RGB", "L")
-    except ImageDecodeError:
+        if simplejpeg is not None:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
+            supported = colorspace in ("YCbCr", "Gray")
+        else:
+            with _open(raw) as img:
+                width, height = img.size
+                supported = img.format == "JPEG" and img.mode in ("RGB", "L")
+    except (ValueError, ImageDecodeError):
         return None
-    return (height, width) if ok_mode and 0 < max(width, height) <= max_side else None
+    too_large = max(width, height) > max_side or width * height > Image.MAX_IMAGE_PIXELS
+    return (height, width) if supported and min(width, height) > 0 and not too_large else None
 
 
 def _decode_raw_or_error(raw: bytes, max_side: int):
@@ -184,13 +190,9 @@ def _decode_jpeg_fast(raw: bytes, max_side: int) -> Union[np.ndarray, None]:
     (same libjpeg-turbo, IDCT and upsampling as Pillow: identical pixels, tested). None for
     anything else, and on any decoder complaint (strict): the PIL path then decodes the image or
     words the error."""
-    if simplejpeg is None or raw[:3] != b"\xff\xd8\xff":
+    if simplejpeg is None or _jpeg_size(raw, max_side) is None:
         return None
     try:
-        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(raw)
-        too_large = max(width, height) > max_side or width * height > Image.MAX_IMAGE_PIXELS
-        if colorspace not in ("YCbCr", "Gray") or too_large:
-            return None
         return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True)
     except ValueError:
         return None

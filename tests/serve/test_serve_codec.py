@@ -159,7 +159,10 @@ def test_fast_jpeg_path_refuses_oversized_images_first(monkeypatch):
 # ---- GpuJpegDecoder's routing, with a stand-in for torchvision's nvJPEG call (CPU) ----------
 
 
-def test_gpu_decoder_defers_jpegs_and_decodes_a_batch_in_one_call():
+@pytest.mark.parametrize("headers_by", ["simplejpeg", "pillow"])
+def test_gpu_decoder_defers_jpegs_and_decodes_a_batch_in_one_call(headers_by, monkeypatch):
+    if headers_by == "pillow":
+        monkeypatch.setattr(codec, "simplejpeg", None)
     stand_in = PilDecodeJpeg()
     decoder = codec.GpuJpegDecoder("cpu", decode_jpeg=stand_in)
     assert stand_in.batches == [1]  # the start-up probe
