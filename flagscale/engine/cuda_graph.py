@@ -125,9 +125,7 @@ class CudaGraphSampler:
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        # thread_local: other threads may use the GPU meanwhile (engine.image_decoder: gpu
-        # decodes JPEGs in the request threads); only this thread must not sync or allocate
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool):
             static_out = run()
         torch.cuda.synchronize()
         self.captures += 1
