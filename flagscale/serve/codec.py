@@ -126,8 +126,12 @@ class GpuJpegDecoder:
         import torch
 
         images = [o.get("images") or {} for o in observations]
-        todo = [(i, k) for i, ims in enumerate(images) for k, v in ims.items()]
-        todo = [(i, k) for i, k in todo if isinstance(images[i][k], EncodedJpeg)]
+        todo = [
+            (i, k)
+            for i, ims in enumerate(images)
+            for k, v in ims.items()
+            if isinstance(v, EncodedJpeg)
+        ]
         if not todo:
             return list(observations)
         raws = [images[i][k].raw for i, k in todo]
