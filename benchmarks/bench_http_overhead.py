@@ -8,9 +8,13 @@ Round trip - sleep = HTTP, JSON, base64 and JPEG decoding, the hand-offs to and 
 thread, the response and the client (the issue's HTTP target: round trip <= model + 5 ms). Not
 included: the policy's own preprocessing (stacking, upload and resize of the frames, prompt and
 state: ~1 ms on the GPU hosts). The access log is written (to /dev/null) as in a deployment.
+`--decoder deferred` serves as `engine.image_decoder: gpu` does, with the GPU decode replaced by
+blank frames (it costs ~0.3 ms on an H100 or H200): what the server adds besides decoding.
 """
 
 import argparse
+import dataclasses
+import io
 import json
 import logging
 import os
@@ -23,10 +27,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import uvicorn
 
+from PIL import Image
+
 from flagscale.models.pi0 import PI0Policy
-from flagscale.serve.app import create_app
+from flagscale.serve import app as app_module
+from flagscale.serve.codec import GpuJpegDecoder
 from flagscale.serve.config import load_serve_config
 
 
@@ -46,12 +54,30 @@ class SleepingPolicy:
         return [{"actions": self.policy.postprocess(zeros), "timing": {}} for _ in observations]
 
 
-def serve_and_measure(model_ms: float, clients: list, requests: int) -> list:
+def blank_frames(data, device):
+    """Stands in for nvJPEG: uint8 [3, H, W] of each JPEG's size (from its header), unfilled (the
+    stand-in policy never reads them; a CPU fill would start torch's spinning OpenMP threads)."""
+    sizes = [Image.open(io.BytesIO(t.numpy().tobytes())).size for t in data]
+    return [torch.empty((3, h, w), dtype=torch.uint8) for w, h in sizes]
+
+
+def serve_and_measure(model_ms: float, clients: list, requests: int, decoder="cpu") -> list:
     """Serve the sleeping policy on a loopback port; bench_http.py (another process, as a robot
     would be) runs the keep-alive clients. One result dict per client count."""
     engine = dict(random_init=True, device="cpu", torch_dtype="float32", preset="tiny")
     engine.update(warmup=False, max_wait_ms=0.0)
-    app = create_app(SleepingPolicy(model_ms / 1e3), load_serve_config({"engine": engine}, env={}))
+    cfg = load_serve_config({"engine": engine}, env={})
+    if decoder == "deferred":  # image_decoder: gpu without a GPU (the config would refuse it)
+        cfg = dataclasses.replace(cfg, image_decoder="gpu")
+        app_module.GpuJpegDecoder = lambda device: GpuJpegDecoder("cpu", blank_frames)
+    try:  # the decoder is built once the policy is up (in the inference thread)
+        app = app_module.create_app(SleepingPolicy(model_ms / 1e3), cfg)
+        return _measure(app, clients, requests, model_ms)
+    finally:
+        app_module.GpuJpegDecoder = GpuJpegDecoder
+
+
+def _measure(app, clients: list, requests: int, model_ms: float) -> list:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
@@ -81,6 +107,7 @@ def main():
     p.add_argument("--model-ms", type=float, default=16.0, help="the stand-in model call's sleep")
     p.add_argument("--clients", nargs="+", type=int, default=[1])
     p.add_argument("--requests", type=int, default=200, help="per client")
+    p.add_argument("--decoder", default="cpu", choices=["cpu", "deferred"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     # the access log is formatted and written as deployed, but not onto this script's output
@@ -89,7 +116,7 @@ def main():
     access = logging.getLogger("flagscale.serve.access")
     access.addHandler(quiet)
     access.propagate = False
-    result = serve_and_measure(args.model_ms, args.clients, args.requests)
+    result = serve_and_measure(args.model_ms, args.clients, args.requests, args.decoder)
     for level in result:
         print(json.dumps(level))
     if args.out:
