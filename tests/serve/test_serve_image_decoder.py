@@ -77,6 +77,23 @@ def test_server_with_frames_decoded_off_the_cpu_path_answers_the_same(live, poli
     )
 
 
+def test_gpu_decoding_that_does_not_work_fails_start_up(policy, monkeypatch):
+    """No torchvision (or one without nvJPEG): the server reports the failure on /health and
+    exits through on_failure, as for a model that does not load."""
+    monkeypatch.setattr(
+        app_module, "GpuJpegDecoder", lambda device: GpuJpegDecoder("cpu", PilDecodeJpeg(fail=True))
+    )
+    cfg = dataclasses.replace(serve_cfg(), image_decoder="gpu")
+    failures = []
+    app = app_module.create_app(policy, cfg, on_failure=failures.append)
+    with LiveServer(app) as server:
+        assert not app.state.worker.wait_ready(10)
+        health = httpx.get(f"{server.url}/health", timeout=10)
+    assert health.status_code == 503 and health.json()["status"] == "failed"
+    assert "GPU JPEG decoding does not work here" in health.json()["error"]
+    assert len(failures) == 1
+
+
 # ---------------------------------------------------------------- a real GPU
 
 
