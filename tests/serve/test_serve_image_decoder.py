@@ -97,11 +97,11 @@ def test_gpu_decoding_that_does_not_work_fails_start_up(policy, monkeypatch):
 # ---------------------------------------------------------------- a real GPU
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.gpu
-@gpu
+@needs_cuda
 def test_nvjpeg_pixels_are_close_to_pillows():
     pytest.importorskip("torchvision")
     texts = [sample_b64(i) for i in range(len(SAMPLE_IMAGES))]
@@ -116,7 +116,7 @@ def test_nvjpeg_pixels_are_close_to_pillows():
 
 
 @pytest.mark.gpu
-@gpu
+@needs_cuda
 def test_server_decodes_on_the_gpu():
     pytest.importorskip("torchvision")
     from flagscale.models.pi0 import PI0Policy
@@ -132,7 +132,7 @@ def test_server_decodes_on_the_gpu():
             replies[decoder] = httpx.post(f"{server.url}/infer", json=body, timeout=60)
     for reply in replies.values():
         assert reply.status_code == 200, reply.text
-    cpu, gpu_ = (np.array(replies[k].json()["actions"]) for k in ("cpu", "gpu"))
-    assert np.isfinite(gpu_).all() and cpu.shape == gpu_.shape
+    cpu, on_gpu = (np.array(replies[k].json()["actions"]) for k in ("cpu", "gpu"))
+    assert np.isfinite(on_gpu).all() and cpu.shape == on_gpu.shape
     # the frames differ by ~0.2 levels on average: the actions move far less than their size
-    assert np.abs(cpu - gpu_).max() <= 0.1 * np.abs(cpu).max(), np.abs(cpu - gpu_).max()
+    assert np.abs(cpu - on_gpu).max() <= 0.1 * np.abs(cpu).max(), np.abs(cpu - on_gpu).max()
