@@ -91,6 +91,9 @@ class GpuJpegDecoder:
     upsampling and IDCT are not libjpeg-turbo's, so some values differ from Pillow's by a few
     levels (docs/benchmarks.md), unlike the CPU path, which matches Pillow exactly.
 
+    nvJPEG does not check the entropy-coded data: a JPEG damaged inside (bits changed, length and
+    markers intact) is decoded to wrong pixels instead of refused, unlike on the CPU path.
+
     Two halves, because nvJPEG synchronises the device (a decode waits for a running model):
     `__call__` (request thread, like `decode_images`) checks base64 and headers and keeps
     decodable JPEGs as `EncodedJpeg`; other formats are decoded on the CPU there, errors come
@@ -118,7 +121,15 @@ class GpuJpegDecoder:
                 out.append(e)
                 continue
             size = _jpeg_size(raw, max_side)
-            out.append(EncodedJpeg(raw, *size) if size else _decode_raw_or_error(raw, max_side))
+            # nvJPEG reports no error for a truncated JPEG and leaves the rest of the frame as
+            # the memory held before (measured): only JPEGs that end with their end-of-image
+            # marker go to it; the CPU decoder refuses the others (or decodes them)
+            complete = raw.endswith(b"\xff\xd9")
+            out.append(
+                EncodedJpeg(raw, *size)
+                if size and complete
+                else _decode_raw_or_error(raw, max_side)
+            )
         return out
 
     def decode_frames(self, observations: Sequence[dict]) -> list:

@@ -110,3 +110,11 @@ class PilDecodeJpeg:
             rgb = np.array(Image.open(io.BytesIO(t.numpy().tobytes())).convert("RGB"))
             out.append(torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(device))
         return out
+
+
+def damaged_jpeg(index: int = 0) -> bytes:
+    """A sample JPEG with bytes of its entropy-coded data changed; length and markers intact."""
+    raw = bytearray(SAMPLE_IMAGES[index].read_bytes())
+    for i in range(2000, len(raw) - 2, 97):
+        raw[i] ^= 0x5A
+    return bytes(raw)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from PIL import Image
-from serve_helpers import PilDecodeJpeg
+from serve_helpers import PilDecodeJpeg, damaged_jpeg
 
 from flagscale.serve import codec
 from flagscale.serve.codec import ImageDecodeError, decode_image, decode_images, encode_image
@@ -189,20 +189,26 @@ def test_gpu_decoder_defers_jpegs_and_decodes_a_batch_in_one_call(headers_by, mo
         np.testing.assert_array_equal(got.numpy(), decode_image(text))
 
 
-def test_gpu_decoder_leaves_oversized_and_corrupt_jpegs_to_the_cpu_errors():
+def test_gpu_decoder_leaves_oversized_and_damaged_jpegs_to_the_cpu_errors():
     stand_in = PilDecodeJpeg(fail=True)
     decoder = codec.GpuJpegDecoder.__new__(codec.GpuJpegDecoder)  # skip the start-up probe
     decoder.device, decoder._decode_jpeg = "cpu", stand_in
-    big = encode_image(np.zeros((40, 50, 3), np.uint8))
-    noise = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-    raw = base64.b64decode(encode_image(noise))
-    cut = base64.b64encode(raw[: len(raw) // 2]).decode()  # the header parses, the data ends
-    out = decoder([big, cut], max_side=45)
-    assert "each side must be at most 45" in str(out[0])
-    assert isinstance(out[1], codec.EncodedJpeg)
-    with pytest.raises(ImageDecodeError, match="cam: image data is truncated"):
-        decoder.decode_frames([{"images": {"cam": out[1]}}])
+    sample = base64.b64encode((SAMPLES / "orbbec_0_latest.jpg").read_bytes()).decode()
+    assert "each side must be at most 600" in str(decoder([sample], max_side=600)[0])
+    damaged = decoder([base64.b64encode(damaged_jpeg(0)).decode()])[0]
+    assert isinstance(damaged, codec.EncodedJpeg)  # the header and the end marker are fine
+    with pytest.raises(ImageDecodeError, match="cam: image data is truncated or corrupt"):
+        decoder.decode_frames([{"images": {"cam": damaged}}])
     assert stand_in.batches == [1]  # tried on the "GPU" (failed), then the CPU words the error
+
+
+def test_gpu_decoder_keeps_jpegs_without_an_end_marker_off_the_gpu():
+    decoder = codec.GpuJpegDecoder("cpu", decode_jpeg=PilDecodeJpeg())
+    raw = (SAMPLES / "orbbec_0_latest.jpg").read_bytes()
+    complete, no_end = (base64.b64encode(r).decode() for r in (raw, raw[:-2]))
+    out = decoder([complete, no_end])
+    assert isinstance(out[0], codec.EncodedJpeg)
+    assert isinstance(out[1], ImageDecodeError) and "truncated" in str(out[1])
 
 
 def test_gpu_decoder_that_does_not_work_fails_at_start_up():

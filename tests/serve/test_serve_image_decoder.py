@@ -10,11 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from serve_helpers import SAMPLE_IMAGES, LiveServer, PilDecodeJpeg, sample_b64, serve_cfg
+from serve_helpers import (
+    SAMPLE_IMAGES,
+    LiveServer,
+    PilDecodeJpeg,
+    damaged_jpeg,
+    sample_b64,
+    serve_cfg,
+)
 
 from flagscale.models.pi0 import processing as proc
 from flagscale.serve import app as app_module
-from flagscale.serve.codec import GpuJpegDecoder, decode_image
+from flagscale.serve.codec import GpuJpegDecoder, ImageDecodeError, decode_image
 from flagscale.serve.config import ConfigError
 
 
@@ -56,8 +63,8 @@ def test_server_with_frames_decoded_off_the_cpu_path_answers_the_same(live, poli
     )
     cfg = dataclasses.replace(serve_cfg(max_wait_ms=50), image_decoder="gpu")  # no CUDA here
     body = body_with_samples()
-    raw = SAMPLE_IMAGES[0].read_bytes()
-    corrupt = dict(body, images=[dict(body["images"][0], cam_high=b64encode(raw[:20000]).decode())])
+    damaged = b64encode(damaged_jpeg(0)).decode()  # complete: left for the inference thread
+    corrupt = dict(body, images=[dict(body["images"][0], cam_high=damaged)])
     want = httpx.post(f"{live.url}/infer", json=body, timeout=60)
     with LiveServer(app_module.create_app(policy, cfg)) as server:
         server.wait_ready()
@@ -66,10 +73,10 @@ def test_server_with_frames_decoded_off_the_cpu_path_answers_the_same(live, poli
         again = httpx.post(f"{server.url}/infer", json=body, timeout=60)
         info = httpx.get(f"{server.url}/info", timeout=10).json()
     assert want.status_code == got.status_code == again.status_code == 200, got.text
-    # the start-up probe, then the three cameras of each request in one call (the corrupt one:
+    # the start-up probe, then the three cameras of each request in one call (the damaged one:
     # refused by the stand-in, then by the CPU decoder, which words the 400)
     assert stand_in.batches == [1, 3, 3, 3]
-    assert bad.status_code == 400 and "truncated" in bad.json()["error"], bad.text
+    assert bad.status_code == 400 and "corrupt" in bad.json()["error"], bad.text
     assert info["image_decoder"] == "gpu"
     np.testing.assert_array_equal(np.array(got.json()["actions"]), np.array(want.json()["actions"]))
     np.testing.assert_array_equal(
@@ -113,6 +120,44 @@ def test_nvjpeg_pixels_are_close_to_pillows():
         diff = frame.cpu().numpy().astype(np.int16) - decode_image(text).astype(np.int16)
         # measured on an H100: 6-9% of the values differ, by 0.10-0.17 levels on average
         assert np.abs(diff).mean() < 0.5 and (diff != 0).mean() < 0.2
+
+
+def corrupt_jpegs() -> dict:
+    raw = SAMPLE_IMAGES[0].read_bytes()
+    return {
+        "truncated": raw[: len(raw) // 2],
+        "header only": raw[:700],
+        "bits flipped": damaged_jpeg(0),
+        "no end marker": raw[:-2],
+    }
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", list(corrupt_jpegs()))
+def test_nvjpeg_gets_no_incomplete_jpeg_and_survives_damaged_ones(name):
+    """nvJPEG decodes a truncated JPEG without an error, leaving the rest of the frame as the
+    memory held before: incomplete JPEGs never reach it (the CPU decoder refuses them, a 400
+    upstream). One damaged inside does (it decodes to wrong pixels, documented), and the GPU
+    stays usable: the next batch decodes exactly as before."""
+    pytest.importorskip("torchvision")
+    decoder = GpuJpegDecoder("cuda")
+    texts = [sample_b64(i) for i in range(len(SAMPLE_IMAGES))]
+
+    def decode(items):
+        images = dict(enumerate(items))
+        return list(decoder.decode_frames([{"images": images}])[0]["images"].values())
+
+    before = [f.cpu() for f in decode(decoder(texts))]
+    item = decoder([b64encode(corrupt_jpegs()[name]).decode()])[0]
+    if name == "bits flipped":
+        assert tuple(decode([item])[0].shape) == (480, 640, 3)
+    else:
+        assert isinstance(item, ImageDecodeError) and "truncated" in str(item)
+    torch.cuda.synchronize()  # a sticky CUDA error would surface here
+    after = [f.cpu() for f in decode(decoder(texts))]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu
