@@ -92,7 +92,8 @@ class GpuJpegDecoder:
     levels (docs/benchmarks.md), unlike the CPU path, which matches Pillow exactly.
 
     nvJPEG does not check the entropy-coded data: a JPEG damaged inside (bits changed, length and
-    markers intact) is decoded to wrong pixels instead of refused, unlike on the CPU path.
+    markers intact) is decoded to wrong pixels (parts of the frame may keep the memory held
+    before) instead of refused, unlike on the CPU path.
 
     Two halves, because nvJPEG synchronises the device (a decode waits for a running model):
     `__call__` (request thread, like `decode_images`) checks base64 and headers and keeps
