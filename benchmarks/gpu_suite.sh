@@ -51,6 +51,10 @@ if python run.py "${serve[@]}" action=run; then
     | tee "$OUT_DIR/http.jsonl"
   python benchmarks/bench_http.py --port "$PORT" --clients 1 4 8 --requests 50 --keep-alive \
     | tee "$OUT_DIR/http_keepalive.jsonl"
+  for size in "224 224" "480 640"; do  # openpi websocket, uint8 frames
+    python benchmarks/bench_openpi.py --port "$PORT" --requests 50 --size $size \
+      | tee -a "$OUT_DIR/openpi_ws.jsonl"
+  done
   python run.py "${serve[@]}" action=stop
 fi
 step "HTTP end to end, JPEGs decoded on the GPU (engine.image_decoder=gpu)"
