@@ -52,6 +52,9 @@ except ImportError:  # optional: the standard library renders the same JSON, slo
 logger = get_logger("flagscale.serve.app")
 
 V2_IMAGE_PREFIX = "observation.images."
+# with image_decoder: gpu, bodies up to this size are parsed in the event loop (no thread hop);
+# three 640x480 JPEGs as base64 JSON are ~140-400 KB
+INLINE_PARSE_BYTES = 512 * 1024
 
 
 def _package_version() -> str:
@@ -457,9 +460,6 @@ async def _discard(request: Request, size: int, limit: int) -> None:
                 return
     except Exception:  # the stream may already be consumed or disconnected
         return
-
-
-INLINE_PARSE_BYTES = 512 * 1024  # three 640x480 JPEGs as base64 JSON: ~140-400 KB
 
 
 def _parse_and_build(body: bytes, cfg, noise_shape, fixed_noise, codecs) -> "Batch":

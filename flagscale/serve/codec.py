@@ -60,17 +60,18 @@ def decode_images(texts: Sequence[str], max_side: int = 4096) -> List[Union[np.n
     Failures come back in place, as the ImageDecodeError, so the caller can name the camera."""
     global _POOL
     if len(texts) < 2:
-        return [_decode_or_error(text, max_side) for text in texts]
+        return [_or_error(decode_image, text, max_side) for text in texts]
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode")
-    rest = [_POOL.submit(_decode_or_error, text, max_side) for text in texts[1:]]
-    return [_decode_or_error(texts[0], max_side)] + [f.result() for f in rest]
+    rest = [_POOL.submit(_or_error, decode_image, text, max_side) for text in texts[1:]]
+    return [_or_error(decode_image, texts[0], max_side)] + [f.result() for f in rest]
 
 
-def _decode_or_error(text: str, max_side: int):
+def _or_error(decode, data, max_side: int):
+    """decode(data, max_side), or the ImageDecodeError it raised (returned in place)."""
     try:
-        return decode_image(text, max_side)
+        return decode(data, max_side)
     except ImageDecodeError as e:
         return e
 
@@ -129,7 +130,7 @@ class GpuJpegDecoder:
             out.append(
                 EncodedJpeg(raw, *size)
                 if size and complete
-                else _decode_raw_or_error(raw, max_side)
+                else _or_error(decode_raw, raw, max_side)
             )
         return out
 
@@ -192,13 +193,6 @@ def _jpeg_size(raw: bytes, max_side: int) -> Union[tuple, None]:
         return None
     too_large = max(width, height) > max_side or width * height > Image.MAX_IMAGE_PIXELS
     return (height, width) if supported and min(width, height) > 0 and not too_large else None
-
-
-def _decode_raw_or_error(raw: bytes, max_side: int):
-    try:
-        return decode_raw(raw, max_side)
-    except ImageDecodeError as e:
-        return e
 
 
 def _decode_jpeg_fast(raw: bytes, max_side: int) -> Union[np.ndarray, None]:
