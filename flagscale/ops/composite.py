@@ -6,18 +6,9 @@ they are also those kernels' reference, and what every other backend (FlagGems) 
 
 from typing import Callable, Dict
 
-import torch
-
 from flagscale.ops.native import apply_rope
 
-COMPOSITE_NAMES = (
-    "qkv_rope",
-    "norm_geglu",
-    "linear_residual",
-    "add_layer_norm",
-    "action_mlp",
-    "action_out",
-)
+COMPOSITE_NAMES = ("qkv_rope", "norm_geglu", "linear_residual", "add_layer_norm")
 
 
 def compose(ops) -> Dict[str, Callable]:
@@ -46,23 +37,7 @@ def compose(ops) -> Dict[str, Callable]:
         total = x + y
         return total, ops.layer_norm(total, weight, bias, eps)
 
-    def action_mlp(x_t, time_emb, w_a, b_a, w_in, b_in, w_out, b_out):
-        """Pi0's action tokens: x_t [B, C, A] fp32, time_emb [B, W] -> [B, C, W] =
-        mlp_out(silu(mlp_in(concat(action_in(x_t), time)))), in the weights' dtype."""
-        b, chunk = x_t.shape[:2]
-        act = ops.linear(x_t.to(w_a.dtype), w_a, b_a)
-        h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)  # action first
-        return ops.linear(ops.silu(ops.linear(h, w_in, b_in)), w_out, b_out)
-
-    def action_out(h, norm_weight, eps, w_out, b_out, x_t, dt):
-        """One Euler step from the expert's last hidden states h [B, C, W]:
-        x_t + dt * action_out(RMSNorm(1 + w)(h)), x_t [B, C, A] fp32 -> fp32."""
-        v = ops.linear(ops.rms_norm(h, norm_weight, eps), w_out, b_out)
-        return x_t + dt * v.float()
-
     return {
-        "action_mlp": action_mlp,
-        "action_out": action_out,
         "qkv_rope": qkv_rope,
         "norm_geglu": norm_geglu,
         "linear_residual": linear_residual,

@@ -275,12 +275,11 @@ def _linear_residual_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
-    BIAS: tl.constexpr,
 ):
     _linear_residual_tile(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), x_ptr, w_ptr,
         res_ptr, out_ptr, ws_ptr, count_ptr, M, stride_xm, stride_wn, stride_rm, stride_om, K,
-        SPLIT, BM, BN, BK, BIAS,
+        SPLIT, BM, BN, BK,
     )  # fmt: skip
 
 
@@ -288,11 +287,10 @@ def _linear_residual_kernel(
 def _linear_residual_tile(
     pid_n, pid_m, split, n_tiles, x_ptr, w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr, M,
     stride_xm, stride_wn, stride_rm, stride_om, K: tl.constexpr, SPLIT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     """Tile (n, m, s) reduces K-slice s; with SPLIT > 1 the partials go to a workspace and the
-    last program to arrive for tile (n, m) sums them in split order and applies the epilogue:
-    res + round(acc), or with BIAS (res_ptr a bias [N]) round(acc + bias), like F.linear."""
+    last program to arrive for tile (n, m) sums them in split order and applies the epilogue."""
     n0 = pid_n * BN
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
@@ -313,85 +311,19 @@ def _linear_residual_tile(
             for s in range(SPLIT):
                 acc += tl.load(tile_ws + s * BM * BN + local, cache_modifier=".cg")
             tl.store(count_ptr + tile, 0)  # ready for the next launch / graph replay
-            _residual_store(
-                acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om, BIAS
-            )
+            _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om)
     else:
-        _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om, BIAS)
+        _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om)
 
 
 @triton.jit
-def _residual_store(
-    acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om, BIAS: tl.constexpr
-):
+def _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om):
     dtype = out_ptr.dtype.element_ty
-    if BIAS:
-        out = acc + tl.load(res_ptr + offs_n).to(tl.float32)[None, :]
-    else:
-        res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], m_mask[:, None])
-        out = res.to(tl.float32) + _cast(acc, dtype).to(tl.float32)
+    res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None])
+    out = res.to(tl.float32) + _cast(acc, dtype).to(tl.float32)
     tl.store(
         out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _cast(out, dtype), m_mask[:, None]
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Pi0's action head: the expert's input tokens and the Euler step after it
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _action_mlp_in_kernel(
-    x_ptr, t_ptr, wa_ptr, ba_ptr, w_ptr, b_ptr, out_ptr, M, C, A, stride_t, W: tl.constexpr,
-    A_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """Columns n0:n0+BN of silu(mlp_in(concat(action_in(x), time))) for rows r (sample r // C):
-    x [M, A] fp32, time t [B, W], wa [W, A], w [W, 2W]. The action projection is recomputed for
-    each K block (A <= 128: cheap) instead of being stored; it and mlp_in round like F.linear."""
-    n0 = tl.program_id(0) * BN
-    offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
-    m_mask = offs_m < M
-    offs_a = tl.arange(0, A_PAD)
-    offs_k = tl.arange(0, BK)
-    offs_n = n0 + tl.arange(0, BN)
-    dtype = out_ptr.dtype.element_ty
-    x_mask = m_mask[:, None] & (offs_a < A)[None, :]
-    x = _cast(tl.load(x_ptr + offs_m[:, None] * A + offs_a[None, :], x_mask, 0.0), dtype)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for i in range(W // BK):  # the action half of the concatenation
-        kk = i * BK + offs_k
-        wa = tl.load(wa_ptr + kk[None, :] * A + offs_a[:, None], (offs_a < A)[:, None], 0.0)
-        act = _dot(x, wa, tl.zeros([BM, BK], dtype=tl.float32))
-        act = _cast(act + tl.load(ba_ptr + kk).to(tl.float32)[None, :], dtype)
-        acc = _dot(act, tl.load(w_ptr + offs_n[None, :] * (2 * W) + kk[:, None]), acc)
-    t_rows = t_ptr + (offs_m // C)[:, None] * stride_t
-    for i in range(W // BK):  # the time half: one row per sample
-        kk = i * BK + offs_k
-        t = tl.load(t_rows + kk[None, :], m_mask[:, None], 0.0)
-        acc = _dot(t, tl.load(w_ptr + offs_n[None, :] * (2 * W) + W + kk[:, None]), acc)
-    h = _cast(acc + tl.load(b_ptr + offs_n).to(tl.float32)[None, :], dtype).to(tl.float32)
-    out = h / (1.0 + tl.exp(-h))  # silu
-    tl.store(out_ptr + offs_m[:, None] * W + offs_n[None, :], _cast(out, dtype), m_mask[:, None])
-
-
-@triton.jit
-def _action_out_kernel(
-    h_ptr, w_ptr, b_ptr, x_ptr, out_ptr, M, stride_hm, eps, dt, W: tl.constexpr,
-    A: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """Rows of x + dt * round(RMSNorm(h) @ W^T + b): the expert's final norm ((1 + w) folded into
-    W), action_out_proj and the Euler step. h [M, W], W [A, W], x / out [M, A] fp32."""
-    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
-    m_mask = offs_m < M
-    acc, _ = _mainloop(
-        h_ptr, w_ptr, offs_m, m_mask, 0, 0, 0, stride_hm, W, eps, W, True, False, A, BK
-    )  # fmt: skip
-    offs_a = tl.arange(0, A)
-    v = acc + tl.load(b_ptr + offs_a).to(tl.float32)[None, :]
-    v = _cast(v, h_ptr.dtype.element_ty).to(tl.float32)
-    rows = offs_m[:, None] * A + offs_a[None, :]
-    x = tl.load(x_ptr + rows, m_mask[:, None])
-    tl.store(out_ptr + rows, x + dt * v, m_mask[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,7 +534,6 @@ def _linear_residual_phase(
             _linear_residual_tile(
                 t % N_TILES, (t // N_TILES) % M_TILES, t // (N_TILES * M_TILES), N_TILES, x_ptr,
                 w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr, M, K, K, N, N, K, SPLIT, BM, BN, BK,
-                False,
             )  # fmt: skip
 
 
@@ -801,10 +732,6 @@ CONFIG = {
     "qkv_rope": dict(bn=16, bk=64, warps=4, stages=4, max_rows=512),
     "norm_geglu": dict(bn=32, bk=64, warps=4, stages=4, max_rows=256),
     "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3, max_rows=64),
-    # Pi0's action head (rows: batch x chunk): mlp_in + silu tiles, and the final norm +
-    # action_out_proj + Euler step (A action columns per row tile)
-    "action_mlp": dict(bn=16, bk=64, warps=4, stages=3, max_rows=512),
-    "action_out": dict(bm=16, bk=64, warps=4, stages=3, max_rows=512),
     # max_rows here: query rows (tokens x heads) per sample. merge: "last" (the last key split
     # to finish merges the tile) or "kernel" (a second, wider kernel merges).
     "mqa_attention": dict(
@@ -921,80 +848,25 @@ def norm_geglu(x, norm_weight, eps, weight):
 
 def linear_residual(x, weight, residual, split=None):
     """residual + x @ weight^T, x [..., K], weight [N, K], residual [..., N]."""
+    k = x.shape[-1]
     n = weight.shape[0]
-    r2 = residual.reshape(-1, n)
+    x2, r2 = x.reshape(-1, k), residual.reshape(-1, n)
+    m = x2.shape[0]
     out = torch.empty_like(r2)
-    _split_k_linear(x.reshape(-1, x.shape[-1]), weight, r2, out, False, split)
-    return out.view(residual.shape)
-
-
-def linear_bias(x, weight, bias, split=None):
-    """x @ weight^T + bias (rounded once, like F.linear), x [..., K], weight [N, K]."""
-    n = weight.shape[0]
-    x2 = x.reshape(-1, x.shape[-1])
-    out = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    _split_k_linear(x2, weight, bias, out, True, split)
-    return out.view(*x.shape[:-1], n)
-
-
-def _split_k_linear(x2, weight, other, out, bias, split):
-    """out = other + x2 @ W^T (other [M, N]) or, with `bias`, x2 @ W^T + other (other [N])."""
-    m, k = x2.shape
-    n = weight.shape[0]
     cfg = CONFIG["linear_residual"]
     bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
     split = _k_split(k, bk, split or cfg["split"])
-    assert n % bn == 0 and k % (split * bk) == 0 and x2.stride(-1) == 1 and other.stride(-1) == 1
+    assert n % bn == 0 and k % (split * bk) == 0 and x2.stride(-1) == 1 and r2.stride(-1) == 1
     grid = (n // bn, triton.cdiv(m, bm), split)
     tiles = grid[0] * grid[1]
-    ws = _scratch("ws", tiles * split * bm * bn, torch.float32, x2.device)
-    count = _scratch("count", tiles, torch.int32, x2.device)
+    ws = _scratch("ws", tiles * split * bm * bn, torch.float32, x.device)
+    count = _scratch("count", tiles, torch.int32, x.device)
     _linear_residual_kernel[grid](
-        x2, weight, other, out, ws, count, m, x2.stride(0), weight.stride(0), other.stride(0),
-        out.stride(0), K=k, SPLIT=split, BM=bm, BN=bn, BK=bk, BIAS=bias,
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
-    )  # fmt: skip
-
-
-def action_mlp(x_t, time_emb, w_a, b_a, w_in, b_in, w_out, b_out):
-    """`composite.action_mlp` in two kernels: mlp_in (with the action projection and the
-    concatenation folded in) + silu, then mlp_out (split-K, with bias)."""
-    b, chunk, a = x_t.shape
-    width = w_a.shape[0]
-    m = b * chunk
-    x2 = x_t.reshape(m, a)
-    hidden = torch.empty(m, width, dtype=w_a.dtype, device=x_t.device)
-    cfg = CONFIG["action_mlp"]
-    bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
-    assert width % bn == 0 and width % bk == 0 and x2.is_contiguous() and w_in.is_contiguous()
-    assert time_emb.stride(-1) == 1 and w_a.is_contiguous()
-    grid = (width // bn, triton.cdiv(m, bm))
-    _action_mlp_in_kernel[grid](
-        x2, time_emb, w_a, b_a, w_in, b_in, hidden, m, chunk, a, time_emb.stride(0), W=width,
-        A_PAD=max(16, triton.next_power_of_2(a)), BM=bm, BN=bn, BK=bk, num_warps=cfg["warps"],
+        x2, weight, r2, out, ws, count, m, x2.stride(0), weight.stride(0), r2.stride(0),
+        out.stride(0), K=k, SPLIT=split, BM=bm, BN=bn, BK=bk, num_warps=cfg["warps"],
         num_stages=cfg["stages"],
     )  # fmt: skip
-    if m <= CONFIG["linear_residual"]["max_rows"]:
-        out = linear_bias(hidden, w_out, b_out)
-    else:
-        out = torch.nn.functional.linear(hidden, w_out, b_out)
-    return out.view(b, chunk, -1)
-
-
-def action_out(h, norm_weight, eps, w_out, b_out, x_t, dt):
-    """`composite.action_out` in one kernel: x_t + dt * action_out_proj(RMSNorm(h))."""
-    width, a = h.shape[-1], w_out.shape[0]
-    h2 = h.reshape(-1, width)
-    x2 = x_t.reshape(-1, a)
-    m = h2.shape[0]
-    out = torch.empty_like(x2)
-    cfg = CONFIG["action_out"]
-    assert width % cfg["bk"] == 0 and h2.stride(-1) == 1 and x2.is_contiguous()
-    _action_out_kernel[(triton.cdiv(m, cfg["bm"]),)](
-        h2, folded_weight(w_out, norm_weight), b_out, x2, out, m, h2.stride(0), eps, dt, W=width,
-        A=a, BM=cfg["bm"], BK=cfg["bk"], num_warps=cfg["warps"], num_stages=cfg["stages"],
-    )  # fmt: skip
-    return out.view(x_t.shape)
+    return out.view(residual.shape)
 
 
 def rms_norm(x, weight, eps):
@@ -1197,26 +1069,6 @@ def dispatchers(ops, persistent_layers: bool = True) -> Dict[str, Callable]:
             return long_linear_residual(x, weight, residual)
         return base["linear_residual"](x, weight, residual)
 
-    def action_mlp_op(x_t, time_emb, w_a, b_a, w_in, b_in, w_out, b_out):
-        args = (x_t, time_emb, w_a, b_a, w_in, b_in, w_out, b_out)
-        width, a = w_a.shape
-        ok = supported(w_a, 1 << 30) and x_t.dtype == torch.float32 and time_emb.dtype == w_a.dtype
-        ok = ok and width % 128 == 0 and a <= 128 and b_a is not None and b_in is not None
-        ok = ok and b_out is not None and w_in.shape == (width, 2 * width)
-        rows = x_t.numel() // a
-        if ok and x_t.device == w_a.device and rows <= CONFIG["action_mlp"]["max_rows"]:
-            return action_mlp(*args)
-        return base["action_mlp"](*args)
-
-    def action_out_op(h, norm_weight, eps, w_out, b_out, x_t, dt):
-        args = (h, norm_weight, eps, w_out, b_out, x_t, dt)
-        a, width = w_out.shape
-        ok = x_t.dtype == torch.float32 and b_out is not None and width % 128 == 0
-        ok = ok and a >= 16 and a == triton.next_power_of_2(a) and a <= 128
-        if ok and supported(h, CONFIG["action_out"]["max_rows"]):
-            return action_out(*args)
-        return base["action_out"](*args)
-
     def attention_op(q, k, v, mask=None, scale=None):
         b, lq, h, dh = q.shape
         ok = supported(q, max_rows=1 << 30) and k.shape[2] == 1 and h > 1 and dh in (64, 128, 256)
@@ -1252,8 +1104,6 @@ def dispatchers(ops, persistent_layers: bool = True) -> Dict[str, Callable]:
         "norm_geglu": norm_geglu_op,
         "linear_residual": linear_residual_op,
         "attention": attention_op,
-        "action_mlp": action_mlp_op,
-        "action_out": action_out_op,
     }
     if persistent_layers:
         ops_by_name["decoder_layer"] = decoder_layer_op

@@ -239,8 +239,6 @@ def test_table_describes_fused_kernels():
         "attention",
         "add_layer_norm",
         "decoder_layer",
-        "action_mlp",
-        "action_out",
     }
     assert "decoder_layer" not in OPS.with_fused_kernels(persistent_layers=False).fused
     assert "fused Triton kernels" in FUSED.describe()
@@ -338,66 +336,3 @@ def test_decoder_layer_equals_the_five_fused_ops(b, t, width, heads, head_dim, f
     # barrier counters: all re-armed but the last one, which the next launch re-arms
     bars = tf._SCRATCH[("barriers", out.device)][: tf.N_BARRIERS.value].tolist()
     assert bars[:-1] == [0] * (len(bars) - 1) and bars[-1] > 0
-
-
-@pytest.mark.parametrize("m,k,n", [(50, 1024, 128), (3, 256, 64), (200, 512, 64)])
-def test_linear_bias_rounds_like_f_linear(m, k, n):
-    x, w = rand(m, k, seed=30), rand(n, k, scale=k**-0.5, seed=31)
-    bias = rand(n, scale=0.5, seed=32)
-    out = tf.linear_bias(x, w, bias)
-    check(out, OPS.linear(x, w, bias), OPS.linear(*f32(x, w, bias)))
-
-
-def action_mlp_case(b, chunk, a, width):
-    x_t = rand(b, chunk, a, dtype=torch.float32, seed=40)
-    time_emb = rand(b, width, seed=41)
-    weights = (
-        rand(width, a, scale=a**-0.5, seed=42),
-        rand(width, scale=0.1, seed=43),
-        rand(width, 2 * width, scale=(2 * width) ** -0.5, seed=44),
-        rand(width, scale=0.1, seed=45),
-        rand(width, width, scale=width**-0.5, seed=46),
-        rand(width, scale=0.1, seed=47),
-    )
-    return x_t, time_emb, weights
-
-
-@pytest.mark.parametrize(
-    "b,chunk,a,width", [(1, 50, 32, 256), (3, 5, 7, 128), (2, 50, 32, 128)]  # Pi0: 1, 50, 32, 1024
-)
-def test_action_mlp_matches_composed(b, chunk, a, width):
-    x_t, time_emb, weights = action_mlp_case(b, chunk, a, width)
-    fused = tf.action_mlp(x_t, time_emb, *weights)
-    assert fused.shape == (b, chunk, width) and fused.dtype == BF16
-    composed = OPS.action_mlp(x_t, time_emb, *weights)
-    check(fused, composed, OPS.action_mlp(x_t, *f32(time_emb, *weights)))
-
-
-@pytest.mark.parametrize("b,chunk,a,width", [(1, 50, 32, 256), (2, 7, 16, 128)])
-def test_action_out_is_norm_projection_and_euler_step(b, chunk, a, width):
-    h = rand(b, chunk, width, scale=3.0, seed=50)
-    norm_w = rand(width, scale=0.3, dtype=torch.float32, seed=51)
-    w, bias = rand(a, width, scale=width**-0.5, seed=52), rand(a, scale=0.1, seed=53)
-    zeros = torch.zeros(b, chunk, a, device=DEVICE)
-    # from x = 0 with dt = 1 the op returns the velocity itself
-    v = tf.action_out(h, norm_w, 1e-6, w, bias, zeros, 1.0)
-    v_composed = OPS.action_out(h, norm_w, 1e-6, w, bias, zeros, 1.0)
-    check(v, v_composed, OPS.action_out(*f32(h, norm_w), 1e-6, *f32(w, bias), zeros, 1.0))
-    x_t = rand(b, chunk, a, dtype=torch.float32, seed=54)
-    stepped = tf.action_out(h, norm_w, 1e-6, w, bias, x_t, -0.1)
-    torch.testing.assert_close(stepped, x_t + -0.1 * v, rtol=0, atol=1e-6)
-
-
-def test_action_head_dispatch():
-    x_t, time_emb, weights = action_mlp_case(1, 50, 32, 128)  # covered: the kernels
-    kernel = tf.action_mlp(x_t, time_emb, *weights)
-    assert torch.equal(FUSED.action_mlp(x_t, time_emb, *weights), kernel)
-    assert not torch.equal(OPS.action_mlp(x_t, time_emb, *weights), kernel)  # rounds apart
-    x_t, time_emb, weights = action_mlp_case(1, 4, 8, 96)  # width not a multiple of 128
-    assert torch.equal(
-        FUSED.action_mlp(x_t, time_emb, *weights), OPS.action_mlp(x_t, time_emb, *weights)
-    )
-    h, norm_w = rand(1, 4, 128, seed=60), rand(128, dtype=torch.float32, seed=61)
-    w, bias, x = rand(24, 128, seed=62), rand(24, seed=63), torch.zeros(1, 4, 24, device=DEVICE)
-    expect = OPS.action_out(h, norm_w, 1e-6, w, bias, x, 0.5)  # 24 actions: not a power of two
-    assert torch.equal(FUSED.action_out(h, norm_w, 1e-6, w, bias, x, 0.5), expect)

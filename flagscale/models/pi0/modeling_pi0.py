@@ -307,11 +307,10 @@ class PI0Model(nn.Module):
     # ---- suffix ------------------------------------------------------------------------
 
     def _expert_pass(self, x, start, cos, sin, mask, cache_k, cache_v):
-        """Expert tokens at cache slots [start, start+T) attend to cache[:, :, :start+T].
-        -> the last layer's hidden states (before the final norm)."""
+        """Expert tokens at cache slots [start, start+T) attend to cache[:, :, :start+T]."""
         for i, layer in enumerate(self.expert.layers):
             x = layer.cached(x, start, cos, sin, mask, cache_k[i], cache_v[i])
-        return x
+        return self.expert.norm(x)
 
     def time_embedding(self, t):
         """t [B] -> [B, W] sin-cos embedding of the flow time, in the weights' dtype."""
@@ -321,17 +320,10 @@ class PI0Model(nn.Module):
     def embed_actions(self, x_t, time_emb):
         """x_t [B, C, A] fp32, time_emb [B, W] -> action tokens [B, C, W]:
         MLP(concat(action, time))."""
-        a, mlp_in, mlp_out = self.action_in_proj, self.action_time_mlp_in, self.action_time_mlp_out
-        return self.ops.action_mlp(
-            x_t, time_emb, a.weight, a.bias, mlp_in.weight, mlp_in.bias, mlp_out.weight,
-            mlp_out.bias,
-        )  # fmt: skip
-
-    def euler_update(self, h, x_t, dt):
-        """The expert's hidden states h [B, C, W] -> x_t + dt * velocity (fp32): final norm,
-        action_out_proj and the Euler step as one op."""
-        norm, out = self.expert.norm, self.action_out_proj
-        return self.ops.action_out(h, norm.weight, norm.eps, out.weight, out.bias, x_t, dt)
+        b, chunk = x_t.shape[:2]
+        act = self.action_in_proj(x_t.to(self.dtype))
+        h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)  # action first
+        return self.action_time_mlp_out(self.ops.silu(self.action_time_mlp_in(h)))
 
     def suffix_inputs(self, pad, chunk) -> SuffixTables:
         """RoPE tables and additive masks of the expert's tokens, the same at every denoising
@@ -354,22 +346,22 @@ class PI0Model(nn.Module):
             mask=additive_mask(keys[:, None, :], self.dtype),
         )
 
-    def first_step(self, state, x_t, time_emb, s: SuffixTables, cache_k, cache_v, dt):
+    def first_step(self, state, x_t, time_emb, s: SuffixTables, cache_k, cache_v):
         """Step 1: the state token and the chunk in one expert pass (the state token's K/V land
-        in the cache for the later steps: they never change). -> x_t + dt * v [B, C, A] fp32."""
+        in the cache for the later steps: they never change). -> velocity [B, C, A] fp32."""
         state_token = self.state_proj(state.to(self.dtype))[:, None]
         h = torch.cat([state_token, self.embed_actions(x_t, time_emb)], dim=1)
         start = s.first_mask.shape[-1] - h.shape[1]  # prefix slots
         out = self._expert_pass(h, start, s.first_cos, s.first_sin, s.first_mask, cache_k, cache_v)
-        return self.euler_update(out[:, 1:], x_t, dt)
+        return self.action_out_proj(out[:, 1:]).float()
 
-    def denoise_step(self, x_t, time_emb, cos, sin, mask, cache_k, cache_v, dt):
+    def denoise_step(self, x_t, time_emb, cos, sin, mask, cache_k, cache_v):
         """Steps 2..n: x_t [B, C, A] fp32, time_emb [B, W], the suffix tables' cos / sin / mask
-        -> x_t + dt * v [B, C, A] fp32."""
+        -> velocity [B, C, A] fp32."""
         h = self.embed_actions(x_t, time_emb)
         start = mask.shape[-1] - x_t.shape[1]  # prefix + state slots
         out = self._expert_pass(h, start, cos, sin, mask, cache_k, cache_v)
-        return self.euler_update(out, x_t, dt)
+        return self.action_out_proj(out).float()
 
     # ---- sampling ----------------------------------------------------------------------
 
@@ -425,11 +417,11 @@ class PI0Model(nn.Module):
         time_embs = self.time_embedding(times.flatten()).view(num_steps, b, -1)
         s = self.suffix_inputs(pad, noise.shape[1])
         step = self._pass("denoise", self.denoise_step)
-        x_t = self._pass("first", self.first_step)(
-            state, noise, time_embs[0], s, cache_k, cache_v, dt
+        x_t = noise + dt * self._pass("first", self.first_step)(
+            state, noise, time_embs[0], s, cache_k, cache_v
         )
         for i in range(1, num_steps):
-            x_t = step(x_t, time_embs[i], s.cos, s.sin, s.mask, cache_k, cache_v, dt)
+            x_t = x_t + dt * step(x_t, time_embs[i], s.cos, s.sin, s.mask, cache_k, cache_v)
         return x_t
 
     # ---- uncached reference (tests) -----------------------------------------------------
