@@ -29,7 +29,11 @@ def compose(ops) -> Dict[str, Callable]:
         """RMSNorm(1 + w) -> gate|up projection -> gelu_tanh(gate) * up."""
         return ops.geglu(ops.linear(ops.rms_norm(x, norm_weight, eps), weight))
 
-    def linear_residual(x, weight, residual):
+    def linear_residual(x, weight, residual, inplace=False):
+        """residual + x @ W^T; with `inplace` the sum may reuse residual's memory (a tensor the
+        caller owns and will not read again: no new tensor, no copy). Use the return value."""
+        if inplace:
+            return residual.add_(ops.linear(x, weight))
         return residual + ops.linear(x, weight)
 
     def add_layer_norm(x, y, weight, bias, eps):

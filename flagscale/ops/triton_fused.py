@@ -846,13 +846,14 @@ def norm_geglu(x, norm_weight, eps, weight):
     return out.view(*x.shape[:-1], f)
 
 
-def linear_residual(x, weight, residual, split=None):
-    """residual + x @ weight^T, x [..., K], weight [N, K], residual [..., N]."""
+def linear_residual(x, weight, residual, split=None, inplace=False):
+    """residual + x @ weight^T, x [..., K], weight [N, K], residual [..., N]; with `inplace`
+    written over residual (each element is read before it is written, by the same program)."""
     k = x.shape[-1]
     n = weight.shape[0]
     x2, r2 = x.reshape(-1, k), residual.reshape(-1, n)
     m = x2.shape[0]
-    out = torch.empty_like(r2)
+    out = r2 if inplace else torch.empty_like(r2)
     cfg = CONFIG["linear_residual"]
     bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
     split = _k_split(k, bk, split or cfg["split"])
@@ -921,11 +922,14 @@ def long_norm_geglu(x, norm_weight, eps, weight):
     return out.view(*x.shape[:-1], f)
 
 
-def long_linear_residual(x, weight, residual):
-    """residual + x @ W^T in one cuBLAS call (beta = 1 epilogue; rounds once, not twice)."""
+def long_linear_residual(x, weight, residual, inplace=False):
+    """residual + x @ W^T in one cuBLAS call (beta = 1 epilogue; rounds once, not twice). Out of
+    place, torch first copies residual into the output; `inplace` accumulates into it."""
     k, n = x.shape[-1], weight.shape[0]
-    out = torch.addmm(residual.reshape(-1, n), x.reshape(-1, k), weight.t())
-    return out.view(residual.shape)
+    r2 = residual.reshape(-1, n)
+    if inplace and r2.data_ptr() == residual.data_ptr():
+        return r2.addmm_(x.reshape(-1, k), weight.t()).view(residual.shape)
+    return torch.addmm(r2, x.reshape(-1, k), weight.t()).view(residual.shape)
 
 
 def mqa_attention(q, k, v, mask=None, scale=None, split=None, config="mqa_attention"):
@@ -1061,13 +1065,13 @@ def dispatchers(ops, persistent_layers: bool = True) -> Dict[str, Callable]:
             return long_norm_geglu(x, norm_weight, eps, weight)
         return base["norm_geglu"](x, norm_weight, eps, weight)
 
-    def linear_residual_op(x, weight, residual):
+    def linear_residual_op(x, weight, residual, inplace=False):
         shapes_ok = weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0
         if shapes_ok and supported(x, CONFIG["linear_residual"]["max_rows"]):
-            return linear_residual(x, weight, residual)
+            return linear_residual(x, weight, residual, inplace=inplace)
         if native and supported(x, LONG_ROWS) and residual.dtype == x.dtype:
-            return long_linear_residual(x, weight, residual)
-        return base["linear_residual"](x, weight, residual)
+            return long_linear_residual(x, weight, residual, inplace)
+        return base["linear_residual"](x, weight, residual, inplace)
 
     def attention_op(q, k, v, mask=None, scale=None):
         b, lq, h, dh = q.shape

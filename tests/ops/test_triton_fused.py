@@ -119,6 +119,21 @@ def test_linear_residual_matches_composed(m, k, n, split):
     # split-K reduces in a fixed order: bitwise repeatable; counters are left at zero
     assert torch.equal(out, tf.linear_residual(x, w, res, split=split))
     assert int(tf._SCRATCH[("count", out.device)].abs().sum()) == 0
+    owned = res.clone()  # in place: the same sums, written over the residual
+    assert torch.equal(tf.linear_residual(x, w, owned, split=split, inplace=True), out)
+    assert torch.equal(owned, out)
+
+
+@pytest.mark.parametrize("table", ["composed", "fused"])
+@pytest.mark.parametrize("m", [50, 300])  # the short kernel; the long path (cuBLAS addmm_)
+def test_linear_residual_in_place_equals_out_of_place(table, m):
+    ops = OPS if table == "composed" else FUSED
+    x, w, res = rand(m, 256, seed=5), rand(128, 256, scale=1 / 16, seed=6), rand(m, 128, seed=7)
+    expect = ops.linear_residual(x, w, res)
+    owned = res.clone()
+    out = ops.linear_residual(x, w, owned, inplace=True)
+    assert torch.equal(out, expect) and torch.equal(owned, expect)
+    assert out.data_ptr() == owned.data_ptr()
 
 
 def attention_inputs(b, lq, h, dh, lk, per_query_mask):

@@ -215,12 +215,14 @@ class GemmaLayer(nn.Module):
         attn = self.ops.attention(q, cache_k[:, :end, None], cache_v[:, :end, None], mask)
         return self.finish(x, attn)
 
-    def finish(self, x, attn):
-        x = self.ops.linear_residual(attn, self.o_proj.weight, x)
+    def finish(self, x, attn, own_x=False):
+        """o_proj + residual, then the MLP + residual. The second sum accumulates in place
+        into the first's tensor; with `own_x` (x is not read again) the first into x as well."""
+        x = self.ops.linear_residual(attn, self.o_proj.weight, x, inplace=own_x)
         act = self.ops.norm_geglu(
             x, self.ffw_norm.weight, self.ffw_norm.eps, self.gate_up_proj.weight
         )
-        return self.ops.linear_residual(act, self.down_proj.weight, x)
+        return self.ops.linear_residual(act, self.down_proj.weight, x, inplace=True)
 
 
 class GemmaTower(nn.Module):
@@ -302,7 +304,8 @@ class PI0Model(nn.Module):
         for i, layer in enumerate(self.llm.layers):
             q, k, v = layer.qkv(x, cos, sin, cache_k[i, :, :p], cache_v[i, :, :p])
             if i < last:  # the last layer's output is never used: only its K/V are needed
-                x = layer.finish(x, self.ops.attention(q, k, v, mask))
+                # from layer 1 on, x is the previous layer's own output: sums in place
+                x = layer.finish(x, self.ops.attention(q, k, v, mask), own_x=i > 0)
 
     # ---- suffix ------------------------------------------------------------------------
 
