@@ -8,7 +8,7 @@ from typing import Callable, Dict
 
 from flagscale.ops.native import apply_rope
 
-COMPOSITE_NAMES = ("qkv_rope", "norm_geglu", "linear_residual", "add_layer_norm")
+COMPOSITE_NAMES = ("qkv_rope", "norm_geglu", "linear_residual", "add_layer_norm", "linear_gelu")
 
 
 def compose(ops) -> Dict[str, Callable]:
@@ -36,6 +36,10 @@ def compose(ops) -> Dict[str, Callable]:
             return residual.add_(ops.linear(x, weight))
         return residual + ops.linear(x, weight)
 
+    def linear_gelu(x, weight, bias):
+        """gelu_tanh(x @ W^T + b): SigLIP's fc1 and its activation."""
+        return ops.gelu_tanh(ops.linear(x, weight, bias))
+
     def add_layer_norm(x, y, weight, bias, eps):
         """SigLIP's residual add and the LayerNorm after it: -> (x + y, LayerNorm(x + y))."""
         total = x + y
@@ -46,4 +50,5 @@ def compose(ops) -> Dict[str, Callable]:
         "norm_geglu": norm_geglu,
         "linear_residual": linear_residual,
         "add_layer_norm": add_layer_norm,
+        "linear_gelu": linear_gelu,
     }

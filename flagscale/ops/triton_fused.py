@@ -20,6 +20,7 @@ the five as one:
 
 Long inputs (the prefix: 816 tokens per sample) keep cuBLAS for the projections and get row-wise
 kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU), one `addmm` for linear + residual,
+one cuBLASLt GEMM with a GELU epilogue for SigLIP's fc1 (`linear_gelu`),
 the same MQA kernel with a long-sequence configuration for the padded prefix attention, and one
 row kernel for SigLIP's residual add + LayerNorm (`add_layer_norm`). Which path an op takes depends
 on its row count (`CONFIG[...]["max_rows"]`, measured). The long path is for the native table only:
@@ -932,6 +933,15 @@ def long_linear_residual(x, weight, residual, inplace=False):
     return torch.addmm(r2, x.reshape(-1, k), weight.t()).view(residual.shape)
 
 
+def long_linear_gelu(x, weight, bias):
+    """gelu_tanh(x @ W^T + b) as one cuBLASLt call: the GELU (tanh approximation) runs in the
+    GEMM's epilogue on the fp32 sum, rounded once (the composed ops round the sum, then the
+    GELU): no separate pass over the [rows, mlp] activations."""
+    k, n = x.shape[-1], weight.shape[0]
+    out = torch._addmm_activation(bias, x.reshape(-1, k), weight.t(), use_gelu=True)
+    return out.view(*x.shape[:-1], n)
+
+
 def mqa_attention(q, k, v, mask=None, scale=None, split=None, config="mqa_attention"):
     """q [B, Lq, H, Dh], k/v [B, Lk, 1, Dh] (any batch/token/head strides, unit last stride),
     mask additive [B, 1 | Lq, Lk] -> [B, Lq, H*Dh]. fp32 logits and softmax, like
@@ -1096,6 +1106,12 @@ def dispatchers(ops, persistent_layers: bool = True) -> Dict[str, Callable]:
             return decoder_layer(*args)
         return None
 
+    def linear_gelu_op(x, weight, bias):
+        ok = native and bias is not None and bias.dim() == 1 and bias.dtype == x.dtype
+        if ok and x.is_cuda and supported(x, LONG_ROWS):
+            return long_linear_gelu(x, weight, bias)
+        return base["linear_gelu"](x, weight, bias)
+
     def add_layer_norm_op(x, y, weight, bias, eps):
         same = y.shape == x.shape and y.dtype == x.dtype and x.stride(-1) == y.stride(-1) == 1
         if native and same and supported(x, LONG_ROWS):
@@ -1104,6 +1120,7 @@ def dispatchers(ops, persistent_layers: bool = True) -> Dict[str, Callable]:
 
     ops_by_name = {
         "add_layer_norm": add_layer_norm_op,
+        "linear_gelu": linear_gelu_op,
         "qkv_rope": qkv_rope_op,
         "norm_geglu": norm_geglu_op,
         "linear_residual": linear_residual_op,

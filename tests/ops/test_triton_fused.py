@@ -254,6 +254,7 @@ def test_table_describes_fused_kernels():
         "attention",
         "add_layer_norm",
         "decoder_layer",
+        "linear_gelu",
     }
     assert "decoder_layer" not in OPS.with_fused_kernels(persistent_layers=False).fused
     assert "fused Triton kernels" in FUSED.describe()
@@ -351,3 +352,27 @@ def test_decoder_layer_equals_the_five_fused_ops(b, t, width, heads, head_dim, f
     # barrier counters: all re-armed but the last one, which the next launch re-arms
     bars = tf._SCRATCH[("barriers", out.device)][: tf.N_BARRIERS.value].tolist()
     assert bars[:-1] == [0] * (len(bars) - 1) and bars[-1] > 0
+
+
+def test_linear_gelu_matches_composed():
+    """SigLIP's fc1 + GELU (on a GPU: one cuBLASLt call with a GELU epilogue)."""
+    x, w = rand(300, 128, seed=70), rand(256, 128, scale=128**-0.5, seed=71)
+    b = rand(256, scale=0.5, seed=72)
+    out = FUSED.linear_gelu(x, w, b)
+    check(out, OPS.linear_gelu(x, w, b), OPS.linear_gelu(*f32(x, w, b)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_linear_gelu_epilogue_is_the_tanh_approximation():
+    """fp32 through the same cuBLASLt epilogue: equal to gelu(approximate="tanh") to fp32
+    rounding, and measurably apart from the exact (erf) GELU that SigLIP does not use."""
+    x = torch.randn(256, 128, device="cuda")
+    w = torch.randn(512, 128, device="cuda") * 128**-0.5 * 2
+    b = torch.randn(512, device="cuda")
+    out = tf.long_linear_gelu(x, w, b)
+    pre = torch.nn.functional.linear(x, w, b)
+    tanh = torch.nn.functional.gelu(pre, approximate="tanh")
+    exact = torch.nn.functional.gelu(pre)
+    assert (out - tanh).abs().max().item() < 2e-5
+    assert (out - exact).abs().max().item() > 1e-4

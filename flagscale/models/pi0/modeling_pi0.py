@@ -129,7 +129,7 @@ class SiglipLayer(nn.Module):
         x, h = self.ops.add_layer_norm(
             x, self.out(self.ops.attention(q, k, v)), self.ln2.weight, self.ln2.bias, self.ln2.eps
         )
-        return x, self.fc2(self.ops.gelu_tanh(self.fc1(h)))
+        return x, self.fc2(self.ops.linear_gelu(h, self.fc1.weight, self.fc1.bias))
 
 
 class Siglip(nn.Module):
