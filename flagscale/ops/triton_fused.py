@@ -19,10 +19,10 @@ the five as one:
                    (`engine.persistent_layers: false`).
 
 Long inputs (the prefix: 816 tokens per sample) keep cuBLAS for the projections and get row-wise
-kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU), one `addmm` for linear + residual,
-one cuBLASLt GEMM with a GELU epilogue for SigLIP's fc1 (`linear_gelu`),
-the same MQA kernel with a long-sequence configuration for the padded prefix attention, and one
-row kernel for SigLIP's residual add + LayerNorm (`add_layer_norm`). Which path an op takes depends
+kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU), one `addmm` for linear + residual
+(in place where the model owns the residual), one cuBLASLt GEMM with a GELU epilogue for SigLIP's
+fc1 (`linear_gelu`), the same MQA kernel with a long-sequence configuration for the padded prefix
+attention, and one row kernel for SigLIP's residual add + LayerNorm (`add_layer_norm`). Which path an op takes depends
 on its row count (`CONFIG[...]["max_rows"]`, measured). The long path is for the native table only:
 with another backend (FlagGems) only the expert's short inputs take these kernels.
 
@@ -547,8 +547,7 @@ def _decoder_layer_kernel(
     M, T, start, eps, scale, stride_cb, stride_ct, stride_mb, stride_mq,
     W: tl.constexpr, F: tl.constexpr, HEAD_DIM: tl.constexpr, N_Q: tl.constexpr,
     LK: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ROWS: tl.constexpr, N_BATCH: tl.constexpr,
-    M_TILES: tl.constexpr,
-    R_TILES: tl.constexpr, NPROG: tl.constexpr, BM: tl.constexpr,
+    M_TILES: tl.constexpr, R_TILES: tl.constexpr, NPROG: tl.constexpr, BM: tl.constexpr,
     QKV_BN: tl.constexpr, QKV_BK: tl.constexpr, GEGLU_BN: tl.constexpr, GEGLU_BK: tl.constexpr,
     LIN_BN: tl.constexpr, LIN_BK: tl.constexpr, O_SPLIT: tl.constexpr, D_SPLIT: tl.constexpr,
     BR: tl.constexpr, BKV: tl.constexpr, A_SPLIT: tl.constexpr, ROWS: tl.constexpr,
@@ -849,7 +848,8 @@ def norm_geglu(x, norm_weight, eps, weight):
 
 def linear_residual(x, weight, residual, split=None, inplace=False):
     """residual + x @ weight^T, x [..., K], weight [N, K], residual [..., N]; with `inplace`
-    written over residual (each element is read before it is written, by the same program)."""
+    the result is written over residual where it reshapes to rows without a copy (each element
+    is read before it is written, by the same program). Use the return value."""
     k = x.shape[-1]
     n = weight.shape[0]
     x2, r2 = x.reshape(-1, k), residual.reshape(-1, n)
@@ -1036,10 +1036,9 @@ def decoder_layer(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, head
         stride_mq, W=width, F=f, HEAD_DIM=head_dim, N_Q=heads, LK=start + t, HAS_MASK=True,
         MASK_ROWS=stride_mq != 0, N_BATCH=b, M_TILES=m_tiles, R_TILES=r_tiles, NPROG=nprog,
         BM=bm, QKV_BN=cfg["qkv_bn"], QKV_BK=cfg["qkv_bk"], GEGLU_BN=cfg["geglu_bn"],
-        GEGLU_BK=cfg["geglu_bk"], LIN_BN=lin_bn,
-        LIN_BK=lin_bk, O_SPLIT=o_split, D_SPLIT=d_split, BR=br, BKV=cfg["bkv"], A_SPLIT=a_split,
-        ROWS=cfg["rows"], PHASES=cfg.get("phases", ALL_PHASES), num_warps=cfg["warps"],
-        num_stages=cfg["stages"],
+        GEGLU_BK=cfg["geglu_bk"], LIN_BN=lin_bn, LIN_BK=lin_bk, O_SPLIT=o_split, D_SPLIT=d_split,
+        BR=br, BKV=cfg["bkv"], A_SPLIT=a_split, ROWS=cfg["rows"],
+        PHASES=cfg.get("phases", ALL_PHASES), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out.view(b, t, width)
 
