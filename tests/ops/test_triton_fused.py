@@ -189,6 +189,21 @@ def test_long_attention_config_for_the_prefix(monkeypatch):
     check(out, OPS.attention(q, k, v, mask), OPS.attention(*f32(q, k, v), mask.float()))
 
 
+def test_short_attention_config_by_batch(monkeypatch):
+    """One sample takes `mqa_attention`; batches (the five-kernel expert path at 2+ robots)
+    `mqa_attention_batch`: tiles measured per case."""
+    calls = []
+    real = tf.mqa_attention
+    spy = lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(tf, "mqa_attention", spy)
+    attention = tf.dispatchers(OPS)["attention"]
+    for b in (1, 2):
+        q, k, v, mask = attention_inputs(b, 7, 4, 64, 90, False)
+        expect = OPS.attention(q, k, v, mask)
+        check(attention(q, k, v, mask), expect, OPS.attention(*f32(q, k, v), mask.float()))
+    assert calls == ["mqa_attention", "mqa_attention_batch"]
+
+
 def test_attention_with_strided_queries_and_long_fallback():
     b, lq, h, dh, lk = 1, 20, 8, 64, 130
     qk = rand(b, lq, h + 1, dh, seed=10)
@@ -334,7 +349,8 @@ def test_decoder_layer_equals_the_five_fused_ops(b, t, width, heads, head_dim, f
     attn_cfg = dict(tf.CONFIG["mqa_attention"], br=cfg["br"], bkv=cfg["bkv"], merge="kernel")
     k_ops, v_ops = cache_k.clone(), cache_v.clone()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(tf.CONFIG, "mqa_attention", dict(attn_cfg, split=cfg["a_split"]))
+        for name in ("mqa_attention", "mqa_attention_batch"):  # one sample / batches
+            mp.setitem(tf.CONFIG, name, dict(attn_cfg, split=cfg["a_split"]))
         mp.setitem(tf.CONFIG, "linear_residual", dict(tf.CONFIG["linear_residual"], max_rows=1024))
         mp.setitem(tf.CONFIG, "norm_geglu", dict(tf.CONFIG["norm_geglu"], max_rows=1024))
         by_ops = layer_by_ops(FUSED, x, weights, *args, k_ops, v_ops, start, mask, heads, head_dim)
