@@ -116,6 +116,7 @@ def expert_cases(batch, prefix=816, chunk=50, tower="expert", copies=1):
 
 SWEEP = {
     "qkv_rope": dict(bm=[16, 64], bn=[16, 32], bk=[64, 128], warps=[4], stages=[3, 4, 6]),
+    "qkv_rope_batch": dict(bm=[16, 64], bn=[16, 32], bk=[64, 128], warps=[4], stages=[3, 4, 6]),
     "norm_geglu": dict(bm=[16, 64], bn=[16, 32], bk=[64, 128], warps=[4], stages=[3, 4, 6]),
     "linear_residual": dict(
         bm=[16, 64], bn=[32, 64], bk=[64, 128], split=[4, 8, 16], warps=[4], stages=[3, 5]
@@ -224,8 +225,8 @@ def main():
             }
             row["fused_us"] = graph_ms(lambda: fn(fused))
             swept = SWEPT_BY.get(name)
-            if swept == "mqa_attention" and batch > 1:  # the dispatcher's choice for batches
-                swept = "mqa_attention_batch"
+            if batch > 1 and f"{swept}_batch" in tf.CONFIG:  # the dispatcher's batch tiles
+                swept = f"{swept}_batch"
             if swept and args.sweep is not None and (not args.sweep or swept in args.sweep):
                 row["best_us"], row["best_config"] = sweep(swept, fn, fused)
             rows.append(row)

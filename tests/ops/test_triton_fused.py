@@ -204,6 +204,20 @@ def test_short_attention_config_by_batch(monkeypatch):
     assert calls == ["mqa_attention", "mqa_attention_batch"]
 
 
+def test_qkv_rope_config_by_batch(monkeypatch):
+    """Batches take `qkv_rope_batch` where its tiles divide the head; one sample `qkv_rope`."""
+    calls = []
+    real = tf.qkv_rope
+    spy = lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(tf, "qkv_rope", spy)
+    fused = tf.dispatchers(OPS)["qkv_rope"]
+    for b, head_dim in ((1, 64), (2, 64), (2, 32)):  # 32: a half head narrower than the tile
+        x, norm_w, w, cos, sin, cache_len, start = qkv_case(b, 5, 128, 2, head_dim, 20, 3)
+        k_out = torch.zeros(b, 5, head_dim, dtype=BF16, device=DEVICE)
+        fused(x, norm_w, 1e-6, w, cos, sin, 2, 1, head_dim, k_out, k_out.clone())
+    assert calls == ["qkv_rope", "qkv_rope_batch", "qkv_rope"]
+
+
 def test_attention_with_strided_queries_and_long_fallback():
     b, lq, h, dh, lk = 1, 20, 8, 64, 130
     qk = rand(b, lq, h + 1, dh, seed=10)
@@ -351,6 +365,7 @@ def test_decoder_layer_equals_the_five_fused_ops(b, t, width, heads, head_dim, f
     with pytest.MonkeyPatch.context() as mp:
         for name in ("mqa_attention", "mqa_attention_batch"):  # one sample / batches
             mp.setitem(tf.CONFIG, name, dict(attn_cfg, split=cfg["a_split"]))
+        mp.setitem(tf.CONFIG, "qkv_rope_batch", dict(tf.CONFIG["qkv_rope"]))  # the layer's tiles
         mp.setitem(tf.CONFIG, "linear_residual", dict(tf.CONFIG["linear_residual"], max_rows=1024))
         mp.setitem(tf.CONFIG, "norm_geglu", dict(tf.CONFIG["norm_geglu"], max_rows=1024))
         by_ops = layer_by_ops(FUSED, x, weights, *args, k_ops, v_ops, start, mask, heads, head_dim)
