@@ -724,7 +724,9 @@ def _geglu_kernel(x_ptr, out_ptr, stride_x, stride_o, F, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 # Launch configurations (block sizes, K/key splits, warps, pipeline stages): the best of
-# benchmarks/bench_kernels.py --sweep on an H200 at B=1; split 0 = chosen from the shape.
+# benchmarks/bench_kernels.py --sweep on an H200 at B=1 (the `*_batch` entries, which the
+# dispatcher takes for batches of 2+, and the prefix attention: on an H100); split 0 = chosen from
+# the shape.
 # max_rows (batch x tokens): above it cuBLAS + separate kernels measured faster (H200; the expert
 # has 50 rows per robot, the prefix 816): qkv_rope wins up to 8 robots, norm_geglu up to 4,
 # linear_residual at 1 robot only.
