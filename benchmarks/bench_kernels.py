@@ -116,7 +116,6 @@ def expert_cases(batch, prefix=816, chunk=50, tower="expert", copies=1):
 
 SWEEP = {
     "qkv_rope": dict(bm=[16, 64], bn=[16, 32], bk=[64, 128], warps=[4], stages=[3, 4, 6]),
-    "qkv_rope_batch": dict(bm=[16, 64], bn=[16, 32], bk=[64, 128], warps=[4], stages=[3, 4, 6]),
     "norm_geglu": dict(bm=[16, 64], bn=[16, 32], bk=[64, 128], warps=[4], stages=[3, 4, 6]),
     "linear_residual": dict(
         bm=[16, 64], bn=[32, 64], bk=[64, 128], split=[4, 8, 16], warps=[4], stages=[3, 5]
@@ -125,13 +124,12 @@ SWEEP = {
         br=[16, 32, 64], bkv=[64, 128], split=[4, 8, 16], warps=[8], stages=[2], merge=["kernel"]
     ),
     "decoder_layer": dict(stages=[3, 4, 5], bkv=[32, 64], a_split=[2, 4]),
-    "mqa_attention_batch": dict(
-        br=[16, 32, 64], bkv=[64, 128], split=[4, 8, 16], warps=[8], stages=[2], merge=["kernel"]
-    ),
     "mqa_attention_long": dict(
         br=[32, 64], bkv=[16, 32, 64], split=[1, 2], warps=[4, 8], stages=[2, 3], merge=["kernel"]
     ),
 }
+# the dispatcher's tiles for batches of 2+ sweep the same grids
+SWEEP.update({f"{key}_batch": SWEEP[key] for key in ("qkv_rope", "mqa_attention")})
 SWEPT_BY = {
     "layer": "decoder_layer",
     "qkv_rope": "qkv_rope",
