@@ -6,8 +6,6 @@ they are also those kernels' reference, and what every other backend (FlagGems) 
 
 from typing import Callable, Dict
 
-from flagscale.ops.native import apply_rope
-
 COMPOSITE_NAMES = ("qkv_rope", "norm_geglu", "linear_residual", "add_layer_norm", "linear_gelu")
 
 
@@ -20,10 +18,11 @@ def compose(ops) -> Dict[str, Callable]:
         b, t, _ = x.shape
         qkv = ops.linear(ops.rms_norm(x, norm_weight, eps), weight)
         n_qk = heads + kv_heads
-        qk = apply_rope(qkv[..., : n_qk * head_dim].view(b, t, n_qk, head_dim), cos, sin)
-        k_out.copy_(qk[:, :, heads:].reshape(k_out.shape))
+        qk = qkv[..., : n_qk * head_dim].view(b, t, n_qk, head_dim)
+        q, k = ops.rope(qk[:, :, :heads], qk[:, :, heads:], cos, sin)
+        k_out.copy_(k.reshape(k_out.shape))
         v_out.copy_(qkv[..., n_qk * head_dim :].reshape(v_out.shape))
-        return qk[:, :, :heads]
+        return q
 
     def norm_geglu(x, norm_weight, eps, weight):
         """RMSNorm(1 + w) -> gate|up projection -> gelu_tanh(gate) * up."""

@@ -8,6 +8,8 @@ FlagGems entry point or kept native; the table's `routes` says which, in words:
                 (FlagGems' Hopper fp32 mm is tf32x3, not IEEE fp32)
     rms_norm    flag_gems.rms_norm(x, (D,), 1 + w, eps): Gemma's (1 + w) scale, fp32 math
     layer_norm  flag_gems.layer_norm (fp32 math, fp32 weight/bias)
+    rope        flag_gems.apply_rotary_pos_emb: q and k in one launch, each token reads its own row
+                of the per-token cos / sin tables (fp32 math, one rounding)
     gelu_tanh   flag_gems.gelu(approximate="tanh")
     geglu       flag_gems.geglu (fused gate|up input, gelu_tanh(gate) * up in fp32, one rounding)
     silu        flag_gems.silu
@@ -42,6 +44,7 @@ ROUTE_TEXT = {
     "linear": "flaggems (mm/addmm; fp32 inputs: native)",
     "rms_norm": "flaggems (rms_norm, weight 1+w)",
     "layer_norm": "flaggems (layer_norm)",
+    "rope": "flaggems (apply_rotary_pos_emb)",
     "gelu_tanh": "flaggems (gelu tanh)",
     "geglu": "flaggems (geglu, fused gate|up)",
     "silu": "flaggems (silu)",
@@ -141,6 +144,19 @@ def make_layer_norm(fg) -> Callable:
     return layer_norm
 
 
+def make_rope(fg) -> Callable:
+    def rope(q, k, cos, sin):
+        """FlagGems indexes half-width tables [rows, Dh/2] by position id: the rows are the
+        tokens' own (B*T of them), cos' first half and the signed sin's second half (+sin)."""
+        b, t, _, dh = q.shape
+        cos = cos.expand(b, t, 1, dh).reshape(b * t, dh)[:, : dh // 2]
+        sin = sin.expand(b, t, 1, dh).reshape(b * t, dh)[:, dh // 2 :]
+        rows = torch.arange(b * t, device=q.device).view(b, t)
+        return fg.apply_rotary_pos_emb(q, k, cos, sin, rows)
+
+    return rope
+
+
 def make_gelu_tanh(fg) -> Callable:
     def gelu_tanh(x):
         return fg.gelu(x, approximate="tanh")
@@ -196,6 +212,7 @@ MAKERS = {
     "linear": make_linear,
     "rms_norm": make_rms_norm,
     "layer_norm": make_layer_norm,
+    "rope": make_rope,
     "gelu_tanh": make_gelu_tanh,
     "geglu": make_geglu,
     "silu": make_silu,

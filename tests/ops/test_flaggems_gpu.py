@@ -136,6 +136,31 @@ def test_layer_norm(fg, shape):
     assert_within_bf16(out, native.layer_norm(x, w, b, 1e-6), layer_norm64(x, w, b))
 
 
+def rope64(x, positions, theta=10000.0):
+    half = x.shape[-1] // 2
+    freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
+    angle = positions.double()[..., None, None] * freq
+    x1, x2 = x.double()[..., :half], x.double()[..., half:]
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x2 * angle.cos() + x1 * angle.sin()], -1)
+
+
+@pytest.mark.parametrize(
+    "batch, tokens, heads, dh", [(1, 816, 8, 256), (3, 51, 8, 256), (2, 7, 2, 16)]
+)
+def test_rope(fg, batch, tokens, heads, dh):
+    """q and k as views of one projection row (the composite's layout), per-sample positions."""
+    qkv = randn(batch, tokens, (heads + 2) * dh, seed=12, scale=2.0)
+    qk = qkv[..., : (heads + 1) * dh].view(batch, tokens, heads + 1, dh)
+    positions = (
+        torch.arange(tokens, device="cuda")[None] + 5 * torch.arange(batch, device="cuda")[:, None]
+    )
+    cos, sin = native.rope_cos_sin(positions, dh, 10000.0)
+    q, k = qk[:, :, :heads], qk[:, :, heads:]
+    outs, bases = fg.rope(q, k, cos, sin), native.rope(q, k, cos, sin)
+    for out, base, x in zip(outs, bases, (q, k)):
+        assert_within_bf16(out, base, rope64(x, positions))
+
+
 @pytest.mark.parametrize("shape", [(768, 4304), (7, 83)])
 def test_gelu_tanh(fg, shape):
     x = randn(1, *shape, seed=9, scale=2.0)

@@ -54,6 +54,20 @@ class FakeFlagGems(types.SimpleNamespace):
         y = F.layer_norm(x.float(), shape, weight.float(), bias.float(), eps).to(x.dtype)
         return y, None, None
 
+    def apply_rotary_pos_emb(self, q, k, cos, sin, position_ids=None, rotary_interleaved=False):
+        self._log("rope")
+        half = q.shape[-1] // 2
+        assert cos.shape[-1] == sin.shape[-1] == half and cos.stride(-1) == sin.stride(-1) == 1
+        assert q.shape[:-2] == k.shape[:-2] and position_ids.shape == q.shape[:-2]
+        assert int(position_ids.max()) < cos.shape[0], "position id out of bound"
+
+        def rotate(x):
+            c, s = cos[position_ids][..., None, :], sin[position_ids][..., None, :]
+            x1, x2 = x[..., :half].float(), x[..., half:].float()
+            return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1).to(x.dtype)
+
+        return rotate(q), rotate(k)
+
     def gelu(self, x, approximate="none"):
         self._log("gelu")
         return F.gelu(x, approximate=approximate)
@@ -244,6 +258,23 @@ def test_norm_and_activation_plumbing(fake):
     assert fake.calls == ["rms_norm", "layer_norm", "gelu", "silu", "geglu"]
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rope_plumbing(fake, batch):
+    """q and k as the composite passes them (views of one q|k|v row), each sample its own
+    positions (padding shifts them), the signed half-width tables taken apart correctly."""
+    ops = fgops.flaggems_ops(module=fake)
+    heads, dh, t = 4, 16, 7
+    qkv = torch.randn(batch, t, (heads + 2) * dh, dtype=torch.bfloat16)
+    qk = qkv[..., : (heads + 1) * dh].view(batch, t, heads + 1, dh)
+    positions = torch.arange(t)[None] + torch.arange(batch)[:, None] * 3
+    cos, sin = native.rope_cos_sin(positions, dh, 10000.0)
+    q, k = ops.rope(qk[:, :, :heads], qk[:, :, heads:], cos, sin)
+    q_ref, k_ref = native.rope(qk[:, :, :heads], qk[:, :, heads:], cos, sin)
+    close(q, q_ref, tol=1e-2)
+    close(k, k_ref, tol=1e-2)
+    assert fake.calls == ["rope"]
+
+
 def test_rms_norm_scale_follows_weight_updates(fake):
     ops = fgops.flaggems_ops(module=fake)
     x = torch.randn(4, 32, dtype=torch.bfloat16)
@@ -310,6 +341,5 @@ def test_tiny_model_plumbing_matches_native(fake):
     assert torch.isfinite(b).all()
     rel = (a - b).norm() / a.norm()
     assert rel < 0.03, float(rel)
-    assert {"mm", "addmm", "rms_norm", "layer_norm", "gelu", "geglu", "silu", "sdpa"} <= set(
-        fake.calls
-    )
+    names = {"mm", "addmm", "rms_norm", "layer_norm", "rope", "gelu", "geglu", "silu", "sdpa"}
+    assert names <= set(fake.calls)
