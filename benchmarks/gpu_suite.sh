@@ -75,5 +75,11 @@ if [ "${FLAGGEMS:-1}" = 1 ] && python -c "import flag_gems" 2>/dev/null; then
     --latency 15 --graphs --cache-dir "$FLAGGEMS_CACHE_DIR" --timeout 1500 --out "$OUT_DIR/cmp_fused" \
     --fused-kernels on \
     2>&1 | tail -40 | tee "$OUT_DIR/flaggems_fused.txt"
+  step "both backends by batch, cameras and steps (fused expert kernels, graphs)"
+  python benchmarks/bench_model.py --ops native flaggems --fused on --graphs on "${grid[@]}" \
+    --iters 15 --out "$OUT_DIR/model_grid_backends.json" | grep '"ops"'
+  step "FlagGems GPU tests (incl. the full-size whole-model comparison)"
+  python -m pytest -q -m flaggems tests/ops/test_flaggems_gpu.py 2>&1 | tail -3 \
+    | tee "$OUT_DIR/pytest_flaggems.txt"
 fi
 step "done: $OUT_DIR"
