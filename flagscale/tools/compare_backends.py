@@ -14,7 +14,8 @@ flaggems, same dtype) and a float32 native reference whose weights are the bf16-
 (--reference-weights rounded: the reference isolates arithmetic error; `exact` keeps the unrounded
 weights). Printed: MAPE, median APE, max abs error, relative L2 and cosine similarity of the candidate
 vs native, and of each vs the reference, plus the targets (rel L2 <= 1 %, MAPE < 1.4152 %, candidate
-error vs reference <= 1.5x native's). Exit code 1 if a target fails (--no-fail: always 0).
+error vs reference <= 1.5x native's; with --latency, candidate model time <= 1.25x native's, graphed
+if --graphs). Exit code 1 if a target fails (--no-fail: always 0).
 
 MAPE = mean(|a - b| / |b|) over elements: an element whose baseline value is near zero turns a tiny
 absolute difference into a huge percentage, so MAPE grows with the share of near-zero outputs (random
@@ -40,6 +41,7 @@ import numpy as np
 MAPE_TARGET = 1.4152  # %, FlagRelease's reported FlagGems-vs-native MAPE for Pi0
 REL_L2_TARGET = 1.0  # %
 REF_RATIO_TARGET = 1.5
+LATENCY_RATIO_TARGET = 1.25  # candidate / native model time, same run (#5: FlagGems <= 1.25x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,6 +85,19 @@ def check_targets(cand_vs_base, base_vs_ref=None, cand_vs_ref=None) -> list:
         ratio = cand_vs_ref["rel_l2"] / max(base_vs_ref["rel_l2"], 1e-30)
         rows.append(("rel_l2 vs fp32 ref, candidate/native", ratio, REF_RATIO_TARGET, ratio <= 1.5))
     return rows
+
+
+def latency_target(native_meta, cand_meta) -> list:
+    """[(name, ratio, limit, ok)] for candidate / native median model time, under CUDA graphs
+    when both runs have them (else eager); [] when the runs were not timed (no --latency)."""
+    times = [(meta or {}).get("latency") or {} for meta in (native_meta, cand_meta)]
+    for mode in ("graphs", "eager"):
+        medians = [t.get(mode, {}).get("median_ms") for t in times]
+        if all(medians):
+            ratio = medians[1] / medians[0]
+            name = f"latency candidate/native ({mode}, {medians[1]:.2f} / {medians[0]:.2f} ms)"
+            return [(name, ratio, LATENCY_RATIO_TARGET, ratio <= LATENCY_RATIO_TARGET)]
+    return []
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,7 +358,7 @@ def summarize(runs: dict, candidate: str) -> dict:
         report["candidate_vs_native"],
         report.get("native_vs_reference"),
         report.get("candidate_vs_reference"),
-    )
+    ) + latency_target(native_meta, cand_meta)
     report["runs"] = {"native": native_meta, "candidate": cand_meta, "candidate_warm": warm_meta}
     return report
 

@@ -43,6 +43,19 @@ def test_targets():
     assert [r[3] for r in rows] == [True, False, False, False]
 
 
+def test_latency_target_prefers_graphs():
+    native = {"latency": {"eager": {"median_ms": 40.0}, "graphs": {"median_ms": 16.0}}}
+    fast = {"latency": {"eager": {"median_ms": 80.0}, "graphs": {"median_ms": 19.6}}}
+    [(name, ratio, limit, ok)] = cb.latency_target(native, fast)
+    assert "graphs" in name and ratio == pytest.approx(1.225) and limit == 1.25 and ok
+    slow = {"latency": {"eager": {"median_ms": 45.0}, "graphs": {"median_ms": 20.5}}}
+    assert not cb.latency_target(native, slow)[0][3]
+    failed_capture = {"latency": {"eager": {"median_ms": 45.0}, "graphs": {"error": "x"}}}
+    [(name, ratio, _, ok)] = cb.latency_target(native, failed_capture)
+    assert "eager" in name and ratio == pytest.approx(1.125) and ok
+    assert cb.latency_target({"url": "a"}, {"url": "b"}) == []  # servers / no --latency
+
+
 def test_parse_routes():
     assert cb.parse_routes(["linear=native", " attention = native "]) == {
         "linear": "native",
