@@ -1,4 +1,5 @@
-"""The op layer: every matmul, attention, norm and activation of the model goes through an `Ops` table.
+"""The op layer: every matmul, attention, norm, RoPE and activation of the model goes through an
+`Ops` table.
 
 Each op has a native (torch) implementation that is also the executable spec and the test oracle.
 A backend (FlagGems) may replace some ops; the route of every op is chosen once, when the table is
