@@ -19,7 +19,7 @@ def compose(ops) -> Dict[str, Callable]:
         qkv = ops.linear(ops.rms_norm(x, norm_weight, eps), weight)
         n_qk = heads + kv_heads
         qk = qkv[..., : n_qk * head_dim].view(b, t, n_qk, head_dim)
-        q, k = ops.rope(qk[:, :, :heads], qk[:, :, heads:], cos, sin)
+        q, k = ops.rope(qk, cos, sin, heads)
         k_out.copy_(k.reshape(k_out.shape))
         v_out.copy_(qkv[..., n_qk * head_dim :].reshape(v_out.shape))
         return q

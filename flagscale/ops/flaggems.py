@@ -145,14 +145,15 @@ def make_layer_norm(fg) -> Callable:
 
 
 def make_rope(fg) -> Callable:
-    def rope(q, k, cos, sin):
-        """FlagGems indexes half-width tables [rows, Dh/2] by position id: the rows are the
-        tokens' own (B*T of them), cos' first half and the signed sin's second half (+sin)."""
-        b, t, _, dh = q.shape
+    def rope(qk, cos, sin, heads):
+        """q and k heads as two views of qk, in one launch. FlagGems indexes half-width tables
+        [rows, Dh/2] by position id: the rows are the tokens' own (B*T of them), cos' first
+        half and the signed sin's second half (+sin)."""
+        b, t, _, dh = qk.shape
         cos = cos.expand(b, t, 1, dh).reshape(b * t, dh)[:, : dh // 2]
         sin = sin.expand(b, t, 1, dh).reshape(b * t, dh)[:, dh // 2 :]
-        rows = torch.arange(b * t, device=q.device).view(b, t)
-        return fg.apply_rotary_pos_emb(q, k, cos, sin, rows)
+        rows = torch.arange(b * t, device=qk.device).view(b, t)
+        return fg.apply_rotary_pos_emb(qk[:, :, :heads], qk[:, :, heads:], cos, sin, rows)
 
     return rope
 

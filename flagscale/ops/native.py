@@ -44,10 +44,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(xf * cos, swapped, sin).to(x.dtype)
 
 
-def rope(q, k, cos, sin):
-    """RoPE on queries q [B, T, H, Dh] and keys k [B, T, Hkv, Dh] with the per-token tables of
-    `rope_cos_sin` (cos / signed sin [B, T, 1, Dh] fp32) -> new rotated (q, k)."""
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+def rope(qk, cos, sin, heads):
+    """RoPE on the query and key heads of one projection, qk [B, T, H + Hkv, Dh] (queries first),
+    with the per-token tables of `rope_cos_sin` (cos / signed sin [B, T, 1, Dh] fp32) -> new
+    rotated q [B, T, H, Dh], k [B, T, Hkv, Dh]."""
+    out = apply_rope(qk, cos, sin)
+    return out[:, :, :heads], out[:, :, heads:]
 
 
 def gelu_tanh(x):

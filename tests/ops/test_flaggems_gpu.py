@@ -155,9 +155,8 @@ def test_rope(fg, batch, tokens, heads, dh):
         torch.arange(tokens, device="cuda")[None] + 5 * torch.arange(batch, device="cuda")[:, None]
     )
     cos, sin = native.rope_cos_sin(positions, dh, 10000.0)
-    q, k = qk[:, :, :heads], qk[:, :, heads:]
-    outs, bases = fg.rope(q, k, cos, sin), native.rope(q, k, cos, sin)
-    for out, base, x in zip(outs, bases, (q, k)):
+    outs, bases = fg.rope(qk, cos, sin, heads), native.rope(qk, cos, sin, heads)
+    for out, base, x in zip(outs, bases, (qk[:, :, :heads], qk[:, :, heads:])):
         assert_within_bf16(out, base, rope64(x, positions))
 
 

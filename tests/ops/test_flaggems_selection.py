@@ -268,8 +268,8 @@ def test_rope_plumbing(fake, batch):
     qk = qkv[..., : (heads + 1) * dh].view(batch, t, heads + 1, dh)
     positions = torch.arange(t)[None] + torch.arange(batch)[:, None] * 3
     cos, sin = native.rope_cos_sin(positions, dh, 10000.0)
-    q, k = ops.rope(qk[:, :, :heads], qk[:, :, heads:], cos, sin)
-    q_ref, k_ref = native.rope(qk[:, :, :heads], qk[:, :, heads:], cos, sin)
+    q, k = ops.rope(qk, cos, sin, heads)
+    q_ref, k_ref = native.rope(qk, cos, sin, heads)
     close(q, q_ref, tol=1e-2)
     close(k, k_ref, tol=1e-2)
     assert fake.calls == ["rope"]
