@@ -1123,6 +1123,7 @@ def dispatchers(ops, persistent_layers: bool = True) -> Dict[str, Callable]:
 
     def linear_gelu_op(x, weight, bias):
         ok = native and bias is not None and bias.dim() == 1 and bias.dtype == x.dtype
+        # CUDA only, also under the interpreter: on the CPU the epilogue is the erf GELU, not tanh
         if ok and x.is_cuda and supported(x, LONG_ROWS):
             return long_linear_gelu(x, weight, bias)
         return base["linear_gelu"](x, weight, bias)
