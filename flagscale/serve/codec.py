@@ -21,6 +21,11 @@ try:  # libjpeg-turbo straight into numpy: the same pixels as PIL's JPEG decoder
 except ImportError:  # optional: PIL then decodes JPEGs too
     simplejpeg = None
 
+try:  # SIMD base64: ~30x faster than the standard library on camera images, same bytes
+    import pybase64
+except ImportError:  # optional: the standard library decodes the same
+    pybase64 = None
+
 # Decoders we accept; exotic formats are refused rather than parsed.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _DATA_URL = re.compile(r"^data:([\w.+/-]*)(;[\w=.+-]+)*;base64,", re.IGNORECASE)
@@ -218,6 +223,11 @@ def decode_base64(text: str) -> bytes:
         text = text[match.end() :]
     if not text.strip():
         raise ImageDecodeError("empty image data")
+    if pybase64 is not None:
+        try:
+            return pybase64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            pass  # the standard library decides (and words the error) below
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

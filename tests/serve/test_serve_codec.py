@@ -214,3 +214,48 @@ def test_gpu_decoder_keeps_jpegs_without_an_end_marker_off_the_gpu():
 def test_gpu_decoder_that_does_not_work_fails_at_start_up():
     with pytest.raises(RuntimeError, match="GPU JPEG decoding does not work here: .*corrupt"):
         codec.GpuJpegDecoder("cpu", decode_jpeg=PilDecodeJpeg(fail=True))
+
+
+BASE64_TEXTS = [
+    base64.b64encode(bytes(range(256)) * 40).decode(),
+    "QUJD",
+    "QUI=",
+    "QR==",  # non-zero trailing bits: accepted by both
+    "QUJD====",  # excess padding: the standard library accepts it
+    "QUJ",
+    "Q===",
+    "QUI=QUI=",
+    "QUJD\nRA==",  # line-wrapped: the whitespace-stripping retry
+    " QUJD ",
+    "QUJ*",
+    "caf\u00e9",
+    "data:image/jpeg;base64,QUJD",
+    "data:text/plain;base64,QUJD",
+    "   ",
+]
+
+
+@pytest.mark.parametrize("text", BASE64_TEXTS)
+def test_base64_decodes_the_same_with_and_without_pybase64(text, monkeypatch):
+    """pybase64's answers equal the standard library's; what it refuses falls back to it, which
+    accepts or words the error as before."""
+    pytest.importorskip("pybase64")
+
+    def outcome():
+        try:
+            return "ok", codec.decode_base64(text)
+        except ImageDecodeError as e:
+            return "error", str(e)
+
+    fast = outcome()
+    monkeypatch.setattr(codec, "pybase64", None)
+    assert fast == outcome()
+
+
+def test_base64_takes_pybase64_when_it_can(monkeypatch):
+    pybase64 = pytest.importorskip("pybase64")
+    calls = []
+    monkeypatch.setattr(codec.base64, "b64decode", lambda *a, **k: calls.append(a) or b"")
+    text = BASE64_TEXTS[0]
+    assert codec.decode_base64(text) == pybase64.b64decode(text)
+    assert calls == []

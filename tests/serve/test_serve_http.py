@@ -136,6 +136,50 @@ def test_actions_render_the_same_with_and_without_orjson(fast, monkeypatch):
     assert np.array_equal(np.asarray(parsed["actions"], dtype=np.float32), values)
 
 
+REQUEST_BODIES = [
+    b'{"instruction": "pick", "qpos": [[0.1, -2.5e-300, 9.2e18]], "seed": 7}',
+    b'{"a": NaN, "b": -Infinity}',  # the standard library's extensions
+    '{"instruction": "caf\u00e9"}'.encode("utf-16"),  # json.loads detects UTF-16/32
+    b'{"seed": 123456789012345678901234567890}',  # beyond 64 bits: orjson reads a float
+    b'{"seed": 18446744073709551615, "n": -9223372036854775808}',  # 64-bit limits
+    b'{"state": [[1e30, -3e25]]}',  # large floats: the standard library reads them too
+    b'{"x": 1e400}',  # -> inf in json
+    b'{"a": 1, "a": 2}',  # duplicate keys: the last wins
+    b"[" * 2000 + b"]" * 2000,  # deeper than orjson's limit
+    b"[" * 900 + b"1" + b"]" * 900,  # within it
+    b'{"a": [1, 2}',
+    b'{"a": "\\ud800"}',  # a lone surrogate
+    b'{"a": 1} trailing',
+]
+
+
+@pytest.mark.parametrize("body", REQUEST_BODIES)
+def test_request_json_parses_as_the_standard_library_does(body):
+    """orjson parses the bodies it takes; the rest fall back: same values, same errors."""
+    from flagscale.serve import app as app_module
+
+    def outcome(parse):
+        try:
+            return "ok", repr(parse(body))
+        except (ValueError, RecursionError) as e:
+            return type(e).__name__, str(e)
+
+    assert outcome(app_module.load_json) == outcome(json.loads)
+
+
+def test_request_json_takes_orjson_when_it_can(monkeypatch):
+    orjson = pytest.importorskip("orjson")
+    from flagscale.serve import app as app_module
+
+    calls = []
+    real = json.loads
+    monkeypatch.setattr(app_module.json, "loads", lambda b: calls.append(b) or real(b))
+    assert app_module.load_json(REQUEST_BODIES[0]) == orjson.loads(REQUEST_BODIES[0])
+    assert calls == []  # the fast path answered
+    assert app_module.load_json(REQUEST_BODIES[1])["b"] == float("-inf")
+    assert calls == [REQUEST_BODIES[1]]
+
+
 def test_eef_pose_is_the_state_and_state_is_ignored_in_v1(http):
     body = v1_body_like_flagscale_client(num_steps=2)
     body["seed"] = 3
