@@ -19,7 +19,7 @@ a JSON body {"success": false, "error": "..."}. Anything else (wrong status, 5xx
 error body, a connection error or timeout) is unexpected and listed with examples.
 
 Every --interval seconds GET /health, /metrics and /info are polled and the server's RSS
-(/proc/PID/status VmRSS of --server-pid, and of it plus its descendants), the CUDA-graph counters
+(of --server-pid, and of it plus its descendants), the CUDA-graph counters
 of /info (`cuda_graphs`: graphs, captures, replays, eager calls; null without graphs) and the p50
 of the good requests finished in that window are recorded. The report gives requests by kind and
 status, unexpected outcomes, good latency p50/p99 and first vs last window p50, RSS start / end /
@@ -39,6 +39,7 @@ import threading
 import time
 
 import numpy as np
+import psutil
 
 from bench_http import body, sample_images
 
@@ -212,50 +213,22 @@ class Soak:
 # ---------------------------------------------------------------- server sampling
 
 
-def rss_kb(pid):
-    """VmRSS of one process in kB (None if it is gone or unreadable)."""
+def process_stats(pid):
+    """(RSS MB of the process, RSS MB of it plus its descendants, its user + system CPU seconds);
+    Nones when there is no pid or the process is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def descendants(pid):
-    out, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
+        proc = psutil.Process(pid)
+        rss, cpu = proc.memory_info().rss, proc.cpu_times()
+        children = proc.children(recursive=True)
+    except (psutil.Error, TypeError):  # TypeError: no pid given
+        return None, None, None
+    tree = rss
+    for child in children:
         try:
-            with open(f"/proc/{parent}/task/{parent}/children") as f:
-                kids = [int(p) for p in f.read().split()]
-        except OSError:
-            kids = []
-        out += kids
-        todo += kids
-    return out
-
-
-def tree_rss_kb(pid):
-    sizes = [rss_kb(p) for p in [pid, *descendants(pid)]]
-    return sum(s for s in sizes if s is not None) if sizes[0] is not None else None
-
-
-def cpu_s(pid):
-    """User + system CPU seconds of one process (None if unreadable)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
-
-
-def load_1m():
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
+            tree += child.memory_info().rss
+        except psutil.Error:  # it exited meanwhile
+            pass
+    return mb(rss), mb(tree), round(cpu.user + cpu.system, 2)
 
 
 def get_json(conn, path):
@@ -288,22 +261,22 @@ def sample(args):
     info_status, info = get_json(conn, "/info")
     metrics = metrics_summary(conn)
     conn.close()
-    pid = args.server_pid
+    rss, tree_rss, cpu = process_stats(args.server_pid)
     return {
         "t": time.monotonic(),
         "health_code": health_status,
         "health": (health or {}).get("status") or (health or {}).get("error"),
         "graphs": (info or {}).get("cuda_graphs") if info_status == 200 else "no /info",
         "metrics": metrics,
-        "rss_mb": None if pid is None else mb(rss_kb(pid)),
-        "tree_rss_mb": None if pid is None else mb(tree_rss_kb(pid)),
-        "server_cpu_s": None if pid is None else cpu_s(pid),
-        "load_1m": load_1m(),
+        "rss_mb": rss,
+        "tree_rss_mb": tree_rss,
+        "server_cpu_s": cpu,
+        "load_1m": round(os.getloadavg()[0], 2),
     }
 
 
-def mb(kb):
-    return None if kb is None else round(kb / 1024, 1)
+def mb(nbytes):
+    return round(nbytes / MB, 1)
 
 
 def monitor(soak, samples, stop):

@@ -22,9 +22,10 @@ Long inputs (the prefix: 816 tokens per sample) keep cuBLAS for the projections 
 kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU), one `addmm` for linear + residual
 (in place where the model owns the residual), one cuBLASLt GEMM with a GELU epilogue for SigLIP's
 fc1 (`linear_gelu`), the same MQA kernel with a long-sequence configuration for the padded prefix
-attention, and one row kernel for SigLIP's residual add + LayerNorm (`add_layer_norm`). Which path an op takes depends
-on its row count (`CONFIG[...]["max_rows"]`, measured). The long path is for the native table only:
-with another backend (FlagGems) only the expert's short inputs take these kernels.
+attention, and one row kernel for SigLIP's residual add + LayerNorm (`add_layer_norm`). Which
+path an op takes depends on its row count (`CONFIG[...]["max_rows"]`, measured). The long path is
+for the native table only: with another backend (FlagGems) only the expert's short inputs take
+these kernels.
 
 RMSNorm's (1 + w) is folded into the projection weight (cached per weight) and the row scale
 1 / rms is applied to the fp32 accumulator, so the K loop is a plain pipelined GEMM: one bf16
