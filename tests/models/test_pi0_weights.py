@@ -49,6 +49,21 @@ def test_round_trip_gives_identical_actions(tmp_path, source, tokenizer_dir, lay
     assert np.array_equal(actions(source), actions(loaded))
 
 
+def test_loaded_weights_own_aligned_storage(tmp_path, source, tokenizer_dir):
+    """Weights are copied out of the memory-mapped file into allocator-aligned storage: CPU
+    matmul kernels pick their code path by operand alignment, so weights left at their
+    (unaligned) file offsets gave actions differing in the last bits on some CPUs (AMD EPYC)."""
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path))
+    loaded = PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+    want = dict(source.model.named_parameters())
+    for name, param in loaded.model.named_parameters():
+        assert torch.equal(param, want[name]), name
+        assert param.data_ptr() % 64 == 0, name
+        assert param.untyped_storage().nbytes() == param.numel() * param.element_size(), name
+
+
 def test_sharded_checkpoint_loads(tmp_path, source, tokenizer_dir):
     from flagscale.models.pi0.weights import save_pretrained
 

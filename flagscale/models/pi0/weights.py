@@ -255,7 +255,7 @@ def load_weights(model, model_dir: str, device, dtype, progress: bool = True) ->
     for name, keys in bar:
         tensor = _read_param(reader, name, keys, params[name].shape, model.config)
         target = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
-        _assign(model, name, tensor.to(device=device, dtype=target))
+        _assign(model, name, owned_copy(tensor, device, target))
     logger.info("loaded %d tensors from %s (%s layout)", len(spec), model_dir, reader.layout)
     return {"layout": reader.layout, "files": reader.files, "stats": reader.stats_tensors()}
 
@@ -271,6 +271,18 @@ def _read_param(reader, name, keys, param_shape, config) -> torch.Tensor:
             )
         parts.append(reader.get(key))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def owned_copy(tensor: torch.Tensor, device, dtype) -> torch.Tensor:
+    """`tensor` on `device` in `dtype`, in storage of its own. A memory-mapped safetensors tensor
+    starts wherever its bytes sit in the file (not 64-byte aligned), and CPU matmul kernels take
+    other code paths for unaligned operands, so the same weights would give actions that differ
+    in the last bits from weights in ordinary (allocator-aligned) memory. Copying also frees the
+    model from the file (it can be rewritten or deleted while the server runs)."""
+    out = tensor.to(device=device, dtype=dtype)
+    if out.data_ptr() == tensor.data_ptr():  # `to` was a no-op: still a view of the file
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out
 
 
 def _assign(model, name: str, tensor: torch.Tensor):
