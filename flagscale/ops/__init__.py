@@ -14,7 +14,17 @@ from typing import Callable, Dict
 from flagscale.ops import native
 from flagscale.ops.composite import COMPOSITE_NAMES, compose
 
-OP_NAMES = ("linear", "rms_norm", "layer_norm", "rope", "gelu_tanh", "geglu", "silu", "attention")
+OP_NAMES = (
+    "linear",
+    "rms_norm",
+    "ada_rms_norm",
+    "layer_norm",
+    "rope",
+    "gelu_tanh",
+    "geglu",
+    "silu",
+    "attention",
+)
 
 TRUE_STRINGS = ("1", "true", "yes", "on")
 

@@ -6,7 +6,16 @@ they are also those kernels' reference, and what every other backend (FlagGems) 
 
 from typing import Callable, Dict
 
-COMPOSITE_NAMES = ("qkv_rope", "norm_geglu", "linear_residual", "add_layer_norm", "linear_gelu")
+COMPOSITE_NAMES = (
+    "qkv_rope",
+    "norm_geglu",
+    "linear_residual",
+    "add_layer_norm",
+    "linear_gelu",
+    "ada_qkv_rope",
+    "ada_norm_geglu",
+    "linear_gated_residual",
+)
 
 
 def compose(ops) -> Dict[str, Callable]:
@@ -15,8 +24,19 @@ def compose(ops) -> Dict[str, Callable]:
     def qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
         """x [B, T, W] -> RMSNorm(1 + w) -> q|k|v -> RoPE on q and k. Returns q [B, T, H, Dh];
         k, v are written into k_out / v_out [B, T, Hkv*Dh] (e.g. KV-cache slices)."""
-        b, t, _ = x.shape
-        qkv = ops.linear(ops.rms_norm(x, norm_weight, eps), weight)
+        return project_qkv(ops.rms_norm(x, norm_weight, eps), weight, cos, sin, heads, kv_heads,
+                           head_dim, k_out, v_out)  # fmt: skip
+
+    def ada_qkv_rope(
+        x, scale, shift, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out
+    ):
+        """`qkv_rope` with Pi0.5's adaptive RMSNorm (scale / shift from the time condition)."""
+        return project_qkv(ops.ada_rms_norm(x, scale, shift, eps), weight, cos, sin, heads,
+                           kv_heads, head_dim, k_out, v_out)  # fmt: skip
+
+    def project_qkv(h, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
+        b, t, _ = h.shape
+        qkv = ops.linear(h, weight)
         n_qk = heads + kv_heads
         qk = qkv[..., : n_qk * head_dim].view(b, t, n_qk, head_dim)
         q, k = ops.rope(qk, cos, sin, heads)
@@ -28,12 +48,21 @@ def compose(ops) -> Dict[str, Callable]:
         """RMSNorm(1 + w) -> gate|up projection -> gelu_tanh(gate) * up."""
         return ops.geglu(ops.linear(ops.rms_norm(x, norm_weight, eps), weight))
 
+    def ada_norm_geglu(x, scale, shift, eps, weight):
+        """Adaptive RMSNorm -> gate|up projection -> gelu_tanh(gate) * up (Pi0.5's expert)."""
+        return ops.geglu(ops.linear(ops.ada_rms_norm(x, scale, shift, eps), weight))
+
     def linear_residual(x, weight, residual, inplace=False):
         """residual + x @ W^T; with `inplace` the sum may reuse residual's memory (a tensor the
         caller owns and will not read again: no new tensor, no copy). Use the return value."""
         if inplace:
             return residual.add_(ops.linear(x, weight))
         return residual + ops.linear(x, weight)
+
+    def linear_gated_residual(x, weight, residual, gate, inplace=False):
+        """residual + (x @ W^T) * gate: Pi0.5's gated residual (gate [B, 1, W] in x's dtype)."""
+        branch = ops.linear(x, weight) * gate
+        return residual.add_(branch) if inplace else residual + branch
 
     def linear_gelu(x, weight, bias):
         """gelu_tanh(x @ W^T + b): SigLIP's fc1 and its activation."""
@@ -50,4 +79,7 @@ def compose(ops) -> Dict[str, Callable]:
         "linear_residual": linear_residual,
         "add_layer_norm": add_layer_norm,
         "linear_gelu": linear_gelu,
+        "ada_qkv_rope": ada_qkv_rope,
+        "ada_norm_geglu": ada_norm_geglu,
+        "linear_gated_residual": linear_gated_residual,
     }

@@ -7,6 +7,9 @@ FlagGems entry point or kept native; the table's `routes` says which, in words:
     linear      flag_gems.mm (no bias) / flag_gems.addmm (bias), bf16/fp16 only; fp32 -> native
                 (FlagGems' Hopper fp32 mm is tf32x3, not IEEE fp32)
     rms_norm    flag_gems.rms_norm(x, (D,), 1 + w, eps): Gemma's (1 + w) scale, fp32 math
+    ada_rms_norm  flag_gems.rms_norm on the fp32 input with weight 1 (no rounding before the
+                modulation), then * (1 + scale) + shift in fp32 torch (FlagGems has no
+                adaptive RMSNorm; Pi0.5's expert only)
     layer_norm  flag_gems.layer_norm (fp32 math, fp32 weight/bias)
     rope        flag_gems.apply_rotary_pos_emb: q and k in one launch, each token reads its own row
                 of the per-token cos / sin tables (fp32 math, one rounding)
@@ -43,6 +46,7 @@ ADVICE = "set USE_FLAGGEMS=false (or engine.ops: native) to serve with native to
 ROUTE_TEXT = {
     "linear": "flaggems (mm/addmm; fp32 inputs: native)",
     "rms_norm": "flaggems (rms_norm, weight 1+w)",
+    "ada_rms_norm": "flaggems (rms_norm fp32, weight 1; modulation in torch fp32)",
     "layer_norm": "flaggems (layer_norm)",
     "rope": "flaggems (apply_rotary_pos_emb)",
     "gelu_tanh": "flaggems (gelu tanh)",
@@ -137,6 +141,20 @@ def make_rms_norm(fg) -> Callable:
     return rms_norm
 
 
+def make_ada_rms_norm(fg) -> Callable:
+    ones = {}  # (width, device) -> fp32 ones
+
+    def ada_rms_norm(x, scale, shift, eps=1e-6):
+        d = x.shape[-1]
+        weight = ones.get((d, x.device))
+        if weight is None:
+            weight = ones[(d, x.device)] = torch.ones(d, dtype=torch.float32, device=x.device)
+        normed = fg.rms_norm(x.float(), (d,), weight, eps)
+        return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype)
+
+    return ada_rms_norm
+
+
 def make_layer_norm(fg) -> Callable:
     def layer_norm(x, weight, bias, eps=1e-6):
         return fg.layer_norm(x, (x.shape[-1],), weight, bias, eps)[0]
@@ -212,6 +230,7 @@ def make_attention(fg) -> Callable:
 MAKERS = {
     "linear": make_linear,
     "rms_norm": make_rms_norm,
+    "ada_rms_norm": make_ada_rms_norm,
     "layer_norm": make_layer_norm,
     "rope": make_rope,
     "gelu_tanh": make_gelu_tanh,

@@ -21,6 +21,15 @@ def rms_norm(x, weight, eps=1e-6):
     return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).to(x.dtype)
 
 
+def ada_rms_norm(x, scale, shift, eps=1e-6):
+    """Pi0.5's adaptive RMSNorm (openpi `GemmaRMSNorm` with a condition):
+    x * rsqrt(mean(x^2) + eps) * (1 + scale) + shift, all in fp32, cast back to x.dtype.
+    scale / shift [B, 1, D] (or broadcastable) come from the time condition."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+    return (normed * (1.0 + scale.float()) + shift.float()).to(x.dtype)
+
+
 def layer_norm(x, weight, bias, eps=1e-6):
     y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
     return y.to(x.dtype)

@@ -133,12 +133,12 @@ def parse_routes(items) -> dict:
 def round_weights(model, dtype_name: str) -> int:
     """Round the weights a `dtype_name` model would hold in that dtype (fp32-kept ones stay)."""
     from flagscale.models.pi0.policy import DTYPES
-    from flagscale.models.pi0.weights import FP32_SUFFIXES
+    from flagscale.models.pi0.weights import keeps_fp32
 
     dtype = DTYPES[dtype_name.replace("torch.", "").lower()]
     n = 0
     for name, param in model.named_parameters():
-        if not name.endswith(FP32_SUFFIXES):
+        if not keeps_fp32(name):
             param.data = param.data.to(dtype).to(param.dtype)
             n += 1
     return n

@@ -4,80 +4,21 @@ PyPI lerobot 0.4.x), same random weights, same inputs, same noise, float32 on CP
 Runs only where lerobot is importable (a separate venv; see docs/parity.md for the exact set-up,
 including the openpi `transformers_replace` patch lerobot's PI0 needs). Skipped otherwise.
 
-Test-harness adaptations (dimensions only, no code path of lerobot's model is replaced):
-- lerobot hard-codes the So400m vision tower (4304 MLP, 27 layers, 1152 width), a 2048-wide
-  projector and the gemma_2b / gemma_300m tower sizes; we shrink them by wrapping
-  `get_gemma_config` and the `PaliGemmaForConditionalGeneration` constructor it calls.
-- lerobot.datasets imports torchvision at import time; the PyPI torchvision wheel cannot load its
-  ops against a CPU-only torch build, so an inert stub is used when torchvision does not import.
-  The PI0 model code never uses torchvision.
+Test-harness adaptations: see lerobot_harness.py (dimensions only).
 """
 
-import importlib.machinery
-import os
-import sys
 import types
 
 import pytest
 import torch
 
+from lerobot_harness import build_small, require_lerobot
+
 from flagscale.models.pi0 import PI0Config, PI0Model
 from flagscale.models.pi0.config import TowerDims, VisionDims
 from flagscale.models.pi0.weights import export_state, init_random_weights
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-class _Stub(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if name[:1].isupper():  # a class (lerobot subclasses torchvision's Transform)
-            obj = type(name, (), {"__init__": lambda self, *a, **k: None})
-        else:
-            obj = _Stub(f"{self.__name__}.{name}")
-            obj.__spec__ = importlib.machinery.ModuleSpec(obj.__name__, None)
-            sys.modules[obj.__name__] = obj
-        setattr(self, name, obj)
-        return obj
-
-
-_TV_MODULES = (
-    "torchvision",
-    "torchvision.transforms",
-    "torchvision.transforms.v2",
-    "torchvision.transforms.functional",
-)
-
-
-def _ensure_torchvision():
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        for name in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-            del sys.modules[name]
-        for name in _TV_MODULES:
-            stub = _Stub(name)
-            stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-            stub.__path__ = []
-            sys.modules[name] = stub
-            if "." in name:
-                parent, child = name.rsplit(".", 1)
-                setattr(sys.modules[parent], child, stub)
-
-
-if importlib.util.find_spec("lerobot") is None:
-    pytest.skip("lerobot not installed (see docs/parity.md)", allow_module_level=True)
-_ensure_torchvision()
-lerobot = pytest.importorskip("lerobot")
-try:
-    from transformers.models.siglip import check as _tr_check
-except ImportError:
-    pytest.skip(
-        "lerobot's PI0 needs openpi's transformers_replace patch "
-        "(tests/models/lerobot_ref/patch_transformers_openpi.py)",
-        allow_module_level=True,
-    )
+require_lerobot()
 from lerobot.policies.pi0 import modeling_pi0 as lr_pi0  # noqa: E402
 from lerobot.policies.pi0.configuration_pi0 import PI0Config as LrPI0Config  # noqa: E402
 
@@ -94,53 +35,18 @@ LM_HEAD_KEY = f"{R}.lm_head.weight"
 
 
 def _small_lerobot(cfg: PI0Config) -> "lr_pi0.PI0Pytorch":
-    gemma = {
-        "gemma_2b": lr_pi0.GemmaConfig(
-            cfg.llm.width,
-            cfg.llm.depth,
-            cfg.llm.mlp,
-            cfg.llm.heads,
-            cfg.llm.kv_heads,
-            cfg.llm.head_dim,
-        ),
-        "gemma_300m": lr_pi0.GemmaConfig(
-            cfg.expert.width,
-            cfg.expert.depth,
-            cfg.expert.mlp,
-            cfg.expert.heads,
-            cfg.expert.kv_heads,
-            cfg.expert.head_dim,
-        ),
-    }
-    real_paligemma = lr_pi0.PaliGemmaForConditionalGeneration
-
-    def small_paligemma(config):
-        v = config.vision_config
-        v.hidden_size, v.intermediate_size = cfg.vision.width, cfg.vision.mlp
-        v.num_hidden_layers, v.num_attention_heads = cfg.vision.depth, cfg.vision.heads
-        v.patch_size = cfg.vision.patch
-        v.projection_dim = config.projection_dim = cfg.llm.width
-        config.hidden_size = cfg.llm.width
-        return real_paligemma(config=config)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(lr_pi0, "get_gemma_config", gemma.__getitem__)
-    mp.setattr(lr_pi0, "PaliGemmaForConditionalGeneration", small_paligemma)
-    try:
-        lr_cfg = LrPI0Config(
-            dtype="float32",
-            image_resolution=(cfg.image_size, cfg.image_size),
-            chunk_size=cfg.chunk_size,
-            n_action_steps=cfg.chunk_size,
-            max_state_dim=cfg.max_state_dim,
-            max_action_dim=cfg.max_action_dim,
-            num_inference_steps=10,
-            compile_model=False,
-            device="cpu",
-        )
-        return lr_pi0.PI0Pytorch(lr_cfg).eval()
-    finally:
-        mp.undo()
+    lr_cfg = LrPI0Config(
+        dtype="float32",
+        image_resolution=(cfg.image_size, cfg.image_size),
+        chunk_size=cfg.chunk_size,
+        n_action_steps=cfg.chunk_size,
+        max_state_dim=cfg.max_state_dim,
+        max_action_dim=cfg.max_action_dim,
+        num_inference_steps=10,
+        compile_model=False,
+        device="cpu",
+    )
+    return build_small(lr_pi0, cfg, lambda: lr_pi0.PI0Pytorch(lr_cfg).eval())
 
 
 @pytest.fixture(scope="module")

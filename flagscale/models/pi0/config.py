@@ -1,9 +1,23 @@
-"""Pi0 configuration: model dimensions (named presets) plus the lerobot `config.json` fields.
+"""Pi0 / Pi0.5 configuration: model dimensions (named presets) plus the lerobot `config.json` fields.
 
 A checkpoint directory's `config.json` is read with both lerobot spellings (G1 `num_steps`, G3
 `num_inference_steps`). Model dimensions come from, in order: an explicit `"pi0_dims"` block in
 config.json (`{"preset": "tiny"}` or every field of `TowerDims` per tower), openpi/G3
 `paligemma_variant` / `action_expert_variant` names, else the full-size `pi0` preset.
+
+The model variant ("pi0" or "pi0.5") comes from config.json (`"type": "pi05"` in lerobot's layout,
+an explicit `"model_variant"`), else from the preset; openpi's converter writes no variant, so the
+loader also reads it from the tensors present (`time_mlp_in.weight`: Pi0.5).
+
+Pi0.5 processing choices where lerobot 0.4.4 and openpi differ (defaults from `reference`, the
+checkpoint's origin: lerobot layout -> "lerobot", openpi layout -> "openpi"):
+  state_bins_padded   lerobot pads the normalized state with zeros to max_state_dim before binning
+  image_pad_value     resize-with-pad fill in [-1, 1] space: lerobot -3.0 (pads [0, 1] images with
+                      -1 before x*2-1), openpi -1.0 (black)
+  norm_eps            "lerobot": 1e-8 (added to std; MIN_MAX / quantiles: only where hi == lo);
+                      "openpi": + 1e-6 on std / (q99 - q01) both ways. Default: openpi for stats
+                      from an openpi norm_stats.json, else the reference (Pi0: lerobot)
+  discrete_state_input  the state as text in the prompt (openpi's pi05_libero sets False)
 """
 
 import dataclasses
@@ -51,6 +65,9 @@ GEMMA_VARIANTS = {
     "dummy": TowerDims(width=64, depth=4, mlp=128, heads=8, kv_heads=1, head_dim=16),
 }
 
+VARIANTS = ("pi0", "pi0.5")
+REFERENCES = ("lerobot", "openpi")
+
 PRESETS = {
     "pi0": dict(
         vision=VisionDims(),
@@ -66,11 +83,16 @@ PRESETS = {
         vocab_size=512,
     ),
 }
+# Pi0.5: the same dimensions; adaptive expert norms, time MLP, state in the prompt (200 tokens).
+PRESETS["pi05"] = dict(PRESETS["pi0"], variant="pi0.5")
+PRESETS["pi05_tiny"] = dict(PRESETS["tiny"], variant="pi0.5")
+DEFAULT_TOKENS = {"pi0": 48, "pi0.5": 200}
 
 
 @dataclass
 class PI0Config:
     preset: str = "pi0"
+    variant: str = "pi0"
     vision: VisionDims = field(default_factory=VisionDims)
     llm: TowerDims = field(default_factory=lambda: GEMMA_VARIANTS["gemma_2b"])
     expert: TowerDims = field(default_factory=lambda: GEMMA_VARIANTS["gemma_300m"])
@@ -81,7 +103,7 @@ class PI0Config:
     max_state_dim: int = 32
     max_action_dim: int = 32
     num_steps: int = 10
-    tokenizer_max_length: int = 48
+    tokenizer_max_length: Optional[int] = None  # None: 48 (pi0), 200 (pi0.5)
     resize_imgs_with_padding: Optional[Tuple[int, int]] = (224, 224)
     empty_cameras: int = 0
     adapt_to_pi_aloha: bool = False
@@ -95,8 +117,23 @@ class PI0Config:
     rope_theta: float = 10000.0
     min_period: float = 4e-3
     max_period: float = 4.0
+    normalization_mapping: dict = field(default_factory=dict)  # lerobot: feature type -> mode
+    # Pi0.5 reference choices (see the module docstring); None = the `reference` default
+    reference: str = "lerobot"
+    state_bins_padded: Optional[bool] = None
+    image_pad_value: Optional[float] = None
+    norm_eps: Optional[str] = None
+    discrete_state_input: bool = True
 
     def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"model variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
+        if self.norm_eps not in (None,) + REFERENCES:
+            raise ValueError(f"norm_eps must be one of {REFERENCES}, got {self.norm_eps!r}")
+        if self.tokenizer_max_length is None:
+            self.tokenizer_max_length = DEFAULT_TOKENS[self.variant]
         for name in ("depth", "heads", "kv_heads", "head_dim"):
             if getattr(self.llm, name) != getattr(self.expert, name):
                 raise ValueError(f"llm and expert towers must share {name} (joint attention)")
@@ -109,6 +146,33 @@ class PI0Config:
     def image_size(self) -> int:
         return self.vision.image_size
 
+    @property
+    def pi05(self) -> bool:
+        return self.variant == "pi0.5"
+
+    def norm_mode(self, feature_type: str) -> str:
+        """Normalization mode of "STATE" / "ACTION" from `normalization_mapping` (lerobot), else
+        the variant's default (Pi0: MEAN_STD, Pi0.5: QUANTILES)."""
+        mode = self.normalization_mapping.get(feature_type)
+        return str(mode).upper() if mode else ("QUANTILES" if self.pi05 else "MEAN_STD")
+
+    def choices(self) -> dict:
+        """The processing choices in effect (shown in the policy metadata / `/info`)."""
+        lerobot = self.reference == "lerobot"
+        eps = self.norm_eps or (self.reference if self.pi05 else "lerobot")
+        out = {"variant": self.variant, "reference": self.reference, "norm_eps": eps}
+        if not self.pi05:
+            return dict(
+                out, image_pad_value=-1.0 if self.image_pad_value is None else self.image_pad_value
+            )
+        pad = self.image_pad_value
+        return dict(
+            out,
+            discrete_state_input=self.discrete_state_input,
+            state_bins_padded=lerobot if self.state_bins_padded is None else self.state_bins_padded,
+            image_pad_value=(-3.0 if lerobot else -1.0) if pad is None else float(pad),
+        )
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "PI0Config":
         if name not in PRESETS:
@@ -120,6 +184,9 @@ class PI0Config:
     @classmethod
     def from_json_dict(cls, raw: dict, default_preset: str = "pi0") -> "PI0Config":
         dims = _dims_from_json(raw, default_preset)
+        variant = variant_from_json(raw)
+        if variant:
+            dims["variant"] = variant
         return cls(**dims, **_fields_from_json(raw, dims["vision"].image_size))
 
     @classmethod
@@ -132,10 +199,13 @@ class PI0Config:
 
     def to_json_dict(self) -> dict:
         """A lerobot-style config.json, plus the documented `pi0_dims` block."""
-        out = {"type": "pi0", "n_obs_steps": 1}
+        out = {"type": "pi05" if self.pi05 else "pi0", "n_obs_steps": 1}
         for name in _LEROBOT_FIELDS:
             value = getattr(self, name)
             out[name] = list(value) if isinstance(value, tuple) else value
+        for name in _CHOICE_FIELDS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         out["pi0_dims"] = {
             "preset": self.preset,
             "vision": dataclasses.asdict(self.vision),
@@ -158,14 +228,40 @@ _LEROBOT_FIELDS = (
     "adapt_to_pi_aloha",
     "input_features",
     "output_features",
+    "normalization_mapping",
 )
+_CHOICE_FIELDS = (
+    "reference",
+    "state_bins_padded",
+    "image_pad_value",
+    "norm_eps",
+    "discrete_state_input",
+)
+# config.json "type" (lerobot) or "model_variant" values -> variant
+_TYPE_VARIANTS = {"pi0": "pi0", "pi05": "pi0.5", "pi0.5": "pi0.5"}
+
+
+def variant_from_json(raw: dict) -> Optional[str]:
+    """The variant a config.json names ("pi0" / "pi0.5"), or None when it names none."""
+    for key in ("model_variant", "type"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if str(value).lower() not in _TYPE_VARIANTS:
+            raise ValueError(
+                f"config.json {key}={value!r} is not a Pi0 / Pi0.5 policy "
+                f"(expected one of {sorted(_TYPE_VARIANTS)})"
+            )
+        return _TYPE_VARIANTS[str(value).lower()]
+    return None
 
 
 def _dims_from_json(raw: dict, default_preset: str) -> dict:
     block = raw.get("pi0_dims")
     if block:
         base = dict(
-            PRESETS[block.get("preset", default_preset)], preset=block.get("preset", "custom")
+            PRESETS.get(block.get("preset"), PRESETS[default_preset]),
+            preset=block.get("preset", "custom"),
         )
         if "vision" in block:
             base["vision"] = VisionDims(**block["vision"])
@@ -188,9 +284,11 @@ def _dims_from_json(raw: dict, default_preset: str) -> dict:
 
 def _fields_from_json(raw: dict, image_size: int) -> dict:
     out = {}
-    for name in _LEROBOT_FIELDS:
+    for name in _LEROBOT_FIELDS + _CHOICE_FIELDS:
         if raw.get(name) is not None:
             out[name] = raw[name]
+    if "reference" not in out:  # lerobot writes "type"; openpi's converter does not
+        out["reference"] = "lerobot" if raw.get("type") else "openpi"
     steps = raw.get("num_inference_steps", raw.get("num_steps"))
     if steps is not None:
         out["num_steps"] = int(steps)

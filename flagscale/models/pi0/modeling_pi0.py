@@ -1,4 +1,4 @@
-"""Pi0: SigLIP + Gemma (prefix tower) + Gemma action expert (suffix tower), inference only.
+"""Pi0 and Pi0.5: SigLIP + Gemma (prefix tower) + Gemma action expert (suffix tower), inference only.
 
 Axes: B batch, N cameras, P prefix tokens (N*256 image + 48 language), S suffix tokens
 (1 state + chunk actions), L layers, H query heads, Dh head dim (one K/V head: MQA), W width.
@@ -10,6 +10,11 @@ Sampling (openpi convention: t=1 is noise, t=0 is data):
      v = action_out_proj(expert(...)); x += dt * v. The prefix region of the cache is never written.
      The state token depends only on the prefix and the state: it runs with the chunk in the first
      step only (cache slot P, its own mask row); later steps reuse its cached K/V.
+
+Pi0.5 (config.variant "pi0.5") differs in the expert only: no state token (the state is text in
+the prompt); action tokens = action_in_proj(x_t); the time conditions every expert norm (adaRMS:
+rms(x) * (1 + scale) + shift, with gated residuals), cond = SiLU(time_mlp_out(SiLU(time_mlp_in(
+sincos(t))))). The modulation depends only on t, so all steps' are computed before the loop.
 
 Attention masks follow big_vision's cumsum scheme (`make_attn_mask`); with the state cached, every
 mask after the first step is a key-padding mask. Masked logits get -2.3819763e38, as in openpi.
@@ -23,9 +28,12 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from flagscale.logger import get_logger
 from flagscale.models.pi0.config import PI0Config, TowerDims, VisionDims
 from flagscale.ops import Ops, native_ops
 from flagscale.ops.native import MASK_VALUE, apply_rope, rope_cos_sin  # noqa: F401 (re-export)
+
+logger = get_logger(__name__)
 
 
 class SuffixTables(NamedTuple):
@@ -88,6 +96,22 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return self.ops.rms_norm(x, self.weight, self.eps)
+
+
+class AdaRMSNorm(nn.Module):
+    """Pi0.5's adaptive RMSNorm: `dense` maps the time condition to [scale | shift | gate]
+    (openpi's order); out = rms(x) * (1 + scale) + shift, and `gate` scales the residual branch
+    the norm feeds (the final norm uses scale and shift only)."""
+
+    def __init__(self, ops: Ops, width: int, eps: float):
+        super().__init__()
+        self.ops, self.eps = ops, eps
+        self.dense = Linear(ops, width, 3 * width)
+
+    def forward(self, x, mod):
+        """x [B, T, W], mod [B, 3W] fp32 (this norm's `dense(cond)`)."""
+        scale, shift, _ = mod[:, None].chunk(3, dim=-1)
+        return self.ops.ada_rms_norm(x, scale, shift, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -167,26 +191,39 @@ class Siglip(nn.Module):
 class GemmaLayer(nn.Module):
     """One Gemma decoder layer, split at the joint attention: `qkv()` before it, `finish()` after."""
 
-    def __init__(self, ops: Ops, dims: TowerDims, eps: float):
+    def __init__(self, ops: Ops, dims: TowerDims, eps: float, adaptive: bool = False):
         super().__init__()
-        self.ops, self.dims = ops, dims
+        self.ops, self.dims, self.adaptive = ops, dims, adaptive
         qkv_out = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
-        self.input_norm = RMSNorm(ops, dims.width, eps)
+        norm = AdaRMSNorm if adaptive else RMSNorm
+        self.input_norm = norm(ops, dims.width, eps)
         self.qkv_proj = Linear(ops, dims.width, qkv_out, bias=False)  # fused q|k|v
         self.o_proj = Linear(ops, dims.heads * dims.head_dim, dims.width, bias=False)
-        self.ffw_norm = RMSNorm(ops, dims.width, eps)
+        self.ffw_norm = norm(ops, dims.width, eps)
         self.gate_up_proj = Linear(ops, dims.width, 2 * dims.mlp, bias=False)  # fused gate|up
         self.down_proj = Linear(ops, dims.mlp, dims.width, bias=False)
 
-    def qkv(self, x, cos, sin, k_out=None, v_out=None):
+    def qkv(self, x, cos, sin, k_out=None, v_out=None, mod=None):
         """x [B, T, W] -> q [B, T, H, Dh], k/v [B, T, Hkv, Dh] with RoPE on q and k; k and v are
-        written into k_out / v_out [B, T, Hkv*Dh] (KV-cache slices) when given."""
+        written into k_out / v_out [B, T, Hkv*Dh] (KV-cache slices) when given. `mod`: the
+        adaptive layer's modulation [B, 2, 3W] (see `PI0Model.modulation`)."""
         b, t, _ = x.shape
         d = self.dims
         if k_out is None:
             k_out = x.new_empty(b, t, d.kv_heads * d.head_dim)
             v_out = x.new_empty(b, t, d.kv_heads * d.head_dim)
         norm = self.input_norm
+        if self.adaptive:
+            scale, shift, _ = mod[:, None, 0].chunk(3, dim=-1)
+            head = (x, scale, shift, norm.eps)
+            q = self.ops.ada_qkv_rope(
+                *head, self.qkv_proj.weight, cos, sin, d.heads, d.kv_heads, d.head_dim, k_out, v_out
+            )
+            return (
+                q,
+                k_out.view(b, t, d.kv_heads, d.head_dim),
+                v_out.view(b, t, d.kv_heads, d.head_dim),
+            )
         q = self.ops.qkv_rope(
             x, norm.weight, norm.eps, self.qkv_proj.weight, cos, sin,
             d.heads, d.kv_heads, d.head_dim, k_out, v_out,
@@ -194,13 +231,13 @@ class GemmaLayer(nn.Module):
         kv_shape = (b, t, d.kv_heads, d.head_dim)
         return q, k_out.view(kv_shape), v_out.view(kv_shape)
 
-    def cached(self, x, start, cos, sin, mask, cache_k, cache_v):
+    def cached(self, x, start, cos, sin, mask, cache_k, cache_v, mod=None):
         """The layer over tokens at cache slots [start, start + T) that attend to
         cache[:, :start + T] (the expert's pass; cache_k / cache_v [B, S, Hkv*Dh]). One launch
         where the op table has a fused `decoder_layer` for the shape, else qkv -> attention ->
-        finish."""
+        finish. `mod`: the adaptive layer's modulation (Pi0.5; composed ops only)."""
         d = self.dims
-        fused = getattr(self.ops, "decoder_layer", None)
+        fused = None if self.adaptive else getattr(self.ops, "decoder_layer", None)
         if fused is not None:
             weights = (
                 self.input_norm.weight, self.qkv_proj.weight, self.o_proj.weight,
@@ -211,27 +248,45 @@ class GemmaLayer(nn.Module):
             if out is not None:
                 return out
         end = start + x.shape[1]
-        q, _, _ = self.qkv(x, cos, sin, cache_k[:, start:end], cache_v[:, start:end])
+        q, _, _ = self.qkv(x, cos, sin, cache_k[:, start:end], cache_v[:, start:end], mod)
         attn = self.ops.attention(q, cache_k[:, :end, None], cache_v[:, :end, None], mask)
-        return self.finish(x, attn)
+        return self.finish(x, attn, mod=mod)
 
-    def finish(self, x, attn, own_x=False):
+    def finish(self, x, attn, own_x=False, mod=None):
         """o_proj + residual, then the MLP + residual. The second sum accumulates in place
         into the first's tensor; with `own_x` (x is not read again) the first into x as well."""
+        if self.adaptive:
+            return self._finish_gated(x, attn, own_x, mod)
         x = self.ops.linear_residual(attn, self.o_proj.weight, x, inplace=own_x)
         act = self.ops.norm_geglu(
             x, self.ffw_norm.weight, self.ffw_norm.eps, self.gate_up_proj.weight
         )
         return self.ops.linear_residual(act, self.down_proj.weight, x, inplace=True)
 
+    def _finish_gated(self, x, attn, own_x, mod):
+        """Pi0.5: x + o_proj(attn) * gate1, then x + mlp(adaRMS(x)) * gate2 (gates in x.dtype)."""
+        _, _, gate1 = mod[:, None, 0].chunk(3, dim=-1)
+        scale2, shift2, gate2 = mod[:, None, 1].chunk(3, dim=-1)
+        ops = self.ops
+        x = ops.linear_gated_residual(attn, self.o_proj.weight, x, gate1.to(x.dtype), own_x)
+        act = ops.ada_norm_geglu(x, scale2, shift2, self.ffw_norm.eps, self.gate_up_proj.weight)
+        return ops.linear_gated_residual(act, self.down_proj.weight, x, gate2.to(x.dtype), True)
+
 
 class GemmaTower(nn.Module):
-    def __init__(self, ops: Ops, dims: TowerDims, eps: float, vocab_size: int = 0):
+    def __init__(
+        self, ops: Ops, dims: TowerDims, eps: float, vocab_size: int = 0, adaptive: bool = False
+    ):
         super().__init__()
         self.dims = dims
         self.embed = nn.Parameter(torch.empty(vocab_size, dims.width)) if vocab_size else None
-        self.layers = nn.ModuleList(GemmaLayer(ops, dims, eps) for _ in range(dims.depth))
-        self.norm = RMSNorm(ops, dims.width, eps)
+        layers = (GemmaLayer(ops, dims, eps, adaptive) for _ in range(dims.depth))
+        self.layers = nn.ModuleList(layers)
+        self.norm = (AdaRMSNorm if adaptive else RMSNorm)(ops, dims.width, eps)
+
+    def final_norm(self, x, mod=None):
+        """The tower's last norm; `mod` [B, 2L + 1, 3W]: the adaptive final norm uses the last."""
+        return self.norm(x) if mod is None else self.norm(x, mod[:, -1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,14 +302,28 @@ class PI0Model(nn.Module):
         c = config
         self.vision = Siglip(ops, c.vision, c.layer_norm_eps, c.llm.width)
         self.llm = GemmaTower(ops, c.llm, c.rms_norm_eps, c.vocab_size)
-        self.expert = GemmaTower(ops, c.expert, c.rms_norm_eps)
+        self.expert = GemmaTower(ops, c.expert, c.rms_norm_eps, adaptive=c.pi05)
         w = c.expert.width
-        self.state_proj = Linear(ops, c.max_state_dim, w)
         self.action_in_proj = Linear(ops, c.max_action_dim, w)
-        self.action_time_mlp_in = Linear(ops, 2 * w, w)
-        self.action_time_mlp_out = Linear(ops, w, w)
+        if c.pi05:  # the time conditions the expert's norms; no state token
+            self.time_mlp_in = Linear(ops, w, w)
+            self.time_mlp_out = Linear(ops, w, w)
+        else:
+            self.state_proj = Linear(ops, c.max_state_dim, w)
+            self.action_time_mlp_in = Linear(ops, 2 * w, w)
+            self.action_time_mlp_out = Linear(ops, w, w)
         self.action_out_proj = Linear(ops, w, c.max_action_dim)
         self._passes = {}  # torch.compile'd versions of the passes, see compile_passes()
+        if c.pi05 and ops.fused:
+            logger.info(
+                "Pi0.5: the action expert's adaptive norms run composed ops; the fused Triton "
+                "kernels serve the prefix tower only"
+            )
+
+    @property
+    def state_tokens(self) -> int:
+        """Suffix tokens before the chunk: Pi0's state token, none for Pi0.5."""
+        return 0 if self.config.pi05 else 1
 
     def compile_passes(self, parts=None, mode=None):
         """torch.compile the given passes (default all three): fuses the norms, RoPE, GeGLU and
@@ -309,68 +378,97 @@ class PI0Model(nn.Module):
 
     # ---- suffix ------------------------------------------------------------------------
 
-    def _expert_pass(self, x, start, cos, sin, mask, cache_k, cache_v):
-        """Expert tokens at cache slots [start, start+T) attend to cache[:, :, :start+T]."""
+    def _expert_pass(self, x, start, cos, sin, mask, cache_k, cache_v, mod=None):
+        """Expert tokens at cache slots [start, start+T) attend to cache[:, :, :start+T].
+        `mod` [B, 2L + 1, 3W]: Pi0.5's per-step norm modulation (None for Pi0)."""
         for i, layer in enumerate(self.expert.layers):
-            x = layer.cached(x, start, cos, sin, mask, cache_k[i], cache_v[i])
-        return self.expert.norm(x)
+            m = None if mod is None else mod[:, 2 * i : 2 * i + 2]
+            x = layer.cached(x, start, cos, sin, mask, cache_k[i], cache_v[i], m)
+        return self.expert.final_norm(x, mod)
 
     def time_embedding(self, t):
         """t [B] -> [B, W] sin-cos embedding of the flow time, in the weights' dtype."""
         c = self.config
         return posemb_sincos(t, c.expert.width, c.min_period, c.max_period).to(self.dtype)
 
+    def modulation(self, t):
+        """Pi0.5: t [B] -> every expert norm's [scale | shift | gate], [B, 2L + 1, 3W] fp32
+        (layer i: rows 2i (input norm) and 2i + 1 (pre-MLP norm); the last row: the final
+        norm). cond = SiLU(time_mlp_out(SiLU(time_mlp_in(sincos(t))))), all in fp32."""
+        c = self.config
+        emb = posemb_sincos(t, c.expert.width, c.min_period, c.max_period)
+        cond = self.ops.silu(self.time_mlp_out(self.ops.silu(self.time_mlp_in(emb))))
+        norms = [n for layer in self.expert.layers for n in (layer.input_norm, layer.ffw_norm)]
+        return torch.stack([n.dense(cond).float() for n in norms + [self.expert.norm]], dim=1)
+
+    def step_conditions(self, times):
+        """times [S, B] -> the per-step input of `first_step` / `denoise_step`, [S, B, ...]:
+        Pi0's time embeddings, Pi0.5's norm modulations. Depends only on the schedule, so it
+        is computed once per request before the loop (no host syncs)."""
+        fn = self.modulation if self.config.pi05 else self.time_embedding
+        out = fn(times.flatten())
+        return out.view(times.shape + out.shape[1:])
+
     def embed_actions(self, x_t, time_emb):
         """x_t [B, C, A] fp32, time_emb [B, W] -> action tokens [B, C, W]:
-        MLP(concat(action, time))."""
-        b, chunk = x_t.shape[:2]
+        MLP(concat(action, time)) for Pi0, action_in_proj(x_t) alone for Pi0.5."""
         act = self.action_in_proj(x_t.to(self.dtype))
+        if self.config.pi05:
+            return act
+        b, chunk = x_t.shape[:2]
         h = torch.cat([act, time_emb[:, None].expand(b, chunk, -1)], dim=-1)  # action first
         return self.action_time_mlp_out(self.ops.silu(self.action_time_mlp_in(h)))
 
     def suffix_inputs(self, pad, chunk) -> SuffixTables:
         """RoPE tables and additive masks of the expert's tokens, the same at every denoising
-        step, so computed once per request. The first step runs the state token with the chunk
+        step, so computed once per request. Pi0's first step runs the state token with the chunk
         (1 + C tokens; the state token sees the prefix and itself, the chunk sees everything);
-        later steps run the chunk alone over the state token's cached K/V."""
+        later steps run the chunk alone over the state token's cached K/V. Pi0.5 has no state
+        token: every step is a later step."""
         b, p = pad.shape
+        n = self.state_tokens
         n_valid = pad.sum(dim=1, keepdim=True)
-        positions = n_valid + torch.arange(chunk + 1, device=pad.device)[None]
+        positions = n_valid + torch.arange(chunk + n, device=pad.device)[None]
         cos, sin = rope_cos_sin(positions, self.config.expert.head_dim, self.config.rope_theta)
-        keys = torch.cat([pad, torch.ones_like(pad[:, :1]).expand(b, chunk + 1)], dim=1)
-        first = keys[:, None, :].repeat(1, chunk + 1, 1)
-        first[:, 0, p + 1 :] = False  # the state token does not attend to the actions
+        keys = torch.cat([pad, torch.ones_like(pad[:, :1]).expand(b, chunk + n)], dim=1)
+        first = keys[:, None, :].repeat(1, chunk + n, 1)
+        if n:
+            first[:, 0, p + 1 :] = False  # the state token does not attend to the actions
         return SuffixTables(
             first_cos=cos,
             first_sin=sin,
             first_mask=additive_mask(first, self.dtype),
-            cos=cos[:, 1:].contiguous(),
-            sin=sin[:, 1:].contiguous(),
+            cos=cos[:, n:].contiguous(),
+            sin=sin[:, n:].contiguous(),
             mask=additive_mask(keys[:, None, :], self.dtype),
         )
 
-    def first_step(self, state, x_t, time_emb, s: SuffixTables, cache_k, cache_v):
-        """Step 1: the state token and the chunk in one expert pass (the state token's K/V land
-        in the cache for the later steps: they never change). -> velocity [B, C, A] fp32."""
+    def first_step(self, state, x_t, cond, s: SuffixTables, cache_k, cache_v):
+        """Step 1. Pi0: the state token and the chunk in one expert pass (the state token's K/V
+        land in the cache for the later steps: they never change). Pi0.5: a plain step (`state`
+        is not used). -> velocity [B, C, A] fp32."""
+        if self.config.pi05:
+            return self.denoise_step(x_t, cond, s.cos, s.sin, s.mask, cache_k, cache_v)
         state_token = self.state_proj(state.to(self.dtype))[:, None]
-        h = torch.cat([state_token, self.embed_actions(x_t, time_emb)], dim=1)
+        h = torch.cat([state_token, self.embed_actions(x_t, cond)], dim=1)
         start = s.first_mask.shape[-1] - h.shape[1]  # prefix slots
         out = self._expert_pass(h, start, s.first_cos, s.first_sin, s.first_mask, cache_k, cache_v)
         return self.action_out_proj(out[:, 1:]).float()
 
-    def denoise_step(self, x_t, time_emb, cos, sin, mask, cache_k, cache_v):
-        """Steps 2..n: x_t [B, C, A] fp32, time_emb [B, W], the suffix tables' cos / sin / mask
-        -> velocity [B, C, A] fp32."""
-        h = self.embed_actions(x_t, time_emb)
-        start = mask.shape[-1] - x_t.shape[1]  # prefix + state slots
-        out = self._expert_pass(h, start, cos, sin, mask, cache_k, cache_v)
+    def denoise_step(self, x_t, cond, cos, sin, mask, cache_k, cache_v):
+        """Steps 2..n (Pi0.5: every step): x_t [B, C, A] fp32, cond = this step's row of
+        `step_conditions`, the suffix tables' cos / sin / mask -> velocity [B, C, A] fp32."""
+        h = self.embed_actions(x_t, cond)
+        start = mask.shape[-1] - x_t.shape[1]  # prefix (+ state) slots
+        mod = cond if self.config.pi05 else None
+        out = self._expert_pass(h, start, cos, sin, mask, cache_k, cache_v, mod)
         return self.action_out_proj(out).float()
 
     # ---- sampling ----------------------------------------------------------------------
 
     def new_cache(self, batch: int, prefix_len: int):
         c = self.config
-        shape = (c.llm.depth, batch, prefix_len + 1 + c.chunk_size, c.llm.head_dim)
+        shape = (c.llm.depth, batch, prefix_len + self.state_tokens + c.chunk_size, c.llm.head_dim)
         kw = dict(dtype=self.dtype, device=self.device)
         return torch.zeros(shape, **kw), torch.zeros(shape, **kw)
 
@@ -381,17 +479,20 @@ class PI0Model(nn.Module):
         img_masks: Union[torch.Tensor, Sequence[torch.Tensor]],
         lang_tokens: torch.Tensor,
         lang_masks: torch.Tensor,
-        state: torch.Tensor,
+        state: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
         num_steps: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         """lerobot conventions: images [B, N, 3, S, S] (or a list of N [B, 3, S, S]) in [-1, 1],
-        img_masks [B, N] bool (or a list of [B]), lang [B, Lt], state [B, max_state_dim],
-        noise [B, chunk_size, max_action_dim] fp32 (never written to). Returns actions
+        img_masks [B, N] bool (or a list of [B]), lang [B, Lt], state [B, max_state_dim]
+        (Pi0; Pi0.5 has its state in the prompt and ignores this argument), noise
+        [B, chunk_size, max_action_dim] fp32 (never written to). Returns actions
         [B, chunk_size, max_action_dim] fp32 (normalized space)."""
         images, img_masks = _stack_cameras(images, img_masks)
         c = self.config
+        if state is None and not c.pi05:
+            raise ValueError("Pi0 needs the state: sample_actions(..., state=[B, max_state_dim])")
         num_steps = c.num_steps if num_steps is None else int(num_steps)
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -409,30 +510,45 @@ class PI0Model(nn.Module):
         cache_k, cache_v = self.new_cache(b, embs.shape[1])
         self._pass("prefix", self.fill_prefix_cache)(embs, pad, cache_k, cache_v)
         noise = noise.to(self.device, torch.float32)
-        return self.euler(noise, num_steps, pad, state.to(self.device), cache_k, cache_v)
+        state = None if c.pi05 else state.to(self.device)
+        return self.euler(noise, num_steps, pad, state, cache_k, cache_v)
 
     def euler(self, noise, num_steps, pad, state, cache_k, cache_v):
+        """Euler from t = 1 (noise) to 0 with dt = -1 / num_steps; each step's velocity comes
+        from `velocity_fn` (the one place a guidance method wraps, for both variants)."""
         dt = -1.0 / num_steps
         b = noise.shape[0]
         times = torch.empty(num_steps, b, dtype=torch.float32, device=noise.device)
         for i in range(num_steps):  # Python-int schedule: no host sync, same values as openpi
             times[i].fill_(1.0 + i * dt)
-        time_embs = self.time_embedding(times.flatten()).view(num_steps, b, -1)
-        s = self.suffix_inputs(pad, noise.shape[1])
-        step = self._pass("denoise", self.denoise_step)
-        x_t = noise + dt * self._pass("first", self.first_step)(
-            state, noise, time_embs[0], s, cache_k, cache_v
+        conds = self.step_conditions(times)
+        velocity = self.velocity_fn(
+            state, self.suffix_inputs(pad, noise.shape[1]), cache_k, cache_v
         )
-        for i in range(1, num_steps):
-            x_t = x_t + dt * step(x_t, time_embs[i], s.cos, s.sin, s.mask, cache_k, cache_v)
+        x_t = noise
+        for i in range(num_steps):
+            x_t = x_t + dt * velocity(i, x_t, conds[i])
         return x_t
+
+    def velocity_fn(self, state, s: SuffixTables, cache_k, cache_v):
+        """-> velocity(i, x_t, cond): the model's velocity at step i for x_t [B, C, A] fp32 and
+        that step's row of `step_conditions` (the prefix cache and suffix tables bound)."""
+        first = self._pass("first", self.first_step)
+        step = self._pass("denoise", self.denoise_step)
+
+        def velocity(i, x_t, cond):
+            if i == 0:
+                return first(state, x_t, cond, s, cache_k, cache_v)
+            return step(x_t, cond, s.cos, s.sin, s.mask, cache_k, cache_v)
+
+        return velocity
 
     # ---- uncached reference (tests) -----------------------------------------------------
 
     @torch.no_grad()
     def sample_actions_uncached(
         self, images, img_masks, lang_tokens, lang_masks, state, noise, num_steps
-    ):
+    ):  # state: None for Pi0.5
         """openpi's algorithm without any cache: every step runs both towers over the full
         sequence with the joint per-layer attention and the full `make_attn_mask` mask."""
         images, img_masks = _stack_cameras(images, img_masks)
@@ -445,33 +561,40 @@ class PI0Model(nn.Module):
 
     def _joint_velocity(self, prefix, prefix_pad, state, x_t, t):
         b, chunk = x_t.shape[:2]
-        act = self.embed_actions(x_t, self.time_embedding(t))
-        suffix = torch.cat([self.state_proj(state.to(self.dtype))[:, None], act], dim=1)
-        suffix_ar = torch.zeros(b, chunk + 1, dtype=torch.bool)
-        suffix_ar[:, :2] = True
-        pad = torch.cat([prefix_pad, torch.ones(b, chunk + 1, dtype=torch.bool)], dim=1)
+        n = self.state_tokens
+        mod = self.modulation(t) if self.config.pi05 else None
+        suffix = self.embed_actions(x_t, None if mod is not None else self.time_embedding(t))
+        if n:
+            suffix = torch.cat([self.state_proj(state.to(self.dtype))[:, None], suffix], dim=1)
+        suffix_ar = torch.zeros(b, chunk + n, dtype=torch.bool)
+        suffix_ar[:, : n + 1] = True
+        pad = torch.cat([prefix_pad, torch.ones(b, chunk + n, dtype=torch.bool)], dim=1)
         ar = torch.cat([torch.zeros_like(prefix_pad), suffix_ar], dim=1)
         mask = additive_mask(make_attn_mask(pad, ar), prefix.dtype)
         positions = torch.cumsum(pad.to(torch.int32), dim=1) - 1
-        out = self._joint_layers([prefix, suffix], mask, positions)
+        out = self._joint_layers([prefix, suffix], mask, positions, mod)
         return self.action_out_proj(out[:, -chunk:]).float()
 
-    def _joint_layers(self, streams, mask, positions):
-        """Both towers, one joint attention per layer (streams concatenated along T)."""
+    def _joint_layers(self, streams, mask, positions, mod=None):
+        """Both towers, one joint attention per layer (streams concatenated along T); `mod`:
+        the expert's norm modulation (Pi0.5)."""
         towers = (self.llm, self.expert)
         cos, sin = rope_cos_sin(positions, self.config.llm.head_dim, self.config.rope_theta)
         lengths = [s.shape[1] for s in streams]
         starts = [0, lengths[0]]
         for i in range(self.config.llm.depth):
             layers = [tower.layers[i] for tower in towers]
+            mods = (None, None if mod is None else mod[:, 2 * i : 2 * i + 2])
             parts = [
-                layer.qkv(x, cos[:, s : s + n], sin[:, s : s + n])
-                for layer, x, s, n in zip(layers, streams, starts, lengths)
+                layer.qkv(x, cos[:, s : s + n], sin[:, s : s + n], mod=m)
+                for layer, x, s, n, m in zip(layers, streams, starts, lengths, mods)
             ]
             q, k, v = (torch.cat([p[j] for p in parts], dim=1) for j in range(3))
             attn = self.ops.attention(q, k, v, mask).split(lengths, dim=1)
-            streams = [layer.finish(x, a) for layer, x, a in zip(layers, streams, attn)]
-        return self.expert.norm(streams[1])
+            streams = [
+                layer.finish(x, a, mod=m) for layer, x, a, m in zip(layers, streams, attn, mods)
+            ]
+        return self.expert.final_norm(streams[1], mod)
 
 
 def _stack_cameras(images, img_masks):

@@ -373,8 +373,8 @@ def _shared_test_tokenizer(vocab_size: int) -> str:
 
 
 def _restore_fp32(model):
-    from flagscale.models.pi0.weights import FP32_SUFFIXES
+    from flagscale.models.pi0.weights import keeps_fp32
 
     for name, param in model.named_parameters():
-        if name.endswith(FP32_SUFFIXES):
+        if keeps_fp32(name):
             param.data = param.data.float()

@@ -1,4 +1,4 @@
-"""Checkpoint loading and saving for Pi0 (safetensors), in the lerobot/pi0 and openpi/pi0_base layouts.
+"""Checkpoint loading and saving for Pi0 / Pi0.5 (safetensors), in lerobot's and openpi's layouts.
 
 One declarative table maps each model parameter to the checkpoint tensor(s) it is made of (fused
 q|k|v and gate|up are concatenated along dim 0 at load and split again at save). Key names are
@@ -34,13 +34,12 @@ EXPERT = f"{R}.gemma_expert.model"
 EMBED_KEYS = (f"{LM}.embed_tokens.weight", f"{R}.paligemma.lm_head.weight")
 IGNORED_KEYS = (f"{R}.gemma_expert.lm_head.weight", f"{EXPERT}.embed_tokens.weight")
 STATS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
-HEADS = (
-    "state_proj",
-    "action_in_proj",
-    "action_out_proj",
-    "action_time_mlp_in",
-    "action_time_mlp_out",
-)
+HEADS = {
+    "pi0": ("state_proj", "action_in_proj", "action_out_proj", "action_time_mlp_in",
+            "action_time_mlp_out"),
+    "pi0.5": ("action_in_proj", "action_out_proj", "time_mlp_in", "time_mlp_out"),
+}  # fmt: skip
+PI05_MARKER = "time_mlp_in.weight"  # openpi's converter writes no variant: the tensors tell
 
 # lerobot G1 (transformers 4.48 names) -> canonical (openpi / lerobot G3) spelling
 _G1_RENAMES = (
@@ -62,7 +61,16 @@ FP32_SUFFIXES = (
     "vision.patch_embed",
     "vision.patch_bias",
     "vision.pos_embed",
+    "norm.dense.weight",  # Pi0.5's adaptive norms (their modulation is fp32 math)
+    "norm.dense.bias",
 )
+FP32_NAMES = tuple(f"time_mlp_{io}.{p}" for io in ("in", "out") for p in ("weight", "bias"))
+
+
+def keeps_fp32(name: str) -> bool:
+    """Whether parameter `name` stays float32 whatever the serving dtype (openpi's precision
+    policy; Pi0.5's time MLP too: it feeds the fp32 norm modulation, once per request)."""
+    return name.endswith(FP32_SUFFIXES) or name in FP32_NAMES
 
 
 def canonical_key(key: str) -> str:
@@ -106,19 +114,28 @@ def _vision_spec(config) -> Iterable[Tuple[str, List[str]]]:
         yield f"vision.projector.{part}", [f"{PG}.multi_modal_projector.linear.{part}"]
 
 
-def _tower_spec(name: str, prefix: str, depth: int) -> Iterable[Tuple[str, List[str]]]:
+def _norm_spec(dst: str, src: str, adaptive: bool) -> Iterable[Tuple[str, List[str]]]:
+    """A Gemma RMSNorm's `weight`, or Pi0.5's adaptive norm's `dense.{weight,bias}`."""
+    parts = ("dense.weight", "dense.bias") if adaptive else ("weight",)
+    for part in parts:
+        yield f"{dst}.{part}", [f"{src}.{part}"]
+
+
+def _tower_spec(
+    name: str, prefix: str, depth: int, adaptive: bool = False
+) -> Iterable[Tuple[str, List[str]]]:
     for i in range(depth):
         src, dst = f"{prefix}.layers.{i}", f"{name}.layers.{i}"
-        yield f"{dst}.input_norm.weight", [f"{src}.input_layernorm.weight"]
+        yield from _norm_spec(f"{dst}.input_norm", f"{src}.input_layernorm", adaptive)
         yield f"{dst}.qkv_proj.weight", [f"{src}.self_attn.{n}_proj.weight" for n in "qkv"]
         yield f"{dst}.o_proj.weight", [f"{src}.self_attn.o_proj.weight"]
-        yield f"{dst}.ffw_norm.weight", [f"{src}.post_attention_layernorm.weight"]
+        yield from _norm_spec(f"{dst}.ffw_norm", f"{src}.post_attention_layernorm", adaptive)
         yield f"{dst}.gate_up_proj.weight", [
             f"{src}.mlp.gate_proj.weight",
             f"{src}.mlp.up_proj.weight",
         ]
         yield f"{dst}.down_proj.weight", [f"{src}.mlp.down_proj.weight"]
-    yield f"{name}.norm.weight", [f"{prefix}.norm.weight"]
+    yield from _norm_spec(f"{name}.norm", f"{prefix}.norm", adaptive)
 
 
 def weight_spec(config) -> Dict[str, List[str]]:
@@ -126,8 +143,8 @@ def weight_spec(config) -> Dict[str, List[str]]:
     spec = dict(_vision_spec(config))
     spec["llm.embed"] = [EMBED_KEYS[0]]
     spec.update(_tower_spec("llm", LM, config.llm.depth))
-    spec.update(_tower_spec("expert", EXPERT, config.expert.depth))
-    for head in HEADS:
+    spec.update(_tower_spec("expert", EXPERT, config.expert.depth, adaptive=config.pi05))
+    for head in HEADS[config.variant]:
         for part in ("weight", "bias"):
             spec[f"{head}.{part}"] = [f"{head}.{part}"]
     return spec
@@ -209,6 +226,22 @@ class CheckpointReader:
         }
 
 
+def detect_variant(reader: CheckpointReader) -> str:
+    """ "pi0.5" when the checkpoint has Pi0.5's time MLP, else "pi0"."""
+    return "pi0.5" if PI05_MARKER in reader.where else "pi0"
+
+
+def check_variant(reader: CheckpointReader, variant: str, model_dir: str):
+    """A clear error when config.json and the tensors disagree on the variant."""
+    found = detect_variant(reader)
+    if found != variant:
+        why = f"has {reader.raw_name(PI05_MARKER)!r}" if found == "pi0.5" else "has no time_mlp_in"
+        raise CheckpointError(
+            f"{model_dir}: config.json describes a {variant} policy but the weights are {found} "
+            f"(the checkpoint {why}); fix config.json's \"type\" (pi0 / pi05)"
+        )
+
+
 def resolve_embed_key(reader: CheckpointReader) -> str:
     for key in EMBED_KEYS:
         if key in reader.where:
@@ -237,9 +270,10 @@ def check_keys(reader: CheckpointReader, spec: Dict[str, List[str]]):
         )
 
 
-def load_weights(model, model_dir: str, device, dtype, progress: bool = True) -> dict:
+def load_weights(model, model_dir: str, device, dtype, progress: bool = True, reader=None) -> dict:
     """Fill a (meta-device or materialised) model from `model_dir`. Returns info incl. stats buffers."""
-    reader = CheckpointReader(model_dir)
+    reader = reader or CheckpointReader(model_dir)
+    check_variant(reader, model.config.variant, model_dir)
     spec = weight_spec(model.config)
     spec["llm.embed"] = [resolve_embed_key(reader)]
     check_keys(reader, spec)
@@ -254,7 +288,7 @@ def load_weights(model, model_dir: str, device, dtype, progress: bool = True) ->
     )
     for name, keys in bar:
         tensor = _read_param(reader, name, keys, params[name].shape, model.config)
-        target = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
+        target = torch.float32 if keeps_fp32(name) else dtype
         _assign(model, name, owned_copy(tensor, device, target))
     logger.info("loaded %d tensors from %s (%s layout)", len(spec), model_dir, reader.layout)
     return {"layout": reader.layout, "files": reader.files, "stats": reader.stats_tensors()}

@@ -1,0 +1,105 @@
+"""Shared set-up of the lerobot parity tests (Pi0 and Pi0.5): import lerobot where it is installed
+(a separate venv, see docs/parity.md), and build its models at test dimensions.
+
+Test-harness adaptations (dimensions only, no code path of lerobot's model is replaced):
+- lerobot hard-codes the So400m vision tower (4304 MLP, 27 layers, 1152 width), a 2048-wide
+  projector and the gemma_2b / gemma_300m tower sizes; we shrink them by wrapping
+  `get_gemma_config` and the `PaliGemmaForConditionalGeneration` constructor it calls.
+- lerobot.datasets imports torchvision at import time; the PyPI torchvision wheel cannot load its
+  ops against a CPU-only torch build, so an inert stub is used when torchvision does not import.
+  The model code never uses torchvision.
+"""
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _Stub(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name[:1].isupper():  # a class (lerobot subclasses torchvision's Transform)
+            obj = type(name, (), {"__init__": lambda self, *a, **k: None})
+        else:
+            obj = _Stub(f"{self.__name__}.{name}")
+            obj.__spec__ = importlib.machinery.ModuleSpec(obj.__name__, None)
+            sys.modules[obj.__name__] = obj
+        setattr(self, name, obj)
+        return obj
+
+
+_TV_MODULES = (
+    "torchvision",
+    "torchvision.transforms",
+    "torchvision.transforms.v2",
+    "torchvision.transforms.functional",
+)
+
+
+def _ensure_torchvision():
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        for name in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+            del sys.modules[name]
+        for name in _TV_MODULES:
+            stub = _Stub(name)
+            stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+            stub.__path__ = []
+            sys.modules[name] = stub
+            if "." in name:
+                parent, child = name.rsplit(".", 1)
+                setattr(sys.modules[parent], child, stub)
+
+
+def require_lerobot():
+    """Skip the calling test module unless lerobot and openpi's transformers patch import."""
+    if importlib.util.find_spec("lerobot") is None:
+        pytest.skip("lerobot not installed (see docs/parity.md)", allow_module_level=True)
+    _ensure_torchvision()
+    pytest.importorskip("lerobot")
+    try:
+        from transformers.models.siglip import check  # noqa: F401
+    except ImportError:
+        pytest.skip(
+            "lerobot's PI0 / PI05 need openpi's transformers_replace patch "
+            "(tests/models/lerobot_ref/patch_transformers_openpi.py)",
+            allow_module_level=True,
+        )
+
+
+def build_small(module, cfg, build):
+    """Call `build()` (which constructs a lerobot model from `module`, lerobot's modeling_pi0 or
+    modeling_pi05) with the towers shrunk to our config `cfg`'s dimensions."""
+
+    def gemma(dims):
+        return module.GemmaConfig(
+            dims.width, dims.depth, dims.mlp, dims.heads, dims.kv_heads, dims.head_dim
+        )
+
+    sizes = {"gemma_2b": gemma(cfg.llm), "gemma_300m": gemma(cfg.expert)}
+    real_paligemma = module.PaliGemmaForConditionalGeneration
+
+    def small_paligemma(config):
+        v = config.vision_config
+        v.hidden_size, v.intermediate_size = cfg.vision.width, cfg.vision.mlp
+        v.num_hidden_layers, v.num_attention_heads = cfg.vision.depth, cfg.vision.heads
+        v.patch_size = cfg.vision.patch
+        v.projection_dim = config.projection_dim = cfg.llm.width
+        config.hidden_size = cfg.llm.width
+        return real_paligemma(config=config)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(module, "get_gemma_config", sizes.__getitem__)
+    mp.setattr(module, "PaliGemmaForConditionalGeneration", small_paligemma)
+    try:
+        return build()
+    finally:
+        mp.undo()
