@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flagscale.models.pi0 import processing as proc
+from flagscale.models.pi0.normalize import load_stats
 
 
 def test_resize_with_pad_center_keeps_aspect_ratio():
@@ -48,7 +49,7 @@ def test_normalization_round_trip(tmp_path):
     }
     path = tmp_path / "stats.json"
     path.write_text(json.dumps(stats))
-    norm = proc.load_stats(str(path))
+    norm = load_stats(str(path))
     x = np.array([3.0, -1.0, 0.5], np.float32)
     np.testing.assert_allclose(norm.normalize_state(x), [1.0, 2.0, 0.0], rtol=1e-6)
     a = np.random.default_rng(0).standard_normal((50, 32)).astype(np.float32)
@@ -69,7 +70,7 @@ def test_openpi_norm_stats_format(tmp_path):
     }
     path = tmp_path / "norm_stats.json"
     path.write_text(json.dumps(raw))
-    norm = proc.load_stats(str(path))
+    norm = load_stats(str(path))
     np.testing.assert_allclose(
         norm.unnormalize_actions(np.ones((2, 32), np.float32)), 1 * (2 + 1e-6) + 1
     )
@@ -77,11 +78,11 @@ def test_openpi_norm_stats_format(tmp_path):
 
 def test_stats_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        proc.load_stats(str(tmp_path / "nope.json"))
+        load_stats(str(tmp_path / "nope.json"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"observation.state": {"mean": [0], "std": [1]}}))
     with pytest.raises(ValueError, match="action"):
-        proc.load_stats(str(bad))
+        load_stats(str(bad))
 
 
 def test_pad_vector():
@@ -142,7 +143,7 @@ def test_stats_with_mismatched_mean_and_std_are_refused(tmp_path):
     entry = {"mean": [0.0] * 14, "std": [1.0] * 7}
     path.write_text(json.dumps({"observation.state": entry, "action": entry}))
     with pytest.raises(ValueError, match="mean has 14 values but std has 7"):
-        proc.load_stats(str(path))
+        load_stats(str(path))
 
 
 def test_policy_refuses_2d_and_non_finite_state(tiny_policy):

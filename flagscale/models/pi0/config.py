@@ -182,23 +182,26 @@ class PI0Config:
         return cls(preset=name, **{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_json_dict(cls, raw: dict, default_preset: str = "pi0") -> "PI0Config":
+    def from_json_dict(
+        cls, raw: dict, default_preset: str = "pi0", default_variant: Optional[str] = None
+    ) -> "PI0Config":
+        """`default_variant`: used when config.json names no variant (openpi's converter)."""
         dims = _dims_from_json(raw, default_preset)
-        variant = variant_from_json(raw)
+        variant = variant_from_json(raw) or default_variant
         if variant:
             dims["variant"] = variant
         return cls(**dims, **_fields_from_json(raw, dims["vision"].image_size))
 
     @classmethod
-    def from_pretrained(cls, model_dir: str, default_preset: str = "pi0") -> "PI0Config":
-        path = os.path.join(model_dir, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json in checkpoint directory {model_dir!r}")
-        with open(path) as f:
-            return cls.from_json_dict(json.load(f), default_preset)
+    def from_pretrained(
+        cls, model_dir: str, default_preset: str = "pi0", default_variant: Optional[str] = None
+    ) -> "PI0Config":
+        return cls.from_json_dict(read_config_json(model_dir), default_preset, default_variant)
 
-    def to_json_dict(self) -> dict:
-        """A lerobot-style config.json, plus the documented `pi0_dims` block."""
+    def to_json_dict(self, layout: str = "lerobot") -> dict:
+        """A lerobot-style config.json (openpi layout: without lerobot's "type", so the variant
+        comes from the tensors and the reference choices default to openpi's, as for a
+        converted openpi checkpoint), plus the documented `pi0_dims` block."""
         out = {"type": "pi05" if self.pi05 else "pi0", "n_obs_steps": 1}
         for name in _LEROBOT_FIELDS:
             value = getattr(self, name)
@@ -206,6 +209,9 @@ class PI0Config:
         for name in _CHOICE_FIELDS:
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
+        if layout == "openpi":
+            del out["type"], out["n_obs_steps"], out["reference"]
+            out.update(action_dim=self.max_action_dim, action_horizon=self.chunk_size)
         out["pi0_dims"] = {
             "preset": self.preset,
             "vision": dataclasses.asdict(self.vision),
@@ -239,6 +245,14 @@ _CHOICE_FIELDS = (
 )
 # config.json "type" (lerobot) or "model_variant" values -> variant
 _TYPE_VARIANTS = {"pi0": "pi0", "pi05": "pi0.5", "pi0.5": "pi0.5"}
+
+
+def read_config_json(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {model_dir!r}")
+    with open(path) as f:
+        return json.load(f)
 
 
 def variant_from_json(raw: dict) -> Optional[str]:

@@ -1,4 +1,5 @@
-"""PI0Policy: raw observations in, unnormalized action chunks out.
+"""PI0Policy: raw observations in, unnormalized action chunks out (Pi0 and Pi0.5: the variant
+comes from the checkpoint; see config.py).
 
 policy = PI0Policy.from_pretrained("/models/lerobot/pi0", "/models/paligemma-3b-pt-224",
                                    stat_path="/data/meta/stats.json")
@@ -16,11 +17,16 @@ import numpy as np
 import torch
 
 from flagscale.logger import get_logger
-from flagscale.models.pi0 import processing as proc
-from flagscale.models.pi0.config import PI0Config
+from flagscale.models.pi0 import normalize as norm, processing as proc
+from flagscale.models.pi0.config import VARIANTS, PI0Config, read_config_json
 from flagscale.models.pi0.modeling_pi0 import PI0Model
 from flagscale.models.pi0.tokenizer import build_test_tokenizer
-from flagscale.models.pi0.weights import init_random_weights, load_weights
+from flagscale.models.pi0.weights import (
+    CheckpointReader,
+    detect_variant,
+    init_random_weights,
+    load_weights,
+)
 from flagscale.ops import TRUE_STRINGS, Ops, build_ops
 
 logger = get_logger(__name__)
@@ -81,6 +87,19 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def check_variant(wanted: Optional[str], found: str, model_path: str):
+    """A clear start-up error when the configured variant is not the checkpoint's."""
+    if wanted is None:
+        return
+    if wanted not in VARIANTS:
+        raise ValueError(f"model variant must be one of {VARIANTS}, got {wanted!r}")
+    if wanted != found:
+        raise ValueError(
+            f"model variant {wanted!r} was asked for but the checkpoint {model_path!r} is a "
+            f"{found} policy; set engine.model_variant: {found} (or leave it out: auto)"
+        )
+
+
 def _has_tokenizer(path: Optional[str]) -> bool:
     files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
     return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in files)
@@ -91,7 +110,7 @@ class PI0Policy:
         self.model = model.eval()
         self.config: PI0Config = model.config
         self.tokenizer = tokenizer  # sets the prompt-token cache (see the property)
-        self.normalizer = normalizer or proc.Normalizer()
+        self.normalizer = normalizer or norm.Normalizer()
         self._check_stats_dims()
         self.pad_mode = pad_mode
         self.source = source
@@ -113,21 +132,27 @@ class PI0Policy:
         progress=True,
         fused_kernels="auto",
         persistent_layers=True,
+        variant=None,
     ):
+        """`variant` ("pi0" / "pi0.5", None: from the checkpoint) is checked against what the
+        checkpoint holds (config.json "type", else the tensors)."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        config = PI0Config.from_pretrained(model_path, default_preset=preset or "pi0")
+        raw = read_config_json(model_path)
+        reader = CheckpointReader(model_path)
+        config = PI0Config.from_json_dict(raw, preset or "pi0", detect_variant(reader))
+        check_variant(variant, config.variant, model_path)
         with torch.device("meta"):
             model = PI0Model(config, op_table(ops, device, fused_kernels, persistent_layers))
         start = time.perf_counter()
-        info = load_weights(model, model_path, device, dtype, progress=progress)
+        info = load_weights(model, model_path, device, dtype, progress=progress, reader=reader)
         logger.info("weights on %s in %.1f s", device, time.perf_counter() - start)
         tokenizer_path = tokenizer_path or (model_path if _has_tokenizer(model_path) else None)
         if tokenizer_path is None:
             raise FileNotFoundError(
                 f"no tokenizer in {model_path!r}; pass tokenizer_path (google/paligemma-3b-pt-224)"
             )
-        normalizer = cls._normalizer(stat_path, info["stats"], model_path)
+        normalizer = cls._normalizer(config, stat_path, info["stats"], model_path)
         policy = cls(model, proc.load_tokenizer(tokenizer_path), normalizer, pad_mode, model_path)
         policy._log_ready()
         return policy
@@ -159,7 +184,7 @@ class PI0Policy:
         _restore_fp32(model)
         if tokenizer_path is None:
             tokenizer_path = _shared_test_tokenizer(min(512, config.vocab_size))
-        normalizer = proc.load_stats(stat_path) if stat_path else None
+        normalizer = cls._normalizer(config, stat_path) if stat_path else None
         policy = cls(
             model, proc.load_tokenizer(tokenizer_path), normalizer, pad_mode, f"random:{preset}"
         )
@@ -179,23 +204,28 @@ class PI0Policy:
                 )
 
     @staticmethod
-    def _normalizer(stat_path, buffers, model_path):
-        """stat_path, else lerobot G1 buffers in the weights, else lerobot G3 processor files."""
+    def _normalizer(config: PI0Config, stat_path, buffers=None, model_path=None):
+        """stat_path, else lerobot G1 buffers in the weights, else lerobot G3 processor files;
+        modes from config.json's normalization_mapping (default Pi0 MEAN_STD, Pi0.5 QUANTILES)."""
         if stat_path:
-            return proc.load_stats(stat_path)
-        from_ckpt = proc.stats_from_buffers(buffers) or proc.stats_from_processor_files(model_path)
-        if from_ckpt is not None:
-            logger.info("normalization stats taken from the checkpoint directory %s", model_path)
+            raw = norm.read_stats_file(stat_path)
         else:
-            logger.warning(
-                "no normalization stats: state is used as given and actions are "
-                "returned in the model's normalized space (set stat_path)"
-            )
-        return from_ckpt
+            raw = norm.stats_from_buffers(buffers or {}, model_path)
+            raw = raw or norm.stats_from_processor_files(model_path)
+            if raw is None:
+                logger.warning(
+                    "no normalization stats: state is used as given and actions are "
+                    "returned in the model's normalized space (set stat_path)"
+                )
+                return None
+            logger.info("normalization stats taken from the checkpoint directory %s", model_path)
+        eps = config.norm_eps or raw.eps or (config.reference if config.pi05 else "lerobot")
+        return raw.normalizer(config.norm_mode("STATE"), config.norm_mode("ACTION"), eps)
 
     def _log_ready(self):
         logger.info(
-            "Pi0 policy ready: %s, preset=%s, device=%s, dtype=%s, ops: %s",
+            "%s policy ready: %s, preset=%s, device=%s, dtype=%s, ops: %s",
+            "Pi0.5" if self.config.pi05 else "Pi0",
             self.source,
             self.config.preset,
             self.model.device,
@@ -227,6 +257,7 @@ class PI0Policy:
         c = self.config
         return {
             "model": self.source,
+            "model_variant": c.variant,
             "preset": c.preset,
             "dtype": str(self.model.dtype).replace("torch.", ""),
             "device": str(self.model.device),
@@ -242,8 +273,19 @@ class PI0Policy:
             "num_steps": c.num_steps,
             "tokenizer_max_length": c.tokenizer_max_length,
             "has_stats": self.normalizer.action is not None,
+            "normalization": self.normalizer.describe(),
             "pad_mode": self.pad_mode,
+            "reference_choices": self.choices,
         }
+
+    @property
+    def choices(self) -> dict:
+        """The processing choices in effect (the normalizer's eps as built)."""
+        out = self.config.choices()
+        eps = {n.eps for n in (self.normalizer.state, self.normalizer.action) if n is not None}
+        if len(eps) == 1:
+            out["norm_eps"] = eps.pop()
+        return out
 
     # ---- inference -------------------------------------------------------------------------
 
@@ -281,9 +323,15 @@ class PI0Policy:
         keys = [k for k in self.image_keys if any(f.get(k) is not None for f in frames)]
         if not all(any(f.get(k) is not None for k in keys) for f in frames):
             raise ValueError("every observation needs at least one camera image")
-        images, masks = proc.prepare_images(frames, keys, c.image_size, self.pad_mode, device)
-        tokens, lang_masks = self._prompts([str(o.get("prompt") or "") for o in observations])
-        state = torch.from_numpy(np.stack([self._state(o.get("state")) for o in observations]))
+        pad_value = self.choices["image_pad_value"]
+        images, masks = proc.prepare_images(
+            frames, keys, c.image_size, self.pad_mode, device, pad_value
+        )
+        states = [self._state(o.get("state")) for o in observations]
+        prompts = [str(o.get("prompt") or "") for o in observations]
+        tokens, lang_masks = self._tokens(prompts, states)
+        padded = [proc.pad_vector(s, c.max_state_dim) for s in states]
+        state = torch.from_numpy(np.stack(padded))  # Pi0.5: not used by the model
         # no host sync on the way in: small pageable copies are staged by CUDA before returning
         return {
             "images": images,
@@ -293,7 +341,24 @@ class PI0Policy:
             "state": state.to(device, non_blocking=True),
         }
 
+    def _tokens(self, prompts: List[str], states: List[np.ndarray]):
+        """Pi0: the cached prompt tokens. Pi0.5: the state as text in the prompt (or, with
+        discrete_state_input off, openpi's cleaned task + "\\n")."""
+        c = self.config
+        if not c.pi05:
+            return self._prompts(prompts)
+        if not c.discrete_state_input:
+            return self._prompts([proc.clean_task(p) for p in prompts])
+        padded = self.choices["state_bins_padded"]
+        texts = [proc.pi05_prompt(p, s, c.max_state_dim, padded) for p, s in zip(prompts, states)]
+        return proc.tokenize_prompts(self.tokenizer, texts, c.tokenizer_max_length, newline=False)
+
     def _state(self, state) -> np.ndarray:
+        """The normalized (unpadded) state."""
+        if self.config.pi05 and not self.config.discrete_state_input:
+            return np.zeros(0, np.float32)  # the model never sees the state
+        if state is None and self.config.pi05:
+            raise ValueError("state is required: Pi0.5 writes the state into its prompt")
         state = np.zeros(0, np.float32) if state is None else np.asarray(state, np.float32)
         if state.ndim > 1:  # a [B, n] batch would otherwise be flattened into one long state
             raise ValueError(f"state must be a 1-D vector, got shape {list(state.shape)}")
@@ -302,7 +367,12 @@ class PI0Policy:
             raise ValueError("state contains NaN or infinite values")
         if self.config.adapt_to_pi_aloha:
             state = proc.aloha_state_to_pi(state)
-        return proc.pad_vector(self.normalizer.normalize_state(state), self.config.max_state_dim)
+        if state.shape[0] > self.config.max_state_dim:
+            raise ValueError(
+                f"state of length {state.shape[0]} exceeds the model's maximum "
+                f"{self.config.max_state_dim} (max_state_dim)"
+            )
+        return self.normalizer.normalize_state(state)
 
     def make_noise(self, noise, seeds) -> torch.Tensor:
         c = self.config

@@ -2,18 +2,17 @@
 
 Inputs:  camera images (H x W x 3 uint8) -> resize-with-pad -> [-1, 1]; missing cameras -> black,
          masked; state -> (adapt_to_pi_aloha) -> normalize -> zero-pad; prompt -> BOS + text + "\\n",
-         right-padded to tokenizer_max_length.
+         right-padded to tokenizer_max_length. Pi0.5: the normalized state is discretized into
+         256 bins and written into the prompt ("Task: ..., State: ...;\\nAction: ").
 Outputs: actions (normalized, padded) -> unnormalize -> (adapt_to_pi_aloha) -> cut to action dim.
 """
 
 import functools
-import json
 import os
 import threading
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +25,11 @@ import torch.nn.functional as F
 PAD_MODES = ("center", "top_left")
 
 
-def resize_with_pad(images: torch.Tensor, size: int, pad_mode: str = "center") -> torch.Tensor:
-    """images [B, 3, H, W] float in [0, 1] -> [B, 3, size, size], aspect ratio kept, black padding.
+def resize_with_pad(
+    images: torch.Tensor, size: int, pad_mode: str = "center", fill: float = 0.0
+) -> torch.Tensor:
+    """images [B, 3, H, W] float in [0, 1] -> [B, 3, size, size], aspect ratio kept, padded with
+    `fill` (0: black; lerobot 0.4.4's Pi0.5 pads its [0, 1] images with -1).
 
     openpi pads centered (extra pixel bottom/right); lerobot G1 / FlagScale v1 pads top and left.
     """
@@ -37,7 +39,7 @@ def resize_with_pad(images: torch.Tensor, size: int, pad_mode: str = "center") -
         return images
     resized = F.interpolate(images, size=(new_h, new_w), mode="bilinear", align_corners=False)
     pads = (left, size - new_w - left, top, size - new_h - top)
-    return F.pad(resized.clamp(0.0, 1.0), pads, value=0.0)
+    return F.pad(resized.clamp(0.0, 1.0), pads, value=fill)
 
 
 def pad_geometry(h: int, w: int, size: int, pad_mode: str = "center") -> tuple:
@@ -60,8 +62,10 @@ def prepare_images(
     size: int,
     pad_mode: str = "center",
     device="cpu",
+    pad_value: float = -1.0,
 ):
     """Per-sample dicts {slot: H x W x 3 uint8} -> images [B, N, 3, S, S] in [-1, 1], masks [B, N].
+    `pad_value`: the resize padding in [-1, 1] space (-1 black; lerobot's Pi0.5: -3).
 
     An image is a numpy array or a torch tensor (e.g. decoded on the GPU: it is used where it is).
     Images of equal size are stacked and go through one host-to-device copy and one resize."""
@@ -75,7 +79,10 @@ def prepare_images(
             _check_image(key, sample[key])
             groups.setdefault(sample[key].shape[:2], []).append((i, j, sample[key]))
             masks[i, j] = True
-    resized = [(group, _resize_group(group, size, pad_mode, device)) for group in groups.values()]
+    resized = [
+        (group, _resize_group(group, size, pad_mode, device, pad_value))
+        for group in groups.values()
+    ]
     if len(resized) == 1 and len(resized[0][0]) == b * n:  # every slot, one size: in order
         return resized[0][1].view(b, n, 3, size, size), masks.to(device, non_blocking=True)
     out = torch.full((b, n, 3, size, size), -1.0, dtype=torch.float32, device=device)
@@ -85,7 +92,7 @@ def prepare_images(
     return out, masks.to(device, non_blocking=True)
 
 
-def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
+def _resize_group(group, size, pad_mode, device, pad_value=-1.0) -> torch.Tensor:
     """Equal-size uint8 images [(sample, slot, H x W x 3)] -> [G, 3, S, S] in [-1, 1] on device:
     one copy into (pinned, on CUDA) host memory, one host-to-device copy, one resize (on CUDA
     one Triton kernel, the same arithmetic as the torch ops)."""
@@ -98,11 +105,11 @@ def _resize_group(group, size, pad_mode, device) -> torch.Tensor:
         staged = torch.empty((len(group), h, w, 3), dtype=torch.uint8, pin_memory=cuda)
         np.stack([a for _, _, a in group], out=staged.numpy())
         frames = staged.to(device, non_blocking=True)
-    kernel = _image_kernel(device) if cuda else None
+    kernel = _image_kernel(device) if cuda and pad_value == -1.0 else None  # kernel pads black
     if kernel is not None:
         return kernel.resize_pad_normalize(frames, pad_geometry(h, w, size, pad_mode), size)
     batch = frames.permute(0, 3, 1, 2).float() / 255.0
-    return resize_with_pad(batch, size, pad_mode) * 2.0 - 1.0
+    return resize_with_pad(batch, size, pad_mode, (pad_value + 1.0) / 2.0) * 2.0 - 1.0
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,128 +147,6 @@ def pad_vector(x: np.ndarray, dim: int) -> np.ndarray:
     if x.shape[0] > dim:
         raise ValueError(f"vector of length {x.shape[0]} exceeds the model's maximum {dim}")
     return np.pad(x, (0, dim - x.shape[0]))
-
-
-@dataclass(frozen=True)
-class NormStats:
-    mean: np.ndarray
-    std: np.ndarray
-
-
-@dataclass(frozen=True)
-class Normalizer:
-    """MEAN_STD normalization. lerobot: (x - mean) / (std + 1e-8), unnormalize x * std + mean.
-    openpi: eps 1e-6 on std both ways."""
-
-    state: Optional[NormStats] = None
-    action: Optional[NormStats] = None
-    eps: float = 1e-8
-    eps_in_unnormalize: bool = False
-
-    def normalize_state(self, x: np.ndarray) -> np.ndarray:
-        if self.state is None:
-            return np.asarray(x, dtype=np.float32)
-        s = self.state
-        _check_len(x, s.mean, "state")
-        return ((x - s.mean) / (s.std + self.eps)).astype(np.float32)
-
-    def unnormalize_actions(self, a: np.ndarray) -> np.ndarray:
-        if self.action is None:
-            return a
-        s = self.action
-        d = s.mean.shape[0]
-        std = s.std + self.eps if self.eps_in_unnormalize else s.std
-        return (a[..., :d] * std + s.mean).astype(np.float32)
-
-    @property
-    def action_dim(self) -> Optional[int]:
-        return None if self.action is None else int(self.action.mean.shape[0])
-
-    @property
-    def state_dim(self) -> Optional[int]:
-        return None if self.state is None else int(self.state.mean.shape[0])
-
-
-def _check_len(x, mean, what):
-    if np.asarray(x).shape[-1] != mean.shape[0]:
-        raise ValueError(
-            f"{what} has {np.asarray(x).shape[-1]} values, stats expect {mean.shape[0]}"
-        )
-
-
-def _stats(entry) -> NormStats:
-    return _norm_stats(
-        np.asarray(entry["mean"], np.float32).reshape(-1),
-        np.asarray(entry["std"], np.float32).reshape(-1),
-    )
-
-
-def _norm_stats(mean: np.ndarray, std: np.ndarray) -> NormStats:
-    if mean.shape != std.shape:
-        raise ValueError(
-            f"normalization stats: mean has {mean.shape[0]} values but std has {std.shape[0]}"
-        )
-    return NormStats(mean, std)
-
-
-def load_stats(path: str, state_key="observation.state", action_key="action") -> Normalizer:
-    """lerobot dataset `meta/stats.json` or openpi `norm_stats.json` -> Normalizer."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"stats file not found: {path!r}")
-    with open(path) as f:
-        raw = json.load(f)
-    if "norm_stats" in raw:  # openpi assets/<id>/norm_stats.json
-        ns = raw["norm_stats"]
-        return Normalizer(_stats(ns["state"]), _stats(ns["actions"]), 1e-6, True)
-    missing = [k for k in (state_key, action_key) if k not in raw]
-    if missing:
-        raise ValueError(f"{path}: stats file has no {missing} entries (found {sorted(raw)[:8]})")
-    return Normalizer(_stats(raw[state_key]), _stats(raw[action_key]))
-
-
-def _tensor_stats(mean, std) -> Optional[NormStats]:
-    if mean is None or std is None or not torch.isfinite(mean).all():
-        return None  # lerobot initialises unset stats buffers to +inf
-    return _norm_stats(mean.float().numpy().reshape(-1), std.float().numpy().reshape(-1))
-
-
-def _normalizer_or_none(state, action) -> Optional[Normalizer]:
-    return Normalizer(state, action) if state is not None or action is not None else None
-
-
-def stats_from_buffers(buffers: Dict[str, torch.Tensor]) -> Optional[Normalizer]:
-    """lerobot G1 fine-tunes keep stats as `normalize_inputs.buffer_observation_state.mean`, ..."""
-
-    def get(prefix, feature):
-        key = f"{prefix}.buffer_{feature}"
-        return _tensor_stats(
-            buffers.get(f"model.{key}.mean", buffers.get(f"{key}.mean")),
-            buffers.get(f"model.{key}.std", buffers.get(f"{key}.std")),
-        )
-
-    return _normalizer_or_none(
-        get("normalize_inputs", "observation_state"), get("unnormalize_outputs", "action")
-    )
-
-
-# lerobot G3: policy_postprocessor_step_*_unnormalizer_processor.safetensors etc.
-G3_STATS_GLOB = "policy_*processor_step_*normalizer_processor.safetensors"
-
-
-def stats_from_processor_files(model_dir: str) -> Optional[Normalizer]:
-    """lerobot G3 keeps stats in processor-step safetensors with keys like `action.mean`."""
-    import glob
-
-    from safetensors.torch import load_file
-
-    flat: Dict[str, torch.Tensor] = {}
-    for path in sorted(glob.glob(os.path.join(model_dir, G3_STATS_GLOB))):
-        flat.update(load_file(path))
-
-    def get(feature):
-        return _tensor_stats(flat.get(f"{feature}.mean"), flat.get(f"{feature}.std"))
-
-    return _normalizer_or_none(get("observation.state"), get("action"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +198,32 @@ def _aloha_convert(values: np.ndarray, gripper_fn) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def tokenize_prompts(tokenizer, prompts: List[str], max_length: int):
-    """BOS + prompt + "\\n", right-padded with 0 to max_length (lerobot G1-G3 convention)."""
-    texts = [p if p.endswith("\n") else p + "\n" for p in prompts]
+PI05_BINS = np.linspace(-1, 1, 256 + 1)[:-1]
+
+
+def discretize_state(state: np.ndarray) -> np.ndarray:
+    """Pi0.5: a normalized state -> 256 bins over [-1, 1] (openpi / lerobot:
+    `np.digitize(s, linspace(-1, 1, 257)[:-1]) - 1`; below -1 gives -1, no clipping)."""
+    return np.digitize(np.asarray(state), bins=PI05_BINS) - 1
+
+
+def clean_task(task: str) -> str:
+    return task.strip().replace("_", " ").replace("\n", " ")
+
+
+def pi05_prompt(task: str, state: np.ndarray, max_state_dim: int, padded: bool = True) -> str:
+    """The Pi0.5 prompt (lerobot 0.4.4 `Pi05PrepareStateTokenizerProcessorStep`, openpi
+    `PaligemmaTokenizer`): "Task: {task}, State: {bins};\\nAction: ". `padded`: lerobot zero-pads the
+    normalized state to max_state_dim before binning; openpi bins the state as given."""
+    state = pad_vector(state, max_state_dim) if padded else np.asarray(state, np.float32)
+    bins = " ".join(map(str, discretize_state(state)))
+    return f"Task: {clean_task(task)}, State: {bins};\nAction: "
+
+
+def tokenize_prompts(tokenizer, prompts: List[str], max_length: int, newline: bool = True):
+    """BOS + prompt + "\\n", right-padded with 0 to max_length (lerobot G1-G3 convention);
+    `newline=False`: the prompt as given (Pi0.5's ends with "Action: ")."""
+    texts = [p if p.endswith("\n") or not newline else p + "\n" for p in prompts]
     enc = tokenizer(
         texts,
         padding="max_length",

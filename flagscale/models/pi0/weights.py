@@ -360,7 +360,7 @@ def save_pretrained(
     """Write config.json + model.safetensors (or shards + index) that `from_pretrained` loads."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.config.to_json_dict(), f, indent=2)
+        json.dump(model.config.to_json_dict(layout), f, indent=2)
     state = export_state(model, layout, dtype, include_unused)
     if not max_shard_bytes:
         save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
