@@ -97,6 +97,10 @@ def test_strict_load_and_key_layout(loaded):
     ours, ref, result = loaded
     assert not result.missing_keys and not result.unexpected_keys
     state = export_state(ours, layout="openpi")
+    lerobot = export_state(ours, layout="lerobot")  # lerobot/pi05_base: the same under model.
+    assert {k.removeprefix("model."): v.shape for k, v in lerobot.items()} == {
+        k: v.shape for k, v in state.items()
+    }
     ref_state = ref.state_dict()
     assert set(state) - set(ref_state) == set(), sorted(set(state) - set(ref_state))
     assert set(ref_state) - set(state) == {EMBED_KEY}, sorted(set(ref_state) - set(state))

@@ -135,6 +135,9 @@ def test_round_trip_both_layouts(tmp_path, pi05, tokenizer_dir, stats_path, layo
     assert f"{expert}.norm.dense.bias" in keys and f"{prefix}time_mlp_in.weight" in keys
     assert not any("state_proj" in k or "action_time_mlp" in k for k in keys)
     assert not any(k.startswith(expert) and k.endswith("norm.weight") for k in keys)
+    # lerobot/pi05_base: G3 names (= openpi's) under `model.`, the token embedding as lm_head
+    assert f"{prefix}paligemma_with_expert.paligemma.lm_head.weight" in keys
+    assert not any(k.endswith("embed_tokens.weight") or ".language_model.model." in k for k in keys)
     loaded = PI0Policy.from_pretrained(
         str(tmp_path), tokenizer_dir, stats_path, device="cpu", progress=False
     )

@@ -82,11 +82,13 @@ def canonical_key(key: str) -> str:
     return key
 
 
-def to_layout(key: str, layout: str) -> str:
-    """Canonical name -> name in `layout` ("lerobot" = G1 lerobot/pi0, "openpi" = no prefix)."""
+def to_layout(key: str, layout: str, g1: bool = True) -> str:
+    """Canonical name -> name in `layout`: "openpi" (no prefix) or "lerobot" (`model.` prefix;
+    with `g1` lerobot/pi0's transformers-4.48 names, else lerobot G2/G3's = openpi's, as in
+    lerobot/pi05_base)."""
     if layout == "openpi":
         return key
-    for old, new in _G1_RENAMES:
+    for old, new in _G1_RENAMES if g1 else ():
         if key.startswith(new):
             key = old + key[len(new) :]
             break
@@ -205,12 +207,14 @@ class CheckpointReader:
                 if canon in self.where:
                     raise CheckpointError(f"tensor {key!r} appears twice in the checkpoint")
                 self.where[canon] = (i, key)
-        self.layout = (
-            "lerobot" if any(k.startswith("model.") for _, k in self.where.values()) else "openpi"
-        )
+        raw = [k for _, k in self.where.values()]
+        self.layout = "lerobot" if any(k.startswith("model.") for k in raw) else "openpi"
+        self.g1 = any(k.startswith(_G1_RENAMES[2][0], len("model.")) for k in raw)
 
     def raw_name(self, canon: str) -> str:
-        return self.where[canon][1] if canon in self.where else to_layout(canon, self.layout)
+        if canon in self.where:
+            return self.where[canon][1]
+        return to_layout(canon, self.layout, self.g1)
 
     def shape(self, canon: str) -> Tuple[int, ...]:
         i, key = self.where[canon]
@@ -331,21 +335,23 @@ def _assign(model, name: str, tensor: torch.Tensor):
 
 
 def export_state(model, layout: str = "lerobot", dtype=torch.float32, include_unused=True):
-    """model -> {checkpoint key: CPU tensor} in `layout`, fused tensors split back."""
+    """model -> {checkpoint key: CPU tensor} in `layout`, fused tensors split back. lerobot's
+    layout: Pi0 as lerobot/pi0 (G1 names), Pi0.5 as lerobot/pi05_base (G3 names, the token
+    embedding stored once, as lm_head)."""
     if layout not in ("lerobot", "openpi"):
         raise ValueError(f"layout must be 'lerobot' or 'openpi', got {layout!r}")
     params = dict(model.named_parameters())
-    out = {}
+    out, g1 = {}, not model.config.pi05
     for name, keys in weight_spec(model.config).items():
         tensor = params[name].detach().to("cpu", dtype)
         sizes = [s[0] for s in part_shapes(tensor.shape, len(keys), model.config, name)]
         for key, part in zip(keys, tensor.split(sizes, dim=0)):
-            out[to_layout(key, layout)] = part.contiguous()
-    if layout == "openpi":  # token embedding stored only as lm_head (tied, de-duplicated)
-        out[to_layout(EMBED_KEYS[1], layout)] = out.pop(to_layout(EMBED_KEYS[0], layout))
+            out[to_layout(key, layout, g1)] = part.contiguous()
+    if layout == "openpi" or not g1:  # token embedding only as lm_head (tied, de-duplicated)
+        out[to_layout(EMBED_KEYS[1], layout, g1)] = out.pop(to_layout(EMBED_KEYS[0], layout, g1))
     if include_unused:  # the expert's lm_head: stored (zeros) by the converters, never used
         shape = (model.config.vocab_size, model.config.expert.width)
-        out[to_layout(IGNORED_KEYS[0], layout)] = torch.zeros(shape, dtype=dtype)
+        out[to_layout(IGNORED_KEYS[0], layout, g1)] = torch.zeros(shape, dtype=dtype)
     return out
 
 
