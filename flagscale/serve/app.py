@@ -320,12 +320,14 @@ def _graph_stats(policy) -> dict | None:
 
 def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
     policy = worker.policy
+    meta = None if policy is None else dict(policy.metadata)
     return {
         "status": worker.state,
         "model_loaded": worker.ready,
         "version": __version__,
         "random_init": cfg.random_init,
-        "metadata": None if policy is None else dict(policy.metadata),
+        "model_variant": (meta or {}).get("model_variant", cfg.model_variant),
+        "metadata": meta,
         "cuda_graphs": _graph_stats(policy),
         "ops": cfg.ops,
         "device": cfg.device,

@@ -41,7 +41,13 @@ DEFAULT_OPENPI_STATE = (
     "observation/joint_position",
     "observation/gripper_position",
 )
-PRESETS = ("pi0", "tiny")
+PRESETS = ("pi0", "tiny", "pi05", "pi05_tiny")
+MODEL_VARIANTS = ("pi0", "pi0.5")
+# each preset's variant (flagscale.models.pi0.config.PRESETS; kept here: this module imports no torch)
+PRESET_VARIANTS = {"pi0": "pi0", "tiny": "pi0", "pi05": "pi0.5", "pi05_tiny": "pi0.5"}
+DEMO_PRESETS = {"pi0": "tiny", "pi0.5": "pi05_tiny"}
+# config.json "type" / "model_variant" -> variant (lerobot writes "pi0" / "pi05")
+CHECKPOINT_TYPES = {"pi0": "pi0", "pi05": "pi0.5", "pi0.5": "pi0.5"}
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 OPS_BACKENDS = ("native", "flaggems")
 
@@ -88,6 +94,7 @@ class ServeConfig:
     device: str = "cuda"
     torch_dtype: str = "bfloat16"
     preset: str | None = None
+    model_variant: str | None = None  # pi0 | pi0.5; None: from the checkpoint (or the preset)
     random_init: bool = False
     ops: str = "native"
     num_steps: int = 10
@@ -410,6 +417,7 @@ _PARSERS = {
     "device": _as_device,
     "torch_dtype": _as_dtype,
     "preset": lambda k, v: _as_choice(k, v, PRESETS),
+    "model_variant": lambda k, v: _as_choice(k, v, MODEL_VARIANTS),
     "random_init": _as_bool,
     "ops": lambda k, v: _as_choice(k, v, OPS_BACKENDS),
     "num_steps": lambda k, v: _as_int(k, v, 1),
@@ -545,9 +553,46 @@ def _check_checkpoint(cfg: ServeConfig) -> None:
         )
 
 
+def demo_preset(cfg: ServeConfig) -> str:
+    """The preset of a random_init server: engine.preset, else the variant's tiny demo preset."""
+    return cfg.preset or DEMO_PRESETS[cfg.model_variant or "pi0"]
+
+
+def _check_variant(cfg: ServeConfig) -> None:
+    """engine.model_variant against the preset (random_init) or the checkpoint's config.json
+    (its "type"; openpi's converter writes none: the tensors are checked at load)."""
+    if cfg.model_variant is None:
+        return
+    key = "serve.engine.model_variant"
+    if cfg.random_init:
+        found, where = PRESET_VARIANTS[demo_preset(cfg)], f"preset {demo_preset(cfg)!r}"
+    else:
+        found, where = _checkpoint_variant(Path(cfg.model) / "config.json")
+    if found is not None and found != cfg.model_variant:
+        raise ConfigError(
+            f"{key}: {cfg.model_variant} does not match {where}, a {found} policy; set "
+            f"{key}: {found} (or leave it out: auto)"
+        )
+
+
+def _checkpoint_variant(path: Path):
+    import json
+
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"serve.engine.model: cannot read {path}: {e}") from None
+    for name in ("model_variant", "type"):
+        value = str(raw.get(name, "")).lower() if isinstance(raw, dict) else ""
+        if value in CHECKPOINT_TYPES:
+            return CHECKPOINT_TYPES[value], f"{path} ({name}: {raw[name]})"
+    return None, str(path)
+
+
 def _check_cross_fields(cfg: ServeConfig) -> None:
     if not cfg.random_init:
         _check_checkpoint(cfg)
+    _check_variant(cfg)
     if cfg.random_init and cfg.model is not None:
         logger.warning("serve.engine.model is ignored because random_init is true")
     if not 1 <= cfg.num_steps <= cfg.max_num_steps:

@@ -60,9 +60,12 @@ async def _deny(websocket: WebSocket) -> None:
 
 def metadata(app: FastAPI) -> dict:
     cfg: ServeConfig = app.state.cfg
+    policy = app.state.worker.policy
+    variant = None if policy is None else policy.metadata.get("model_variant")
     return {
         "server": "flagscale-pi0",
         "version": app.version,
+        "model_variant": variant or cfg.model_variant,
         "action_horizon": cfg.action_horizon,
         "action_dim": cfg.action_dim,
         "state_dim": cfg.state_dim,

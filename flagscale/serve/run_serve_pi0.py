@@ -1,4 +1,5 @@
-"""Pi0 server entry (FlagScale v1 name and CLI).
+"""Pi0 / Pi0.5 server entry (FlagScale v1 name and CLI; engine.model_variant picks or checks the
+variant).
 
     python flagscale/serve/run_serve_pi0.py --config-path <resolved serve.yaml> [--log-dir <dir>]
     python -m flagscale.serve.run_serve_pi0 --config-path examples/pi0/conf/serve/pi0_demo.yaml
@@ -25,7 +26,12 @@ if __package__ in (None, ""):  # run as a script path: make the repo root import
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from flagscale.logger import get_logger  # noqa: E402
-from flagscale.serve.config import ConfigError, ServeConfig, load_serve_config  # noqa: E402
+from flagscale.serve.config import (  # noqa: E402
+    ConfigError,
+    ServeConfig,
+    demo_preset,
+    load_serve_config,
+)
 
 logger = get_logger("flagscale.serve.run_serve_pi0")
 
@@ -103,7 +109,7 @@ def _construct_policy(cfg: ServeConfig):
     if cfg.random_init:
         logger.warning(RANDOM_BANNER)
         return PI0Policy.random(
-            preset=cfg.preset or "tiny",
+            preset=demo_preset(cfg),
             device=cfg.device,
             dtype=cfg.torch_dtype,
             seed=cfg.seed or 0,
@@ -125,6 +131,7 @@ def _construct_policy(cfg: ServeConfig):
         pad_mode=cfg.image_pad,
         fused_kernels=cfg.fused_kernels,
         persistent_layers=cfg.persistent_layers,
+        variant=cfg.model_variant,
     )
 
 

@@ -16,9 +16,9 @@ CONF_DIR = "./examples/pi0/conf"
 SAMPLE_IMAGES = [REPO_ROOT / "examples" / "pi0" / f"orbbec_{i}_latest.jpg" for i in range(3)]
 
 
-def run_cli(*overrides, config="serve_demo", timeout=600):
-    """``python run.py --config-path ./examples/pi0/conf --config-name <config> <overrides>``."""
-    argv = [sys.executable, "run.py", "--config-path", CONF_DIR, "--config-name", config]
+def run_cli(*overrides, config="serve_demo", timeout=600, conf_dir=CONF_DIR):
+    """``python run.py --config-path <conf_dir> --config-name <config> <overrides>``."""
+    argv = [sys.executable, "run.py", "--config-path", conf_dir, "--config-name", config]
     return subprocess.run(
         argv + list(overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
     )
