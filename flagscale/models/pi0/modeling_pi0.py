@@ -397,9 +397,11 @@ class PI0Model(nn.Module):
         norm). cond = SiLU(time_mlp_out(SiLU(time_mlp_in(sincos(t))))), all in fp32."""
         c = self.config
         emb = posemb_sincos(t, c.expert.width, c.min_period, c.max_period)
+        emb = emb.to(self.time_mlp_in.weight.dtype)  # fp32 as loaded (weights.keeps_fp32)
         cond = self.ops.silu(self.time_mlp_out(self.ops.silu(self.time_mlp_in(emb))))
         norms = [n for layer in self.expert.layers for n in (layer.input_norm, layer.ffw_norm)]
-        return torch.stack([n.dense(cond).float() for n in norms + [self.expert.norm]], dim=1)
+        norms.append(self.expert.norm)
+        return torch.stack([n.dense(cond.to(n.dense.weight.dtype)).float() for n in norms], dim=1)
 
     def step_conditions(self, times):
         """times [S, B] -> the per-step input of `first_step` / `denoise_step`, [S, B, ...]:
