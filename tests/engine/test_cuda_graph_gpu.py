@@ -10,17 +10,22 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16", "bfloat16-fused"])
+PARAMS = ["float32", "bfloat16", "bfloat16-fused", "pi05-float32", "pi05-bfloat16-fused"]
+
+
+@pytest.fixture(scope="module", params=PARAMS)
 def policy(request):
     from flagscale.models.pi0 import PI0Policy
     from flagscale.models.pi0.config import TowerDims
 
-    if request.param == "bfloat16-fused":  # dims the fused Triton kernels cover
+    preset = "pi05_tiny" if request.param.startswith("pi05") else "tiny"
+    dtype = request.param.removeprefix("pi05-").removesuffix("-fused")
+    if request.param.endswith("-fused"):  # dims the fused Triton kernels cover
         tower = TowerDims(width=128, depth=2, mlp=128, heads=2, kv_heads=1, head_dim=64)
-        policy = PI0Policy.random("tiny", device="cuda", dtype="bfloat16", llm=tower, expert=tower)
+        policy = PI0Policy.random(preset, device="cuda", dtype=dtype, llm=tower, expert=tower)
         assert policy.model.ops.fused
         return policy
-    return PI0Policy.random("tiny", device="cuda", dtype=request.param, seed=0, fused_kernels=False)
+    return PI0Policy.random(preset, device="cuda", dtype=dtype, seed=0, fused_kernels=False)
 
 
 def _inputs(policy, batch, seed=0):
