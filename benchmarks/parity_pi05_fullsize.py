@@ -69,8 +69,7 @@ def lerobot(ckpt_dir):
 
     t0 = time.perf_counter()
     model = lr.PI05Pytorch(PI05Config(dtype="float32", device="cpu", compile_model=False)).eval()
-    params = dict(model.named_parameters())
-    params.update(model.named_buffers())
+    params = dict(model.named_parameters(remove_duplicate=False))  # lm_head: embed_tokens, tied
     seen = set()
     with safe_open(os.path.join(ckpt_dir, "model.safetensors"), "pt") as f, torch.no_grad():
         for key in f.keys():  # lerobot's layout: `model.` + PI05Pytorch's names
@@ -78,7 +77,7 @@ def lerobot(ckpt_dir):
             params[name].copy_(f.get_tensor(key))
             seen.add(name)
     embed = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
-    missing = sorted(set(dict(model.named_parameters())) - seen - {embed})
+    missing = sorted(set(params) - seen - {embed})
     assert not missing, f"not in the checkpoint: {missing[:5]}"
     pg = model.paligemma_with_expert.paligemma
     assert pg.model.language_model.embed_tokens.weight is pg.lm_head.weight  # tied: loaded

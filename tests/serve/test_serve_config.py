@@ -191,7 +191,7 @@ BAD = [
     ("port range", engine(port=70000), "serve.engine.port: must be in 1..65535, got 70000"),
     ("bad device", engine(device="gpu"), "serve.engine.device: expected cpu, cuda or cuda:N"),
     ("bad ops", engine(ops="flaggem"), "did you mean 'flaggems'?"),
-    ("bad preset", engine(preset="pi05"), "serve.engine.preset: must be one of pi0, tiny"),
+    ("bad preset", engine(preset="pi1"), "serve.engine.preset: must be one of pi0, tiny, pi05"),
     ("bad bool", engine(warmup="maybe"), "serve.engine.warmup: expected true or false"),
     (
         "bad slot",
