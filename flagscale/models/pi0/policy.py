@@ -351,7 +351,7 @@ class PI0Policy:
             return self._prompts([proc.clean_task(p) for p in prompts])
         padded = self.choices["state_bins_padded"]
         texts = [proc.pi05_prompt(p, s, c.max_state_dim, padded) for p, s in zip(prompts, states)]
-        return proc.tokenize_prompts(self.tokenizer, texts, c.tokenizer_max_length, newline=False)
+        return self._prompts.uncached(texts)
 
     def _state(self, state) -> np.ndarray:
         """The normalized (unpadded) state."""

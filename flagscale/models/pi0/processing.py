@@ -257,6 +257,12 @@ class PromptCache:
                 self._rows.popitem(last=False)
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
+    def uncached(self, texts: List[str]):
+        """Tokenize texts that rarely repeat (Pi0.5 prompts carry the state) as given, without
+        keeping them; under the same lock (a tokenizer is not safe to share across threads)."""
+        with self._lock:
+            return tokenize_prompts(self.tokenizer, texts, self.max_length, newline=False)
+
 
 def load_tokenizer(path: str):
     """AutoTokenizer from a local directory (google/paligemma-3b-pt-224). A directory with only a
