@@ -127,6 +127,19 @@ def test_rms_norm(fg, shape):
     assert_within_bf16(out, native.rms_norm(x, w, 1e-6), rms_norm64(x, w))
 
 
+@pytest.mark.parametrize("shape", [(50, 1024), (7, 83)])
+def test_ada_rms_norm(fg, shape):
+    """Pi0.5's adaptive norm: scale / shift [B, 1, D] fp32 from the time condition."""
+    x = randn(2, *shape, seed=4, scale=3.0)
+    scale = torch.randn(2, 1, shape[-1], generator=gen(5), device="cuda") * 0.5
+    shift = torch.randn(2, 1, shape[-1], generator=gen(6), device="cuda") * 0.5
+    out = fg.ada_rms_norm(x, scale, shift, 1e-6)
+    x64 = x.double()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    ref = ref * (1 + scale.double()) + shift.double()
+    assert_within_bf16(out, native.ada_rms_norm(x, scale, shift, 1e-6), ref)
+
+
 @pytest.mark.parametrize("shape", [(768, 1152), (7, 769)])
 def test_layer_norm(fg, shape):
     x = randn(1, *shape, seed=6, scale=2.0)

@@ -32,6 +32,20 @@ def test_rms_norm_uses_one_plus_weight_in_fp32():
     assert err.max() <= 2 * 2**-8 * ref.abs().max() + 4 * x16_err
 
 
+def test_ada_rms_norm_modulates_in_fp32_with_one_rounding():
+    """Pi0.5: rms(x) * (1 + scale) + shift, fp32 math (bf16 input: one rounding at the end)."""
+    x = torch.randn(2, 5, 769, dtype=torch.float64) * 3
+    scale = torch.randn(2, 1, 769, dtype=torch.float64) * 0.5
+    shift = torch.randn(2, 1, 769, dtype=torch.float64) * 0.5
+    ref = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * (1 + scale) + shift
+    out = native.ada_rms_norm(x.float(), scale.float(), shift.float(), 1e-6)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    out16 = native.ada_rms_norm(x.bfloat16(), scale.float(), shift.float(), 1e-6)
+    assert out16.dtype == torch.bfloat16
+    exact = native.ada_rms_norm(x.bfloat16().float(), scale.float(), shift.float(), 1e-6)
+    assert torch.equal(out16, exact.bfloat16())
+
+
 def test_layer_norm_matches_formula():
     x = torch.randn(7, 83, dtype=torch.float64)
     w, b = torch.randn(83, dtype=torch.float64), torch.randn(83, dtype=torch.float64)
