@@ -215,19 +215,15 @@ class GemmaLayer(nn.Module):
         norm = self.input_norm
         if self.adaptive:
             scale, shift, _ = mod[:, None, 0].chunk(3, dim=-1)
-            head = (x, scale, shift, norm.eps)
             q = self.ops.ada_qkv_rope(
-                *head, self.qkv_proj.weight, cos, sin, d.heads, d.kv_heads, d.head_dim, k_out, v_out
-            )
-            return (
-                q,
-                k_out.view(b, t, d.kv_heads, d.head_dim),
-                v_out.view(b, t, d.kv_heads, d.head_dim),
-            )
-        q = self.ops.qkv_rope(
-            x, norm.weight, norm.eps, self.qkv_proj.weight, cos, sin,
-            d.heads, d.kv_heads, d.head_dim, k_out, v_out,
-        )  # fmt: skip
+                x, scale, shift, norm.eps, self.qkv_proj.weight, cos, sin,
+                d.heads, d.kv_heads, d.head_dim, k_out, v_out,
+            )  # fmt: skip
+        else:
+            q = self.ops.qkv_rope(
+                x, norm.weight, norm.eps, self.qkv_proj.weight, cos, sin,
+                d.heads, d.kv_heads, d.head_dim, k_out, v_out,
+            )  # fmt: skip
         kv_shape = (b, t, d.kv_heads, d.head_dim)
         return q, k_out.view(kv_shape), v_out.view(kv_shape)
 
