@@ -10,6 +10,7 @@ Test-harness adaptations (dimensions only, no code path of lerobot's model is re
   The model code never uses torchvision.
 """
 
+import importlib
 import importlib.machinery
 import importlib.util
 import os
@@ -45,7 +46,7 @@ _TV_MODULES = (
 
 def _ensure_torchvision():
     try:
-        import torchvision  # noqa: F401
+        importlib.import_module("torchvision")
     except Exception:
         for name in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
             del sys.modules[name]
@@ -66,7 +67,7 @@ def require_lerobot():
     _ensure_torchvision()
     pytest.importorskip("lerobot")
     try:
-        from transformers.models.siglip import check  # noqa: F401
+        importlib.import_module("transformers.models.siglip.check")
     except ImportError:
         pytest.skip(
             "lerobot's PI0 / PI05 need openpi's transformers_replace patch "
