@@ -193,3 +193,17 @@ def test_no_discrete_state_input_uses_the_plain_prompt(tokenizer_dir, stats_path
     want, _ = proc.tokenize_prompts(policy.tokenizer, ["pick up the cube"], 200)
     assert torch.equal(ids, want)
     assert policy.infer(dict(obs(), state=None), seed=0)["actions"].shape == (50, 4)
+
+
+def test_bf16_keeps_the_modulation_path_fp32(pi05, tokenizer_dir, stats_path):
+    """As lerobot / openpi: the adaRMS dense layers (and the time MLP feeding them) stay fp32."""
+    bf16 = PI0Policy.random(
+        "pi05_tiny", dtype="bfloat16", seed=7, tokenizer_path=tokenizer_dir, stat_path=stats_path
+    )
+    params = dict(bf16.model.named_parameters())
+    assert params["expert.layers.0.qkv_proj.weight"].dtype == torch.bfloat16
+    for name in ("expert.layers.0.input_norm.dense.weight", "expert.norm.dense.bias"):
+        assert params[name].dtype == torch.float32
+    assert params["time_mlp_in.weight"].dtype == torch.float32
+    out, ref = (p.infer(obs(5), seed=2, num_steps=3)["actions"] for p in (bf16, pi05))
+    assert np.isfinite(out).all() and np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
