@@ -312,8 +312,9 @@ class PI0Model(nn.Module):
         self._passes = {}  # torch.compile'd versions of the passes, see compile_passes()
         if c.pi05 and ops.fused:
             logger.info(
-                "Pi0.5: the action expert's adaptive norms run composed ops; the fused Triton "
-                "kernels serve the prefix tower only"
+                "Pi0.5: the action expert's adaptive norms and gated residuals run composed ops "
+                "(the fused kernels fold a fixed norm weight into the projections); its attention "
+                "and the prefix tower keep the fused kernels"
             )
 
     @property
