@@ -472,7 +472,11 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = p.add_argument_group("model")
-    src.add_argument("--preset", default="pi0", help="dimensions preset for --random (pi0 | tiny)")
+    src.add_argument(
+        "--preset",
+        default="pi0",
+        help="dimensions preset for --random (pi0 | tiny | pi05 | pi05_tiny)",
+    )
     src.add_argument("--random", action="store_true", help="random weights (no checkpoint)")
     src.add_argument("--model", help="checkpoint directory")
     src.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
