@@ -282,7 +282,17 @@ def _with_flagscale(peer, wheels, peer_root, paths):
 
 def worker_command(args, peer, python):
     cmd = [python, os.path.abspath(__file__), "--worker", peer, "--model", args.model]
-    flags = ("batch", "cameras", "steps", "iters", "warmup", "image_size", "tokens", "device", "dtype")
+    flags = (
+        "batch",
+        "cameras",
+        "steps",
+        "iters",
+        "warmup",
+        "image_size",
+        "tokens",
+        "device",
+        "dtype",
+    )
     for flag in flags:
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return cmd + (["--tiny"] if args.tiny else [])
@@ -315,7 +325,10 @@ def run_peer(args, peer):
 def table(results, model):
     """Markdown table: each peer's p50 and our speed-up over it (peer p50 / our p50)."""
     ours = next((r for r in results if r.get("peer") == "ours" and "stats" in r), None)
-    rows = [f"| {model} peer | p50 ms | p90 ms | peak GPU GB | our speed-up |", "|---|---|---|---|---|"]
+    rows = [
+        f"| {model} peer | p50 ms | p90 ms | peak GPU GB | our speed-up |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         if "stats" not in r:
             rows.append(f"| {r['peer']} | failed: {r.get('error')} | | | |")
