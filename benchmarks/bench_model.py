@@ -69,7 +69,7 @@ def phase_split(policy, inputs, steps, iters):
 
 def run(args):
     results = []
-    for ops, fused in itertools.product(args.ops, args.fused):
+    for ops, fused, precision in itertools.product(args.ops, args.fused, args.precision):
         t0 = time.perf_counter()
         policy = PI0Policy.random(
             args.preset,
@@ -78,6 +78,7 @@ def run(args):
             ops=ops,
             fused_kernels=fused != "off",
             persistent_layers=fused == "on",  # "ops": five kernels per expert layer
+            precision=precision,
         )
         build_s = time.perf_counter() - t0
         for graphs in args.graphs:
@@ -88,7 +89,7 @@ def run(args):
                 for cams in args.cameras:
                     for steps in args.steps:
                         row = one(policy, args, ops, graphs, b, cams, steps, build_s)
-                        results.append(dict(row, fused=fused))
+                        results.append(dict(row, fused=fused, precision=precision))
                         print(json.dumps(results[-1]), flush=True)
         del policy
         torch.cuda.empty_cache()
@@ -141,6 +142,9 @@ def main():
         default=["on"],
         choices=["on", "ops", "off"],
         help="fused Triton kernels (ops: five per expert layer, not one persistent launch)",
+    )
+    p.add_argument(
+        "--precision", nargs="+", default=["bf16"], choices=["bf16", "fp8"], help="engine.precision"
     )
     p.add_argument("--batch", nargs="+", type=int, default=[1])
     p.add_argument("--cameras", nargs="+", type=int, default=[3])

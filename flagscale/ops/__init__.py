@@ -76,6 +76,20 @@ class Ops:
         fused = triton_fused.dispatchers(self, persistent_layers)
         return Ops(self.backend, dict(self.routes), self.impls, fused)
 
+    def with_fp8(self) -> "Ops":
+        """This table with `linear` taking the FP8 GEMM (`fp8.linear`) for long inputs whose
+        weight carries an e4m3 copy (`fp8.enable`); everything else as before."""
+        from flagscale.ops import fp8
+
+        base = self.linear
+
+        def linear(x, weight, bias=None):
+            if fp8.has_fp8(weight) and x.numel() // x.shape[-1] >= fp8.MIN_ROWS:
+                return fp8.linear(x, weight, bias)
+            return base(x, weight, bias)
+
+        return Ops(self.backend, dict(self.routes), self.impls, {**self.fused, "linear": linear})
+
 
 def native_ops() -> Ops:
     impls = {name: getattr(native, name) for name in OP_NAMES}

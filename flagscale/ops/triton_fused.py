@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flagscale.ops import fp8
+
 # Triton's CPU interpreter computes bf16 dots wrongly and truncates fp32 -> bf16 casts; there the
 # dot operands are widened to fp32 (exact for bf16 products) and casts round to nearest even in
 # software, so interpreted kernels round exactly like compiled ones.
@@ -885,6 +887,44 @@ def linear_residual(x, weight, residual, split=None, inplace=False):
     return out.view(residual.shape)
 
 
+def _long_linear(x, weight):
+    """cuBLAS, or the FP8 GEMM where the weight carries an e4m3 copy (engine.precision=fp8)."""
+    if fp8.has_fp8(weight):
+        return fp8.linear(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, BLOCK: tl.constexpr, QMAX: tl.constexpr):  # fmt: skip
+    """One row per program: amax over the row, then x / scale rounded to e4m3 (two passes)."""
+    row = tl.program_id(0)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / QMAX
+    tl.store(s_ptr + row, scale)
+    for start in range(0, K, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -QMAX), QMAX)
+        tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=cols < K)
+
+
+def quantize_rows(x2):
+    """`fp8.quantize_rows` of a 2-D row-major tensor in one kernel: (e4m3 [M, K], fp32 [M, 1])."""
+    m, k = x2.shape
+    q = torch.empty(m, k, dtype=fp8.E4M3, device=x2.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x2.device)
+    block = min(4096, triton.next_power_of_2(k))
+    _quantize_rows_kernel[(m,)](
+        x2, q, scale, x2.stride(0), q.stride(0), K=k, BLOCK=block, QMAX=fp8.E4M3_MAX,
+        num_warps=_row_warps(block),
+    )  # fmt: skip
+    return q, scale
+
+
 def rms_norm(x, weight, eps):
     """Gemma RMSNorm of the rows of x [..., D] in one kernel (fp32 math, one rounding)."""
     d = x.shape[-1]
@@ -914,7 +954,7 @@ def add_layer_norm(x, y, weight, bias, eps):
 def long_qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
     """`qkv_rope` for long inputs: RMSNorm kernel, cuBLAS projection, RoPE + scatter kernel."""
     b, t, _ = x.shape
-    qkv = torch.nn.functional.linear(rms_norm(x, norm_weight, eps), weight).view(b * t, -1)
+    qkv = _long_linear(rms_norm(x, norm_weight, eps), weight).view(b * t, -1)
     q = torch.empty(b, t, heads * head_dim, dtype=x.dtype, device=x.device)
     assert k_out.stride() == v_out.stride() and k_out.stride(-1) == 1
     _rope_split_kernel[(b * t, heads + 2 * kv_heads)](
@@ -926,7 +966,7 @@ def long_qkv_rope(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_d
 
 def long_norm_geglu(x, norm_weight, eps, weight):
     """`norm_geglu` for long inputs: RMSNorm kernel, cuBLAS gate|up, GeGLU kernel."""
-    gate_up = torch.nn.functional.linear(rms_norm(x, norm_weight, eps), weight)
+    gate_up = _long_linear(rms_norm(x, norm_weight, eps), weight)
     g2 = gate_up.reshape(-1, gate_up.shape[-1])
     f = g2.shape[1] // 2
     out = torch.empty(g2.shape[0], f, dtype=x.dtype, device=x.device)
@@ -940,6 +980,9 @@ def long_norm_geglu(x, norm_weight, eps, weight):
 def long_linear_residual(x, weight, residual, inplace=False):
     """residual + x @ W^T in one cuBLAS call (beta = 1 epilogue; rounds once, not twice). Out of
     place, torch first copies residual into the output; `inplace` accumulates into it."""
+    if fp8.has_fp8(weight):  # engine.precision=fp8: the bf16 product, then the sum
+        out = fp8.linear(x, weight)
+        return residual.add_(out) if inplace else residual + out
     k, n = x.shape[-1], weight.shape[0]
     r2 = residual.reshape(-1, n)
     if inplace and r2.data_ptr() == residual.data_ptr():
@@ -951,6 +994,8 @@ def long_linear_gelu(x, weight, bias):
     """gelu_tanh(x @ W^T + b) as one cuBLASLt call: the GELU (tanh approximation) runs in the
     GEMM's epilogue on the fp32 sum, rounded once (the composed ops round the sum, then the
     GELU): no separate pass over the [rows, mlp] activations."""
+    if fp8.has_fp8(weight):  # engine.precision=fp8: GELU after the bf16 product
+        return torch.nn.functional.gelu(fp8.linear(x, weight, bias), approximate="tanh")
     k, n = x.shape[-1], weight.shape[0]
     out = torch._addmm_activation(bias, x.reshape(-1, k), weight.t(), use_gelu=True)
     return out.view(*x.shape[:-1], n)

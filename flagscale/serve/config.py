@@ -119,6 +119,7 @@ class ServeConfig:
     compile: bool = False
     fused_kernels: str = "auto"
     persistent_layers: bool = True
+    precision: str = "bf16"
     warmup: bool = True
     warmup_num_steps: tuple = ()
     image_pad: str = "center"
@@ -442,6 +443,7 @@ _PARSERS = {
     "compile": _as_bool,
     "fused_kernels": lambda k, v: _as_auto_bool(k, v),
     "persistent_layers": _as_bool,
+    "precision": lambda k, v: _as_choice(k, v, ("bf16", "fp8")),
     "warmup": _as_bool,
     "warmup_num_steps": lambda k, v: _as_steps_list(k, v),
     "image_pad": lambda k, v: _as_choice(k, v, ("center", "top_left")),

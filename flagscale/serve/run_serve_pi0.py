@@ -119,6 +119,7 @@ def _construct_policy(cfg: ServeConfig):
             pad_mode=cfg.image_pad,
             fused_kernels=cfg.fused_kernels,
             persistent_layers=cfg.persistent_layers,
+            precision=cfg.precision,
         )
     return PI0Policy.from_pretrained(
         cfg.model,
@@ -132,6 +133,7 @@ def _construct_policy(cfg: ServeConfig):
         fused_kernels=cfg.fused_kernels,
         persistent_layers=cfg.persistent_layers,
         variant=cfg.model_variant,
+        precision=cfg.precision,
     )
 
 

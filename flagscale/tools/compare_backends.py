@@ -112,6 +112,7 @@ def build_policy(args):
     routes = parse_routes(args.routes)
     ops = build_ops(args.backend, routes=routes) if routes else args.backend
     kw = dict(device=args.device, dtype=args.dtype, ops=ops, fused_kernels=args.fused_kernels)
+    kw["precision"] = args.precision
     if args.model:
         policy = PI0Policy.from_pretrained(args.model, args.tokenizer, preset=args.preset, **kw)
     else:
@@ -212,6 +213,7 @@ def run_child(args) -> dict:
     meta = {
         "backend": args.backend,
         "dtype": args.dtype,
+        "precision": args.precision,
         "routes": dict(policy.model.ops.routes),
         "build_s": build_s,
         "first_call_s": first_s,
@@ -251,10 +253,11 @@ CHILD_FLAGS = (
 
 
 def child_command(
-    args, backend, dtype, save, round_to=None, cache_dir=None, latency=True, routes=None
-):
+    args, backend, dtype, save, round_to=None, cache_dir=None, latency=True, routes=None,
+    precision="bf16",
+):  # fmt: skip
     cmd = [sys.executable, "-m", "flagscale.tools.compare_backends", "--child"]
-    cmd += ["--backend", backend, "--dtype", dtype, "--save", str(save)]
+    cmd += ["--backend", backend, "--dtype", dtype, "--save", str(save), "--precision", precision]
     for name in CHILD_FLAGS:
         value = getattr(args, name)
         if name == "latency" and not latency:
@@ -289,7 +292,7 @@ def spawn(label, cmd, env, timeout):
 def plan_runs(args, out: Path):
     """[(label, command, extra env)] in run order."""
     env_fg, cache = cold_cache_env(args) if args.cold_cache else ({}, args.cache_dir)
-    cand = dict(cache_dir=cache, routes=args.routes)
+    cand = dict(cache_dir=cache, routes=args.routes, precision=args.candidate_precision)
     runs = [("native", child_command(args, "native", args.dtype, out / "native.npy"), {})]
     save = out / "candidate.npy"
     latency = not args.warm_restart  # time the warm process only
@@ -485,6 +488,12 @@ def parse_args(argv=None):
     run.add_argument("--device", default="cuda")
     run.add_argument("--dtype", default="bfloat16", help="dtype of the native and candidate runs")
     run.add_argument("--candidate", default="flaggems", help="backend compared with native")
+    run.add_argument(
+        "--candidate-precision",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="engine.precision of the candidate (fp8: e4m3 prefix GEMMs; with --candidate native)",
+    )
     run.add_argument("--steps", type=int, default=10)
     run.add_argument("--cameras", type=int, default=3)
     run.add_argument("--prompt", default=None)
@@ -521,6 +530,7 @@ def parse_args(argv=None):
     child.add_argument("--backend", default="native", help=argparse.SUPPRESS)
     child.add_argument("--save", help=argparse.SUPPRESS)
     child.add_argument("--round-weights", help=argparse.SUPPRESS)
+    child.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not (args.child or args.urls or args.random or args.model):
         p.error("give --random (with --preset), --model DIR, or --urls")

@@ -27,7 +27,7 @@ from flagscale.models.pi0.weights import (
     init_random_weights,
     load_weights,
 )
-from flagscale.ops import TRUE_STRINGS, Ops, build_ops
+from flagscale.ops import TRUE_STRINGS, Ops, build_ops, fp8
 
 logger = get_logger(__name__)
 
@@ -61,11 +61,21 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def op_table(ops, device: torch.device, fused_kernels="auto", persistent_layers=True) -> Ops:
+def op_table(
+    ops, device: torch.device, fused_kernels="auto", persistent_layers=True, precision="bf16"
+) -> Ops:
     """An op backend name ("native", "flaggems", "auto") or a built `Ops` table, plus the fused
     Triton kernels when `fused_kernels` is true (any backend), or "auto" with native ops on a
     CUDA device (FlagGems keeps every op on FlagGems unless they are asked for).
-    `persistent_layers`: with the fused kernels, each expert layer at batch 1 in one launch."""
+    `persistent_layers`: with the fused kernels, each expert layer at batch 1 in one launch.
+    `precision` "fp8": the prefix GEMMs in e4m3 (`flagscale.ops.fp8`; weights via `fp8.enable`)."""
+    table = _fused_table(ops, device, fused_kernels, persistent_layers)
+    if fp8.check_precision(precision, device, bool(table.fused)) == "fp8":
+        return table.with_fp8()
+    return table
+
+
+def _fused_table(ops, device, fused_kernels, persistent_layers) -> Ops:
     table = ops if isinstance(ops, Ops) else build_ops(ops)
     if table.fused:
         return table
@@ -79,6 +89,12 @@ def op_table(ops, device: torch.device, fused_kernels="auto", persistent_layers=
     if device.type != "cuda":
         raise ValueError(f"fused_kernels=true needs a CUDA device, not {device}")
     return table.with_fused_kernels(persistent_layers)
+
+
+def _quantize(model, precision):
+    if str(precision).lower() == "fp8":
+        added = fp8.enable(model)
+        logger.info("precision fp8: e4m3 copies of the prefix weights, %.2f GB", added / 1e9)
 
 
 def _has_triton() -> bool:
@@ -133,6 +149,7 @@ class PI0Policy:
         fused_kernels="auto",
         persistent_layers=True,
         variant=None,
+        precision="bf16",
     ):
         """`variant` ("pi0" / "pi0.5", None: from the checkpoint) is checked against what the
         checkpoint holds (config.json "type", else the tensors)."""
@@ -143,9 +160,11 @@ class PI0Policy:
         config = PI0Config.from_json_dict(raw, preset or "pi0", detect_variant(reader))
         check_variant(variant, config.variant, model_path)
         with torch.device("meta"):
-            model = PI0Model(config, op_table(ops, device, fused_kernels, persistent_layers))
+            table = op_table(ops, device, fused_kernels, persistent_layers, precision)
+            model = PI0Model(config, table)
         start = time.perf_counter()
         info = load_weights(model, model_path, device, dtype, progress=progress, reader=reader)
+        _quantize(model, precision)
         logger.info("weights on %s in %.1f s", device, time.perf_counter() - start)
         tokenizer_path = tokenizer_path or (model_path if _has_tokenizer(model_path) else None)
         if tokenizer_path is None:
@@ -170,6 +189,7 @@ class PI0Policy:
         stat_path=None,
         fused_kernels="auto",
         persistent_layers=True,
+        precision="bf16",
         **config_overrides,
     ):
         """Random weights (demo, tests, benchmarks). Its actions are meaningless."""
@@ -177,11 +197,13 @@ class PI0Policy:
         dtype = resolve_dtype(dtype, device)
         config = PI0Config.from_preset(preset, **config_overrides)
         with torch.device("meta"):
-            model = PI0Model(config, op_table(ops, device, fused_kernels, persistent_layers))
+            table = op_table(ops, device, fused_kernels, persistent_layers, precision)
+            model = PI0Model(config, table)
         model = model.to_empty(device=device)
         init_random_weights(model, seed)
         model.to(dtype)
         _restore_fp32(model)
+        _quantize(model, precision)
         if tokenizer_path is None:
             tokenizer_path = _shared_test_tokenizer(min(512, config.vocab_size))
         normalizer = cls._normalizer(config, stat_path) if stat_path else None
