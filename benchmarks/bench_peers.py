@@ -9,7 +9,8 @@ call with inputs already on the GPU, after warm-up):
 - `flagscale`: `PI0FlowMatching` of the public FlagScale 0.8.0 wheel (`flag-scale==0.8.0`), eager.
 - `lerobot`: `PI0Pytorch` (or `PI05Pytorch` with `--model pi05`) of lerobot 0.4.4, eager, on
   transformers 4.53.2 with openpi's `transformers_replace` edits
-  (tests/models/lerobot_ref/patch_transformers_openpi.py).
+  (tests/models/lerobot_ref/patch_transformers_openpi.py). PyAV, which lerobot's dataset code
+  imports at module level, is an inert stand-in (`av_stub`): the policies never decode video.
 
 A peer's packages live in a target directory of their own (`--peer-root`), filled from the wheels in
 `--wheels` at run time (pip, no index): the peer's transformers 4.53.2 never meets this repo's
@@ -63,6 +64,9 @@ def time_calls(fn, args):
     """p50 etc. of `args.iters` calls after `args.warmup`: CUDA events on a GPU, host clock else."""
     timing = load_timing()
     if args.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()  # the peak of the timed calls, not of the build
         return timing.percentiles(timing.cuda_times(fn, args.iters, args.warmup))
     for _ in range(args.warmup):
         fn()
@@ -266,6 +270,27 @@ def install_site(peer, wheels, peer_root, python):
     return _with_flagscale(peer, wheels, peer_root, paths)
 
 
+AV_STUB = '''"""Stand-in for PyAV (a 36 MB wheel): lerobot.datasets.video_utils imports it at module level,
+lerobot's policies never decode video. Any other use fails loudly."""
+import types
+
+logging = types.SimpleNamespace(WARNING=24)  # FFmpeg's AV_LOG_WARNING: a default argument
+
+
+def __getattr__(name):
+    raise ImportError(f"av.{name}: PyAV is a stand-in in this benchmark (bench_peers.py)")
+'''
+
+
+def av_stub(peer_root):
+    """A folder holding the `av` stand-in (first on lerobot's PYTHONPATH)."""
+    folder = os.path.join(peer_root, "stubs")
+    os.makedirs(os.path.join(folder, "av"), exist_ok=True)
+    with open(os.path.join(folder, "av", "__init__.py"), "w") as f:
+        f.write(AV_STUB)
+    return folder
+
+
 def _with_flagscale(peer, wheels, peer_root, paths):
     """FlagScale's wheel holds its code as flag_scale/flagscale/...: extract that folder only."""
     if peer != "flagscale":
@@ -306,7 +331,8 @@ def run_peer(args, peer):
         env["PYTHONPATH"] = ROOT
     else:  # without --wheels, the peer's packages are already in `--peer-python`'s environment
         site = install_site(peer, args.wheels, args.peer_root, python) if args.wheels else ""
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (site, *args.peer_path) if p)
+        stub = av_stub(args.peer_root) if peer == "lerobot" else ""
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (stub, site, *args.peer_path) if p)
     proc = subprocess.run(
         worker_command(args, peer, python),
         env=env,
