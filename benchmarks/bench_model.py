@@ -2,6 +2,9 @@
 
     python benchmarks/bench_model.py --preset pi0 --ops native --graphs on off \
         --batch 1 2 4 8 --cameras 1 2 3 --steps 10 20 --iters 30 --out results.json
+    python benchmarks/bench_model.py --preset pi05 --batch 1 8      # Pi0.5
+    python benchmarks/bench_model.py --batch 1 --rtc 5               # + RTC-guided calls
+    python benchmarks/bench_model.py --precision bf16 fp8           # engine.precision A/B
 
 Random weights (timing does not depend on values). Times are CUDA-event measurements of the model
 call (`policy.sampler`, inputs already on the GPU); `--phases` adds an eager per-phase split.
@@ -127,7 +130,27 @@ def one(policy, args, ops, graphs, b, cams, steps, build_s):
         row[f"infer_{part}_p50"] = float(np.median([t[part] for t in split]))
     if args.phases and graphs == "off":
         row["phases"] = phase_split(policy, inputs, steps, args.iters)
+    if args.rtc is not None:
+        row["rtc"] = rtc_times(policy, obs, inputs, steps, args)
     return row
+
+
+def rtc_times(policy, obs, inputs, steps, args) -> dict:
+    """Guided (real-time chunking) model time per gradient mode, beside the unguided call above:
+    each row continues the chunk the policy returned for it, `--rtc` actions already executed
+    (delay = --rtc too). Guided calls run eagerly (`infer_batch` takes no graph for them)."""
+    from flagscale.models.pi0.rtc import RTCConfig, RTCRequest
+
+    out = {"inference_delay": args.rtc}
+    previous = policy.infer_batch(obs, num_steps=steps)
+    requests = [RTCRequest(r["actions"][args.rtc :], args.rtc) for r in previous]
+    for gradient in args.rtc_gradient:
+        policy.rtc_config = RTCConfig(gradient=gradient)
+        guide = policy.rtc_guidance(requests)
+        fn = lambda: policy.model.sample_actions(**inputs, num_steps=steps, rtc=guide)  # noqa: E731
+        out[f"{gradient}_ms"] = percentiles(cuda_time(fn, args.iters))
+    policy.rtc_config = RTCConfig()
+    return out
 
 
 def main():
@@ -151,6 +174,16 @@ def main():
     p.add_argument("--steps", nargs="+", type=int, default=[10])
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--phases", action="store_true")
+    p.add_argument(
+        "--rtc",
+        type=int,
+        default=None,
+        metavar="DELAY",
+        help="also time RTC-guided calls (inference_delay DELAY, the previous chunk's leftover)",
+    )
+    p.add_argument(
+        "--rtc-gradient", nargs="+", default=["lerobot", "vjp"], help="RTC gradient modes to time"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the passes (native)")
     p.add_argument("--no-cudnn", action="store_true", help="disable the cuDNN SDPA backend")
     p.add_argument("--out", default=None)
