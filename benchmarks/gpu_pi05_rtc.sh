@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pi0.5 and RTC on one GPU in one go: the GPU tests, Pi0 and Pi0.5 model latency (B = 1 and 8,
-# 3 cameras, 10 steps), RTC-guided vs unguided at B = 1 (both gradient modes), and lerobot 0.4.4's
-# pi05 beside ours (bench_peers.py, when its wheels are there). Ends with a summary of the ratios.
+# 3 cameras, 10 steps), RTC-guided vs unguided at B = 1 (both gradient modes), and, when the peers'
+# wheels are there, Pi0 beside FlagScale 0.8.0 / lerobot 0.4.4 and Pi0.5 beside lerobot's pi05
+# (bench_peers.py). Ends with a summary of the ratios.
 #
 #   bash benchmarks/gpu_pi05_rtc.sh [OUT_DIR] [WHEELS_DIR]
 #   (OUT_DIR default: $OUT, else /tmp/gpu_pi05_rtc; WHEELS_DIR default: .gpu/whl)
@@ -39,7 +40,9 @@ python benchmarks/bench_model.py --batch 1 --cameras 3 --steps 10 --iters 20 --r
   --out "$O/model_rtc.json" | rows
 
 if [ -d "$W" ]; then
-  step "lerobot pi05 beside ours"
+  step "Pi0 beside FlagScale 0.8.0 and lerobot 0.4.4"
+  python benchmarks/bench_peers.py --wheels "$W" --out "$O/peers_pi0.json" | tail -5
+  step "Pi0.5 beside lerobot 0.4.4's pi05"
   python benchmarks/bench_peers.py --model pi05 --wheels "$W" --out "$O/peers_pi05.json" \
     | tail -4
 fi

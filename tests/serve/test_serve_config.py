@@ -325,3 +325,10 @@ def test_persistent_layers_switch():
     assert load_serve_config(engine(), env={}).persistent_layers is True  # the default
     assert load_serve_config(engine(persistent_layers="false"), env={}).persistent_layers is False
     assert "serve.engine.persistent_layers" in error_of(engine(persistent_layers="sometimes"))
+
+
+def test_precision_choice():
+    assert load_serve_config(engine(), env={}).precision == "bf16"
+    assert load_serve_config(engine(precision="fp8"), env={}).precision == "fp8"
+    message = error_of(engine(precision="fp16"))
+    assert "precision" in message and "fp8" in message

@@ -8,8 +8,8 @@ normaliser inside `GemmaModel`, and no 1/sqrt(width) division in `PaliGemmaModel
 LeRobot's pyproject pins a transformers git branch for this (`fix/lerobot_openpi`), which PyPI cannot
 serve; openpi instead copies `src/openpi/models_pytorch/transformers_replace/*` over a
 transformers==4.53.2 install. This script makes the same edits, textually, to the installed files
-(only the parts LeRobot's PI0 code path uses; the ada-RMSNorm branch is pi0.5-only and kept as in
-openpi). Run it with the Python of the *separate* LeRobot venv; it refuses any other version and is
+(only the parts LeRobot's PI0 code path uses, plus SigLIP's bf16 encoder input that a bf16 model
+needs; the ada-RMSNorm branch is pi0.5-only and kept as in openpi). Run it with the Python of the *separate* LeRobot venv; it refuses any other version and is
 idempotent.
 
     /tmp/lrvenv/bin/python tests/models/lerobot_ref/patch_transformers_openpi.py
@@ -205,6 +205,19 @@ PALIGEMMA_EDITS = [
     )
 ]
 
+SIGLIP_EDITS = [
+    (
+        "        hidden_states = self.embeddings(pixel_values, "
+        "interpolate_pos_encoding=interpolate_pos_encoding)\n",
+        "        hidden_states = self.embeddings(pixel_values, "
+        "interpolate_pos_encoding=interpolate_pos_encoding)\n"
+        "        " + MARK + ": bf16 encoder input when the encoder is bf16\n"
+        "        if len(self.encoder.layers) > 0 and "
+        "self.encoder.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:\n"
+        "            hidden_states = hidden_states.to(torch.bfloat16)\n",
+    )
+]
+
 CHECK = (
     "import transformers\n\n\n"
     "def check_whether_transformers_replace_is_installed_correctly():\n"
@@ -233,6 +246,7 @@ def main():
     done = [
         _patch(os.path.join(root, "models/gemma/modeling_gemma.py"), GEMMA_EDITS),
         _patch(os.path.join(root, "models/paligemma/modeling_paligemma.py"), PALIGEMMA_EDITS),
+        _patch(os.path.join(root, "models/siglip/modeling_siglip.py"), SIGLIP_EDITS),
     ]
     with open(os.path.join(root, "models/siglip/check.py"), "w") as f:
         f.write(CHECK)
