@@ -21,7 +21,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 
 step "GPU tests"
 python -m pytest -q -m "gpu or not gpu" tests/engine tests/ops/test_triton_fused.py \
-  tests/ops/test_triton_image.py tests/models/test_fused_model.py tests/models/test_pi0_model.py tests/models/test_pi0_processing.py \
+  tests/ops/test_triton_image.py tests/ops/test_fp8.py tests/models/test_fused_model.py tests/models/test_pi0_model.py tests/models/test_pi0_processing.py \
   tests/serve/test_serve_codec.py tests/serve/test_serve_http.py \
   tests/serve/test_serve_image_decoder.py 2>&1 | tail -5 | tee "$OUT_DIR/pytest_gpu.txt"
 
