@@ -5,11 +5,16 @@
         --left-wrist-img examples/pi0/orbbec_1_latest.jpg \\
         --right-wrist-img examples/pi0/orbbec_2_latest.jpg --num-steps 20
 
-Sends the JPEG files as base64 (cam_high / cam_left_wrist / cam_right_wrist), the state as
+FlagScale's current client flags work too (`--img1 --img2 --img3` for the three cameras,
+`--state-path` a `.pt` tensor or `.npy` array of shape (state_dim,) or (1, state_dim),
+`--instruction`); only the default port differs (9010 here, 5000 in FlagScale's Pi0.5 examples).
+
+Sends the JPEG files as base64 under the model's image names (`observation.images.base_0_rgb`,
+`..left_wrist_0_rgb`, `..right_wrist_0_rgb`, which every server config accepts), the state as
 `eef_pose` (the model's state in v1), `state` and `qpos`. A missing image file is left out (the
 server masks that camera). Prints the action shape, a few values, server timing and round-trip
 latency. Exit codes: 0 ok, 1 the server answered an error, 2 bad arguments, 3 server unreachable,
-4 timeout. Needs only numpy and the standard library.
+4 timeout. Needs only numpy and the standard library (and torch to read a .pt state file).
 """
 
 import argparse
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_INSTRUCTION = "Grab the orange and put it into the basket."
+IMAGE_PREFIX = "observation.images."
 CAMERAS = (
     ("cam_high", "base_img", "base_0_rgb"),
     ("cam_left_wrist", "left_wrist_img", "left_wrist_0_rgb"),
@@ -43,12 +49,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Client for the FlagScale Pi0 inference server")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9010)
-    p.add_argument("--base-img", help="JPEG/PNG for cam_high (base_0_rgb)")
-    p.add_argument("--left-wrist-img", help="JPEG/PNG for cam_left_wrist (left_wrist_0_rgb)")
-    p.add_argument("--right-wrist-img", help="JPEG/PNG for cam_right_wrist (right_wrist_0_rgb)")
+    p.add_argument("--base-img", "--img1", help="JPEG/PNG for cam_high (base_0_rgb)")
+    p.add_argument(
+        "--left-wrist-img", "--img2", help="JPEG/PNG for cam_left_wrist (left_wrist_0_rgb)"
+    )
+    p.add_argument(
+        "--right-wrist-img", "--img3", help="JPEG/PNG for cam_right_wrist (right_wrist_0_rgb)"
+    )
     p.add_argument("--num-steps", type=int, default=10, help="flow-matching steps (default 10)")
     p.add_argument("--instruction", default=DEFAULT_INSTRUCTION, help="task prompt")
-    p.add_argument("--state", default=None, help="comma-separated robot state (default zeros)")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--state", default=None, help="comma-separated robot state (default zeros)")
+    state.add_argument(
+        "--state-path", default=None, help="robot state from a .pt (torch tensor) or .npy file"
+    )
     p.add_argument(
         "--state-dim", type=int, default=14, help="length of the zero state (default 14)"
     )
@@ -76,16 +90,45 @@ def parse_state(text: str | None, dim: int) -> list:
         raise ClientError(f"--state: expected comma-separated numbers, got {text!r}", 2) from None
 
 
+def load_state_file(path: str) -> list:
+    """A .pt tensor (read with weights_only=True: no code runs) or a .npy array (no pickles) of
+    shape (state_dim,) or (1, state_dim) -> list of floats."""
+    if not Path(path).is_file():
+        raise ClientError(f"--state-path: file not found: {path}", 2)
+    try:
+        if path.endswith(".pt"):
+            import torch
+
+            value = torch.load(path, map_location="cpu", weights_only=True)
+            value = value.float().numpy() if isinstance(value, torch.Tensor) else value
+        elif path.endswith(".npy"):
+            value = np.load(path, allow_pickle=False)
+        else:
+            raise ClientError(f"--state-path: expected a .pt or .npy file, got {path}", 2)
+        state = np.asarray(value, dtype=np.float64)
+    except ClientError:
+        raise
+    except Exception as e:  # unreadable file, pickled object, non-numeric content
+        raise ClientError(f"--state-path: cannot read {path}: {e}", 2) from None
+    if state.ndim == 2 and state.shape[0] == 1:
+        state = state[0]
+    if state.ndim != 1:
+        raise ClientError(
+            f"--state-path: expected shape (state_dim,) or (1, state_dim), got {state.shape}", 2
+        )
+    return state.tolist()
+
+
 def read_images(args) -> tuple:
-    """-> ({camera: base64 text}, {slot: bool}); missing files are left out with a warning."""
+    """-> ({image key: base64 text}, {slot: bool}); missing files are left out with a warning."""
     images, masks = {}, {}
     for camera, attr, slot in CAMERAS:
-        path = getattr(args, attr)
+        path, key = getattr(args, attr), IMAGE_PREFIX + slot
         if path and Path(path).is_file():
-            images[camera] = base64.b64encode(Path(path).read_bytes()).decode("utf-8")
+            images[key] = base64.b64encode(Path(path).read_bytes()).decode("utf-8")
         elif path:
             print(f"warning: {path} not found; {camera} is sent masked", file=sys.stderr)
-        masks[slot] = camera in images
+        masks[slot] = key in images
     if not images:
         raise ClientError(
             "no image: give at least one of --base-img, --left-wrist-img, --right-wrist-img", 2
@@ -94,7 +137,10 @@ def read_images(args) -> tuple:
 
 
 def build_body(args) -> dict:
-    state = parse_state(args.state, args.state_dim)
+    if args.state_path:
+        state = load_state_file(args.state_path)
+    else:
+        state = parse_state(args.state, args.state_dim)
     images, masks = read_images(args)
     body = {
         "instruction": args.instruction,

@@ -38,10 +38,12 @@ from flagscale.runner.process import (
 )
 from flagscale.runner.runner_base import RunnerBase, RunnerError
 from flagscale.runner.smoke import check_infer_response, sample_request
+from flagscale.serve.flagscale_compat import ENTRYPOINTS, raw_engine
 
 logger = get_logger("flagscale.runner")
 
 HOST_TAG = "host_0_localhost"
+DEFAULT_ENTRYPOINT = "flagscale/serve/run_serve_pi0.py"
 POLL_S = 0.5
 REPORT_EVERY_S = 5.0
 
@@ -70,9 +72,7 @@ class ServeRunner(RunnerBase):
     def _stop_timeout(self, configured: float) -> float:
         """SIGTERM -> SIGKILL wait. A server drains in-flight requests for up to
         serve.engine.drain_timeout_s after SIGTERM; warn when stop_timeout leaves it no room."""
-        serve = plain(self.cfg.get("serve"))
-        engine = serve.get("engine") if isinstance(serve, dict) else None
-        drain = engine.get("drain_timeout_s") if isinstance(engine, dict) else None
+        drain = raw_engine(plain(self.cfg.get("serve"))).get("drain_timeout_s")
         if isinstance(drain, (int, float)) and configured < float(drain) + 2.0:
             logger.warning(
                 "experiment.runner.stop_timeout (%gs) is shorter than serve.engine.drain_timeout_s "
@@ -112,7 +112,10 @@ class ServeRunner(RunnerBase):
                 "set it to null (the server runs on this machine)"
             )
         task = self.cfg.experiment.task
-        entry = Path(str(task.get("entrypoint") or "flagscale/serve/run_serve_pi0.py"))
+        entry = Path(str(task.get("entrypoint") or DEFAULT_ENTRYPOINT))
+        if str(entry) in ENTRYPOINTS:
+            logger.info("experiment.task.entrypoint %s: FlagScale's server; running ours", entry)
+            entry = Path(DEFAULT_ENTRYPOINT)
         entry = entry if entry.is_absolute() else self.repo_root / entry
         if entry.suffix != ".py":
             raise RunnerError(f"experiment.task.entrypoint: {entry} is not a .py file")
@@ -130,7 +133,7 @@ class ServeRunner(RunnerBase):
                 "set deploy.ray_address instead (see docs/ray_serve.md)"
             )
         deploy = plain(self.runner_cfg.get("deploy")) or {}
-        device = str(((plain(self.cfg.get("serve")) or {}).get("engine") or {}).get("device", ""))
+        device = str(raw_engine(plain(self.cfg.get("serve"))).get("device", ""))
         try:
             deploy_options(deploy, device)
         except DeployError as err:

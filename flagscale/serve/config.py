@@ -33,11 +33,16 @@ DEFAULT_OPENPI_IMAGES = {
     "images/cam_high": "base_0_rgb",
     "images/cam_left_wrist": "left_wrist_0_rgb",
     "images/cam_right_wrist": "right_wrist_0_rgb",
+    # FlagScale's websocket server (run_serve_vla.py) and lerobot: the model's own feature names
+    "observation.images.base_0_rgb": "base_0_rgb",
+    "observation.images.left_wrist_0_rgb": "left_wrist_0_rgb",
+    "observation.images.right_wrist_0_rgb": "right_wrist_0_rgb",
 }
 # openpi state keys, in order; those present are concatenated (DROID: joint + gripper position).
 DEFAULT_OPENPI_STATE = (
     "observation/state",
     "state",
+    "observation.state",
     "observation/joint_position",
     "observation/gripper_position",
 )
@@ -173,10 +178,14 @@ def load_serve_config(source, env: Mapping[str, str] | None = None) -> ServeConf
 
 
 def parse_serve_section(serve, env: Mapping[str, str]) -> ServeConfig:
+    if isinstance(serve, list):  # FlagScale's current form: - serve_id: ... engine_args: {...}
+        from flagscale.serve.flagscale_compat import parse_list_form
+
+        return parse_list_form(serve, env)
     if not isinstance(serve, Mapping):
         raise ConfigError(
-            "serve: expected a mapping with an 'engine' block (FlagScale v1 form), got "
-            f"{type(serve).__name__}; the list form (serve_id/engine_args) is not supported"
+            "serve: expected a mapping with an 'engine' block, or a list with one "
+            f"'- serve_id: ... engine_args: ...' entry, got {type(serve).__name__}"
         )
     _check_known("serve", serve, SERVE_KEYS)
     engine = serve.get("engine")
@@ -208,10 +217,10 @@ def _to_plain(source):
         from omegaconf import OmegaConf
 
         return OmegaConf.to_container(source, resolve=True)
-    if isinstance(source, Mapping):
+    if isinstance(source, (Mapping, list)):
         return source
     raise ConfigError(
-        f"config: expected a path, a mapping or a ServeConfig, got {type(source).__name__}"
+        f"config: expected a path, a mapping, a list or a ServeConfig, got {type(source).__name__}"
     )
 
 
@@ -225,8 +234,8 @@ def _read_yaml(path: Path):
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    if not isinstance(data, (Mapping, list)):
+        raise ConfigError(f"config file {path}: expected a mapping or a list at the top level")
     return data
 
 

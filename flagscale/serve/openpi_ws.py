@@ -10,7 +10,10 @@ text frame with the error (the traceback for unexpected errors), then close code
 Observation mapping (config): nested dicts are flattened with "/" ({"images": {"cam_high": x}} ->
 "images/cam_high"); `openpi_images` maps those keys to model image slots (uint8 or [0, 1] float,
 HWC or CHW); the `openpi_state_keys` present are concatenated and zero-padded to state_dim;
-`openpi_prompt_key` is the instruction (engine.instruction when absent).
+`openpi_prompt_key` (else `task`, FlagScale's and lerobot's name) is the instruction
+(engine.instruction when both are absent). FlagScale's websocket clients (run_serve_vla.py) send
+`observation.images.<slot>`, `observation.state` and `task`, and read `action`, sent next to
+`actions`.
 """
 
 import time
@@ -34,6 +37,7 @@ INTERNAL_ERROR = 1011
 POLICY_VIOLATION = 1008
 SERVICE_RESTART = 1012  # server restarting: reconnect later
 ENDPOINT = "openpi"
+TASK_KEY = "task"  # the prompt's key for FlagScale's websocket clients and lerobot
 
 
 def add_openpi_route(app: FastAPI, infer_one) -> None:
@@ -128,6 +132,7 @@ async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
     actions, result = await infer_one(obs, num_steps, preprocess_ms)
     return {
         "actions": actions,
+        "action": actions,  # FlagScale's websocket server (run_serve_vla.py) sends both
         "policy_timing": {
             "infer_ms": result.model_ms,
             "queue_ms": result.queue_ms,
@@ -247,7 +252,7 @@ def _numbers(key: str, value) -> np.ndarray:
 
 
 def _prompt(flat: dict, cfg: ServeConfig) -> str:
-    value = flat.get(cfg.openpi_prompt_key, cfg.instruction)
+    value = flat.get(cfg.openpi_prompt_key, flat.get(TASK_KEY, cfg.instruction))
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, np.ndarray) and value.dtype.kind in "US":

@@ -178,7 +178,7 @@ BAD = [
         "did you mean 'action_dim'",
     ),
     ("no engine", {"generate": {}}, "serve.engine: missing"),
-    ("list form", {"serve": [{"serve_id": "vllm_model"}]}, "list form"),
+    ("list form", {"serve": [{"serve_id": "vllm_model"}]}, "serve[0].engine_args: missing"),
     (
         "float16",
         engine(torch_dtype="float16"),
