@@ -117,7 +117,10 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
+        lerobot = _start_lerobot_grpc(app.state) if cfg.lerobot_grpc.enabled else None
         yield
+        if lerobot is not None:
+            lerobot.stop(cfg.drain_timeout_s).wait()
         await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="FlagScale Pi0 server", version=__version__, lifespan=lifespan)
@@ -150,6 +153,14 @@ def create_app(
             expose_headers=["X-Request-ID"],
         )
     return app
+
+
+def _start_lerobot_grpc(state):
+    """lerobot's async-inference gRPC service (engine.lerobot_grpc); grpcio is imported here."""
+    from flagscale.serve import lerobot_grpc
+
+    state.lerobot_grpc = lerobot_grpc.start(state)
+    return state.lerobot_grpc
 
 
 # ---------------------------------------------------------------- startup checks

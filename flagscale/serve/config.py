@@ -90,6 +90,23 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class LerobotGrpcConfig:
+    """`engine.lerobot_grpc`: lerobot's async-inference gRPC service (see lerobot_grpc.py)."""
+
+    enabled: bool = False
+    host: str | None = None  # None: engine.host
+    port: int = 8080
+    cameras: Mapping[str, str] = dataclasses.field(default_factory=dict)  # robot camera -> slot
+    fps: float = 30.0  # returned action i is stamped observation timestamp + i / fps
+    obs_queue_timeout_s: float = 2.0  # GetActions waits this long for an observation
+    max_message_mb: float = 32.0  # one observation, all its chunks together
+    max_robots: int = 16  # robots (gRPC peers) with state kept; the least recent is dropped
+
+
+LEROBOT_GRPC_KEYS = tuple(f.name for f in dataclasses.fields(LerobotGrpcConfig))
+
+
+@dataclasses.dataclass(frozen=True)
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 9010
@@ -142,6 +159,7 @@ class ServeConfig:
     cors_allow_origins: tuple = ()
     drain_timeout_s: float = 10.0
     infer_timeout_s: float = 120.0
+    lerobot_grpc: LerobotGrpcConfig = dataclasses.field(default_factory=LerobotGrpcConfig)
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -468,7 +486,33 @@ _PARSERS = {
     "cors_allow_origins": lambda k, v: _as_str_list(k, v, allow_empty=True),
     "drain_timeout_s": lambda k, v: _as_float(k, v, 0.0, 3600.0),
     "infer_timeout_s": lambda k, v: _as_float(k, v, 0.1, 86400.0),
+    "lerobot_grpc": lambda k, v: _as_lerobot_grpc(k, v),
 }
+
+_LEROBOT_GRPC_PARSERS = {
+    "enabled": _as_bool,
+    "host": _as_str,
+    "port": lambda k, v: _as_int(k, v, 0, 65535),  # 0: any free port (logged)
+    "cameras": lambda k, v: _as_cameras(k, v) if v else {},
+    "fps": lambda k, v: _as_float(k, v, 0.1, 10000.0),
+    "obs_queue_timeout_s": lambda k, v: _as_float(k, v, 0.01, 60.0),
+    "max_message_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),
+    "max_robots": lambda k, v: _as_int(k, v, 1, 1024),
+}
+
+
+def _as_lerobot_grpc(key: str, value) -> LerobotGrpcConfig:
+    if isinstance(value, LerobotGrpcConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping, e.g. {{enabled: true, port: 8080}}")
+    _check_known(key, value, LEROBOT_GRPC_KEYS)
+    parsed = {
+        name: _LEROBOT_GRPC_PARSERS[name](f"{key}.{name}", item)
+        for name, item in value.items()
+        if item is not None
+    }
+    return LerobotGrpcConfig(**parsed)
 
 
 def _as_str_list(key: str, value, allow_empty: bool) -> tuple:
@@ -623,5 +667,25 @@ def _check_cross_fields(cfg: ServeConfig) -> None:
         )
     if cfg.host in ("", "*"):
         raise ConfigError(f"serve.engine.host: invalid bind address {cfg.host!r}")
+    _check_lerobot_grpc(cfg)
     if cfg.openpi_prompt_key in cfg.openpi_state_keys:
         raise ConfigError("serve.engine.openpi_prompt_key: also listed in openpi_state_keys")
+
+
+def _check_lerobot_grpc(cfg: ServeConfig) -> None:
+    grpc = cfg.lerobot_grpc
+    if not grpc.enabled:
+        return
+    if grpc.port == cfg.port and (grpc.host or cfg.host) == cfg.host:
+        raise ConfigError(
+            f"serve.engine.lerobot_grpc.port: {grpc.port} is also serve.engine.port; use another"
+        )
+    import importlib.util
+
+    if (
+        importlib.util.find_spec("grpc") is None
+        or importlib.util.find_spec("google.protobuf") is None
+    ):
+        raise ConfigError(
+            "serve.engine.lerobot_grpc.enabled: needs grpcio and protobuf: pip install -e '.[lerobot]'"
+        )
