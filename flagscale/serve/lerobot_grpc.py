@@ -335,6 +335,12 @@ class LerobotService:
         self.msg = messages()
 
     def ready(self, request, context):
+        if self.robots.get(context.peer()).setup is not None:
+            logger.warning(
+                "lerobot: Ready again from %s: its state starts afresh (robots are told apart by "
+                "connection; two RobotClients in one process share one: run one per process)",
+                context.peer(),
+            )
         self.robots.get(context.peer(), fresh=True)
         logger.info("lerobot: robot %s ready", context.peer())
         return self.msg.Empty()

@@ -150,3 +150,36 @@ def read_actions(data: bytes) -> list:
 
 def stack(timed_actions) -> np.ndarray:
     return torch.stack([a.action for a in timed_actions]).numpy()
+
+
+class RecordingPolicy:
+    """A policy that records each model call's batch size."""
+
+    def __init__(self, policy):
+        self.policy, self.batches = policy, []
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def infer_batch(self, observations, *args, **kwargs):
+        self.batches.append(len(observations))
+        return self.policy.infer_batch(observations, *args, **kwargs)
+
+
+def start_server(policy, cameras: dict, **engine):
+    """A real server (uvicorn on loopback) with lerobot_grpc on a free port, 6 joints, seed 0;
+    `.address` is the gRPC address, `.recording.batches` the model calls' batch sizes. Stop it
+    with `__exit__`."""
+    from serve_helpers import LiveServer, serve_cfg
+
+    from flagscale.serve.app import create_app
+
+    grpc_cfg = {"enabled": True, "port": 0, "cameras": cameras}
+    cfg = serve_cfg(state_dim=6, action_dim=6, seed=0, lerobot_grpc=grpc_cfg, **engine)
+    recording = RecordingPolicy(policy)
+    server = LiveServer(create_app(recording, cfg))
+    server.__enter__()
+    server.wait_ready()
+    server.address = f"127.0.0.1:{server.app.state.lerobot_grpc.bound_port}"
+    server.recording = recording
+    return server

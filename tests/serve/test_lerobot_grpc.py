@@ -7,10 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from serve_helpers import LiveServer, serve_cfg
-
 from flagscale.serve import lerobot_pickle as lp
-from flagscale.serve.app import create_app
 
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("google.protobuf")
@@ -25,35 +22,9 @@ SLOTS = {"front": "base_0_rgb", "wrist": "left_wrist_0_rgb"}
 KEY = "k" * 16
 
 
-class RecordingPolicy:
-    """The tiny policy; records each model call's batch size."""
-
-    def __init__(self, policy):
-        self.policy, self.batches = policy, []
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
-
-    def infer_batch(self, observations, *args, **kwargs):
-        self.batches.append(len(observations))
-        return self.policy.infer_batch(observations, *args, **kwargs)
-
-
-def start(policy, **engine):
-    grpc_cfg = {"enabled": True, "port": 0, "cameras": SLOTS, **engine.pop("grpc", {})}
-    cfg = serve_cfg(state_dim=6, action_dim=6, seed=0, lerobot_grpc=grpc_cfg, **engine)
-    recording = RecordingPolicy(policy)
-    server = LiveServer(create_app(recording, cfg))
-    server.__enter__()
-    server.wait_ready()
-    server.address = f"127.0.0.1:{server.app.state.lerobot_grpc.bound_port}"
-    server.recording = recording
-    return server
-
-
 @pytest.fixture(scope="module")
 def robot_server(policy):
-    server = start(policy, max_wait_ms=150)
+    server = wire.start_server(policy, SLOTS, max_wait_ms=150)
     yield server
     server.__exit__(None, None, None)
 
@@ -231,7 +202,7 @@ def test_two_robots_are_batched(robot_server, policy):
 
 
 def test_api_keys_travel_in_metadata(policy):
-    server = start(policy, api_keys=[KEY])
+    server = wire.start_server(policy, SLOTS, api_keys=[KEY])
     try:
         anonymous = wire.Client(server.address)
         code, details = rpc_error(anonymous.ready)

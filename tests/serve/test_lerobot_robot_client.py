@@ -1,0 +1,70 @@
+"""lerobot's own RobotClient (lerobot 0.4.x, unchanged) driving two stand-in robots (one process
+each) from this server over gRPC. Needs a Python with lerobot and grpcio, given as LEROBOT_PYTHON, e.g.
+
+    LEROBOT_PYTHON=/path/to/lerobot-venv/bin/python python -m pytest -q tests/serve/test_lerobot_robot_client.py
+
+(skipped without it). The robots run in that Python (tests/serve/lerobot_robots.py); the server
+runs here, so its actions can be compared with policy.infer on each robot's observation."""
+
+import json
+import os
+import subprocess
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("grpc")
+wire = pytest.importorskip("lerobot_wire")
+robots = pytest.importorskip("lerobot_robots")
+
+LEROBOT_PYTHON = os.environ.get("LEROBOT_PYTHON")
+pytestmark = pytest.mark.skipif(
+    not LEROBOT_PYTHON, reason="LEROBOT_PYTHON (a Python with lerobot 0.4.x and grpcio) not set"
+)
+SCRIPT = Path(__file__).with_name("lerobot_robots.py")
+SLOTS = {"front": "base_0_rgb", "wrist": "left_wrist_0_rgb"}
+CHUNK = 10
+
+
+def reference(policy, index: int, cfg) -> np.ndarray:
+    obs = {
+        "images": {SLOTS[c]: f for c, f in robots.frames(index).items()},
+        "state": np.array(list(robots.joints(index).values()), np.float32),
+        "prompt": f"task {index}",
+    }
+    out = policy.infer(obs, num_steps=cfg.num_steps, seed=cfg.seed)["actions"]
+    return np.asarray(out, np.float32)[:CHUNK, : cfg.action_dim]
+
+
+def test_stock_robot_clients_get_policy_actions(policy, tmp_path):
+    """Two robots, one process each (as deployed): every chunk each receives is the policy's
+    actions on that robot's own observation, and the two share model calls."""
+    server = wire.start_server(policy, SLOTS, max_wait_ms=200)
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+        procs = []
+        for index, fps in enumerate((30, 25)):
+            argv = [LEROBOT_PYTHON, str(SCRIPT), "--address", server.address, "--index", str(index)]
+            argv += ["--fps", str(fps), "--seconds", "8", "--actions-per-chunk", str(CHUNK)]
+            argv += ["--out", str(tmp_path / f"robot{index}.json")]
+            procs.append(
+                subprocess.Popen(argv, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+            )
+        for proc in procs:
+            stderr = proc.communicate(timeout=300)[1]
+            assert proc.returncode == 0, stderr[-4000:]
+        cfg = server.app.state.cfg
+        for index in range(2):
+            robot = json.loads((tmp_path / f"robot{index}.json").read_text())
+            assert len(robot["received"]) >= 2 and robot["executed"] > 0, robot
+            want = reference(policy, index, cfg)
+            for chunk in robot["received"]:
+                steps = [step for step, _ in chunk]
+                assert steps == list(range(steps[0], steps[0] + CHUNK))
+                # alone or batched with the other robot: equal up to float32 rounding
+                np.testing.assert_allclose([a for _, a in chunk], want, atol=1e-5)
+        assert 2 in server.recording.batches  # the two robots shared model calls
+    finally:
+        server.__exit__(None, None, None)
