@@ -179,6 +179,12 @@ class ServeRunner(RunnerBase):
         except ConfigError as err:
             raise RunnerError(f"invalid serve config: {err}") from err
         check_port_free(serve_cfg.host, serve_cfg.port)
+        grpc = serve_cfg.lerobot_grpc
+        if grpc.enabled and grpc.port:
+            try:
+                check_port_free(grpc.host or serve_cfg.host, grpc.port)
+            except RunnerError as err:
+                raise RunnerError(f"serve.engine.lerobot_grpc.port: {err}") from err
         return serve_cfg
 
     def _url(self) -> str:
