@@ -31,6 +31,7 @@ from flagscale.logger import get_logger
 from flagscale.serve.auth import resolve_keys, warn_if_exposed
 from flagscale.serve.codec import GpuJpegDecoder, ImageDecodeError, decode_images
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
+from flagscale.serve.docs import add_docs_routes
 from flagscale.serve.errors import RequestError
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
 from flagscale.serve.middleware import ServeMiddleware
@@ -123,7 +124,13 @@ def create_app(
             lerobot.stop(cfg.drain_timeout_s).wait()
         await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="FlagScale Pi0 server", version=__version__, lifespan=lifespan)
+    app = FastAPI(  # /docs and /redoc: ours, with local assets (docs.py), not FastAPI's CDN pages
+        title="FlagScale Pi0 server",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.cfg = cfg
     app.state.worker = worker
     app.state.fixed_noise = fixed_noise
@@ -134,6 +141,7 @@ def create_app(
     app.state.draining = False  # set on SIGTERM: openpi connections take no new requests
     app.state.ws_in_flight = 0  # openpi requests being answered (drained before shutdown)
     _add_routes(app)
+    add_docs_routes(app)
     if cfg.openpi:
         add_openpi_route(app, lambda obs, steps, pre_ms: _infer_one(app, obs, steps, pre_ms))
     _add_error_handlers(app)
