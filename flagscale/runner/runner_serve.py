@@ -133,7 +133,13 @@ class ServeRunner(RunnerBase):
                 "set deploy.ray_address instead (see docs/ray_serve.md)"
             )
         deploy = plain(self.runner_cfg.get("deploy")) or {}
-        device = str(raw_engine(plain(self.cfg.get("serve"))).get("device", ""))
+        engine = raw_engine(plain(self.cfg.get("serve")))
+        if (engine.get("lerobot_grpc") or {}).get("enabled"):
+            raise RunnerError(
+                "serve.engine.lerobot_grpc.enabled: not with use_fs_serve (Ray Serve routes HTTP "
+                "only; every replica would bind the gRPC port); serve lerobot robots without Ray"
+            )
+        device = str(engine.get("device", ""))
         try:
             deploy_options(deploy, device)
         except DeployError as err:

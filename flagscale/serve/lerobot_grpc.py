@@ -457,6 +457,31 @@ _HTTP_STATUS = {
 }
 
 
+def _generic_handler(grpc, service: LerobotService):
+    msg = service.msg
+    unary, stream = grpc.unary_unary_rpc_method_handler, grpc.stream_unary_rpc_method_handler
+    table = {  # name: (kind, method, request message, reply message)
+        "Ready": (unary, service.ready, msg.Empty, msg.Empty),
+        "SendPolicyInstructions": (
+            unary,
+            service.send_policy_instructions,
+            msg.PolicySetup,
+            msg.Empty,
+        ),
+        "SendObservations": (stream, service.send_observations, msg.Observation, msg.Empty),
+        "GetActions": (unary, service.get_actions, msg.Empty, msg.Actions),
+    }
+    handlers = {
+        name: kind(
+            _handler(service, method, name),
+            request_deserializer=request.FromString,
+            response_serializer=reply.SerializeToString,
+        )
+        for name, (kind, method, request, reply) in table.items()
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
 def start(state):
     """Start the gRPC server for app.state `state`; returns it (call .stop(grace) at shutdown)."""
     try:
@@ -467,46 +492,12 @@ def start(state):
         ) from None
     from concurrent import futures
 
-    service, msg = LerobotService(state), messages()
+    service = LerobotService(state)
     grpc_cfg = state.cfg.lerobot_grpc
-
-    def rpc(kind, method, name, request_cls, reply_cls):
-        return kind(
-            _handler(service, method, name),
-            request_deserializer=request_cls.FromString,
-            response_serializer=reply_cls.SerializeToString,
-        )
-
-    handlers = {
-        "Ready": rpc(
-            grpc.unary_unary_rpc_method_handler, service.ready, "Ready", msg.Empty, msg.Empty
-        ),
-        "SendPolicyInstructions": rpc(
-            grpc.unary_unary_rpc_method_handler,
-            service.send_policy_instructions,
-            "SendPolicyInstructions",
-            msg.PolicySetup,
-            msg.Empty,
-        ),
-        "SendObservations": rpc(
-            grpc.stream_unary_rpc_method_handler,
-            service.send_observations,
-            "SendObservations",
-            msg.Observation,
-            msg.Empty,
-        ),
-        "GetActions": rpc(
-            grpc.unary_unary_rpc_method_handler,
-            service.get_actions,
-            "GetActions",
-            msg.Empty,
-            msg.Actions,
-        ),
-    }
     workers = 2 * grpc_cfg.max_robots + 4  # each robot: one GetActions + one SendObservations
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lerobot-grpc"),
-        handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
+        handlers=[_generic_handler(grpc, service)],
         options=[
             ("grpc.max_receive_message_length", CHUNK_LIMIT),
             ("grpc.max_send_message_length", CHUNK_LIMIT),
