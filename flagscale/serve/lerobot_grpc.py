@@ -39,7 +39,7 @@ SERVICE = "transport.AsyncInference"
 ENDPOINT = "lerobot"
 STATE_KEY = "observation.state"
 IMAGE_PREFIX = "observation.images."
-SERVED_POLICY_TYPES = ("pi0",)
+POLICY_TYPES = {"pi0": "pi0", "pi0.5": "pi05"}  # served model variant -> lerobot's policy_type
 BEGIN, MIDDLE, END = 1, 2, 3  # transport.TransferState
 CHUNK_LIMIT = 4 * 1024 * 1024 + 64 * 1024  # lerobot sends <= 2 MiB pieces, caps messages at 4 MiB
 MAX_PREDICTED = 10_000  # remembered predicted timesteps per robot
@@ -103,12 +103,13 @@ class Setup:
     actions_per_chunk: int
 
 
-def check_setup(spec: RemotePolicyConfig, cfg: ServeConfig) -> Setup:
-    """RemotePolicyConfig vs the served model; Refusal (INVALID_ARGUMENT) naming the field."""
+def check_setup(spec: RemotePolicyConfig, cfg: ServeConfig, served_type: str) -> Setup:
+    """RemotePolicyConfig vs the served model (lerobot policy_type `served_type`); Refusal
+    (INVALID_ARGUMENT) naming the field."""
     _expect(isinstance(spec.policy_type, str), "policy_type: expected a string")
-    if spec.policy_type not in SERVED_POLICY_TYPES:
+    if spec.policy_type != served_type:
         raise _invalid(
-            f"policy_type {spec.policy_type!r}: this server serves {', '.join(SERVED_POLICY_TYPES)} "
+            f"policy_type {spec.policy_type!r}: this server serves {served_type} "
             "(it never loads the model a client names)"
         )
     for name in ("pretrained_name_or_path", "device"):
@@ -347,7 +348,11 @@ class LerobotService:
 
     def send_policy_instructions(self, request, context):
         spec = _payload(request.data, RemotePolicyConfig)
-        setup = check_setup(spec, self.cfg)
+        policy = self.state.worker.policy
+        if policy is None:
+            raise Refusal("UNAVAILABLE", "the model is not loaded yet; retry")
+        served = POLICY_TYPES[policy.metadata.get("model_variant", "pi0")]
+        setup = check_setup(spec, self.cfg, served)
         self.robots.get(context.peer()).setup = setup
         logger.info(
             "lerobot: robot %s: %s, %d actions per chunk, cameras %s (asked for %r; serving %s)",
