@@ -120,8 +120,8 @@ def create_app(
         worker.start()
         lerobot = _start_lerobot_grpc(app.state) if cfg.lerobot_grpc.enabled else None
         yield
-        if lerobot is not None:
-            lerobot.stop(cfg.drain_timeout_s).wait()
+        if lerobot is not None:  # in-flight RPCs get drain_timeout_s, off the event loop
+            await run_in_threadpool(lambda: lerobot.stop(cfg.drain_timeout_s).wait())
         await run_in_threadpool(worker.stop)
 
     app = FastAPI(  # /docs and /redoc: ours, with local assets (docs.py), not FastAPI's CDN pages
