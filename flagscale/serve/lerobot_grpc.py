@@ -402,7 +402,14 @@ class LerobotService:
             raise Refusal(
                 "DEADLINE_EXCEEDED", f"no result after {self.cfg.infer_timeout_s:g} s"
             ) from None
-        return cut_actions(result.outputs, self.cfg)[0].astype(np.float32)
+        except NotReady as e:  # shutting down
+            raise Refusal("UNAVAILABLE", str(e)) from None
+        except Exception as e:  # as POST /infer words it
+            raise Refusal("INTERNAL", f"inference failed: {type(e).__name__}: {e}") from None
+        try:
+            return cut_actions(result.outputs, self.cfg)[0].astype(np.float32)
+        except RequestError as e:
+            raise Refusal("INTERNAL", e.message) from None
 
     def _timed(self, timed: TimedObservation, actions: np.ndarray) -> list:
         import torch
@@ -453,7 +460,8 @@ def _handler(service: LerobotService, method, name: str):
     return call
 
 
-_HTTP_STATUS = {
+_HTTP_STATUS = {  # for the request metrics
+    "INTERNAL": 500,
     "INVALID_ARGUMENT": 400,
     "UNAUTHENTICATED": 401,
     "FAILED_PRECONDITION": 409,

@@ -153,7 +153,7 @@ def stack(timed_actions) -> np.ndarray:
 
 
 class RecordingPolicy:
-    """A policy that records each model call's batch size."""
+    """A policy that records each model call's batch size (and fails on the prompt "explode")."""
 
     def __init__(self, policy):
         self.policy, self.batches = policy, []
@@ -163,6 +163,8 @@ class RecordingPolicy:
 
     def infer_batch(self, observations, *args, **kwargs):
         self.batches.append(len(observations))
+        if any(obs["prompt"] == "explode" for obs in observations):
+            raise RuntimeError("kaboom")
         return self.policy.infer_batch(observations, *args, **kwargs)
 
 

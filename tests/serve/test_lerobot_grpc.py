@@ -239,3 +239,15 @@ def test_malicious_pickles_over_grpc_run_nothing(client, robot_server, policy, t
     client.observe(good)  # the server still serves this robot
     want = reference(policy, good, robot_server.app.state.cfg, 2)
     np.testing.assert_array_equal(wire.stack(wire.read_actions(client.actions())), want)
+
+
+def test_inference_failure_is_a_grpc_error(client, robot_server, policy):
+    client.ready()
+    client.setup(wire.policy_config(JOINTS, CAMERAS, actions_per_chunk=2))
+    client.observe(wire.observation(JOINTS, CAMERAS, state(6), task="explode"))
+    code, details = rpc_error(client.actions)
+    assert code == grpc.StatusCode.INTERNAL and details == "inference failed: RuntimeError: kaboom"
+    good = wire.observation(JOINTS, CAMERAS, state(7), seed=7, must_go=True)
+    client.observe(good)
+    want = reference(policy, good, robot_server.app.state.cfg, 2)
+    np.testing.assert_array_equal(wire.stack(wire.read_actions(client.actions())), want)
