@@ -266,22 +266,16 @@ def _is_tensor(item) -> bool:
 # ---------------------------------------------------------------- replies
 
 
-class _ReplyPickler(pickle._Pickler):
-    """Writes the stand-in TimedAction under lerobot's class path (pure-Python pickler: the C one
-    insists that the class be importable under that name here)."""
-
-    def save_global(self, obj, name=None):
-        if obj is TimedAction:
-            self.save(HELPERS)
-            self.save("TimedAction")
-            self.write(pickle.STACK_GLOBAL)
-            self.memoize(obj)
-            return
-        super().save_global(obj, name)
-
-
 def dumps_actions(actions: list) -> bytes:
-    """list[TimedAction] -> the pickle lerobot's RobotClient reads (protocol 4)."""
-    buffer = io.BytesIO()
-    _ReplyPickler(buffer, protocol=4).dump(list(actions))
-    return buffer.getvalue()
+    """list[TimedAction] -> the pickle lerobot's RobotClient reads.
+
+    The C pickler writes our stand-in, then its class path is swapped for lerobot's: protocol 3
+    names a class with one text GLOBAL opcode (`c<module>\\n<name>\\n`) and has no frame lengths,
+    and the class comes first (before any tensor bytes), written once (later uses are memo
+    references). ~5x faster than a pure-Python pickler that writes the name itself."""
+    data = pickle.dumps(list(actions), protocol=3)
+    ours = f"c{TimedAction.__module__}\nTimedAction\n".encode()
+    head, found, tail = data.partition(ours)
+    if actions and (not found or len(head) > 16):
+        raise RuntimeError("unexpected pickle layout for TimedAction")
+    return head + f"c{HELPERS}\nTimedAction\n".encode() + tail if found else data

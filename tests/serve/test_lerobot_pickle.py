@@ -212,19 +212,23 @@ def test_reply_pickle_names_lerobot_classes_only():
     ours."""
     import pickletools
 
-    data = lp.dumps_actions([lp.TimedAction(1.5, 4, torch.arange(3, dtype=torch.float32))])
+    rows = [torch.arange(3, dtype=torch.float32) + i for i in range(3)]
+    data = lp.dumps_actions([lp.TimedAction(1.5 + i, 4 + i, row) for i, row in enumerate(rows)])
     strings, names = [], set()
     for op, arg, _ in pickletools.genops(io.BytesIO(data)):
         if op.name in ("SHORT_BINUNICODE", "BINUNICODE"):
             strings.append(arg)
         elif op.name == "STACK_GLOBAL":
             names.add(f"{strings[-2]}.{strings[-1]}")
+        elif op.name == "GLOBAL":
+            names.add(arg.replace(" ", "."))
     assert names == {
         "lerobot.async_inference.helpers.TimedAction",
         "torch._utils._rebuild_tensor_v2",
         "torch.storage._load_from_bytes",
         "collections.OrderedDict",
     }
-    (action,) = wire.read_actions(data)
-    assert (action.timestamp, action.timestep) == (1.5, 4)
-    assert torch.equal(action.action, torch.arange(3, dtype=torch.float32))
+    actions = wire.read_actions(data)
+    assert [(a.timestamp, a.timestep) for a in actions] == [(1.5, 4), (2.5, 5), (3.5, 6)]
+    assert all(torch.equal(a.action, row) for a, row in zip(actions, rows))
+    assert lp.dumps_actions([]) == pickle.dumps([], protocol=3)
