@@ -117,6 +117,8 @@ class ServeConfig:
     torch_dtype: str = "bfloat16"
     preset: str | None = None
     model_variant: str | None = None  # pi0 | pi0.5; None: from the checkpoint (or the preset)
+    # {STATE | ACTION: mode} over config.json's normalization_mapping; {} = the checkpoint's
+    normalization_mapping: Mapping[str, str] = dataclasses.field(default_factory=dict)
     random_init: bool = False
     ops: str = "native"
     num_steps: int = 10
@@ -446,6 +448,7 @@ _PARSERS = {
     "torch_dtype": _as_dtype,
     "preset": lambda k, v: _as_choice(k, v, PRESETS),
     "model_variant": lambda k, v: _as_choice(k, v, MODEL_VARIANTS),
+    "normalization_mapping": lambda k, v: _as_norm_mapping(k, v),
     "random_init": _as_bool,
     "ops": lambda k, v: _as_choice(k, v, OPS_BACKENDS),
     "num_steps": lambda k, v: _as_int(k, v, 1),
@@ -499,6 +502,21 @@ _LEROBOT_GRPC_PARSERS = {
     "max_message_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),
     "max_robots": lambda k, v: _as_int(k, v, 1, 1024),
 }
+
+
+# flagscale.models.pi0.normalize.NORM_MODES (that module imports torch)
+NORM_MODES = ("MEAN_STD", "MIN_MAX", "QUANTILES", "QUANTILE10", "IDENTITY")
+
+
+def _as_norm_mapping(key: str, value) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping, e.g. {{STATE: MEAN_STD, ACTION: MEAN_STD}}")
+    out = {}
+    for feature, mode in value.items():
+        name = _as_choice(f"{key}", feature, ("state", "action")).upper()
+        out[name] = _as_choice(f"{key}.{feature}", mode, tuple(m.lower() for m in NORM_MODES))
+        out[name] = out[name].upper()
+    return out
 
 
 def _as_lerobot_grpc(key: str, value) -> LerobotGrpcConfig:

@@ -66,7 +66,10 @@ def engine_from_list(serve) -> dict:
     _check_known(WHERE, args, (*ENGINE_KEYS, *MAPPED_KEYS, *IGNORED_KEYS))
     _warn_ignored([k for k in IGNORED_KEYS if k in args])
     engine = {k: v for k, v in args.items() if k in ENGINE_KEYS}
-    engine.update(_variant(args))
+    variant = _variant(args)
+    engine.update(model_variant=variant.get("model_variant"))
+    if engine.get("normalization_mapping") is None and "normalization_mapping" in variant:
+        engine["normalization_mapping"] = variant["normalization_mapping"]
     engine.update(_observation_keys(args, engine))
     if engine.get("state_dim") is None and engine.get("action_dim") is not None:
         engine["state_dim"] = engine["action_dim"]  # theirs: the warm-up state's length
@@ -93,7 +96,8 @@ def _warn_ignored(keys) -> None:
 
 
 def _variant(args: Mapping) -> dict:
-    """model_variant -> engine.model_variant; use_quantiles checked against it."""
+    """model_variant -> engine.model_variant; use_quantiles: false with pi0.5 -> mean/std for
+    state and action, as FlagScale's run_serve_pi.py sets (true, or Pi0: the checkpoint's)."""
     out = {}
     variant = args.get("model_variant")
     if variant is not None:
@@ -102,18 +106,12 @@ def _variant(args: Mapping) -> dict:
             raise ConfigError(
                 f"{WHERE}.model_variant: must be one of {', '.join(VARIANTS)}, got {variant!r}"
             )
-        if "model_variant" in ENGINE_KEYS:
-            out["model_variant"] = text
-        elif text != "pi0":
-            raise ConfigError(
-                f"{WHERE}.model_variant: {variant!r} is not served by this version (Pi0 only); "
-                "use 'pi0'"
-            )
-    if args.get("use_quantiles") not in (None, False):
-        raise ConfigError(
-            f"{WHERE}.use_quantiles: quantile normalization is not supported; set it to false "
-            "(mean/std from stat_path)"
-        )
+        out["model_variant"] = text
+    quantiles = args.get("use_quantiles")
+    if quantiles is not None and not isinstance(quantiles, bool):
+        raise ConfigError(f"{WHERE}.use_quantiles: expected true or false, got {quantiles!r}")
+    if quantiles is False and out.get("model_variant") == "pi0.5":  # run_serve_pi.py's rule
+        out["normalization_mapping"] = {"STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
     return out
 
 

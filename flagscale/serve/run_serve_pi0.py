@@ -120,6 +120,7 @@ def _construct_policy(cfg: ServeConfig):
             fused_kernels=cfg.fused_kernels,
             persistent_layers=cfg.persistent_layers,
             precision=cfg.precision,
+            normalization_mapping=dict(cfg.normalization_mapping),  # a PI0Config field
         )
     return PI0Policy.from_pretrained(
         cfg.model,
@@ -134,6 +135,7 @@ def _construct_policy(cfg: ServeConfig):
         persistent_layers=cfg.persistent_layers,
         variant=cfg.model_variant,
         precision=cfg.precision,
+        normalization_mapping=dict(cfg.normalization_mapping),
     )
 
 

@@ -251,3 +251,23 @@ def test_inference_failure_is_a_grpc_error(client, robot_server, policy):
     client.observe(good)
     want = reference(policy, good, robot_server.app.state.cfg, 2)
     np.testing.assert_array_equal(wire.stack(wire.read_actions(client.actions())), want)
+
+
+def test_pi05_server_takes_policy_type_pi05():
+    from flagscale.models.pi0 import PI0Policy
+
+    pi05 = PI0Policy.random(preset="pi05_tiny", device="cpu", dtype="float32", seed=0)
+    server = wire.start_server(pi05, SLOTS, preset="pi05_tiny", model_variant="pi0.5")
+    try:
+        client = wire.Client(server.address)
+        client.ready()
+        code, details = rpc_error(client.setup, wire.policy_config(JOINTS, CAMERAS))
+        assert "policy_type 'pi0': this server serves pi05" in details
+        client.setup(wire.policy_config(JOINTS, CAMERAS, actions_per_chunk=4, policy_type="pi05"))
+        obs = wire.observation(JOINTS, CAMERAS, state(8), seed=8)
+        client.observe(obs)
+        want = reference(pi05, obs, server.app.state.cfg, 4)
+        np.testing.assert_array_equal(wire.stack(wire.read_actions(client.actions())), want)
+        client.close()
+    finally:
+        server.__exit__(None, None, None)

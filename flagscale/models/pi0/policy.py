@@ -7,6 +7,7 @@ out = policy.infer({"images": {"base_0_rgb": img}, "state": state, "prompt": "pi
 out["actions"]  # float32 [chunk_size, action_dim]
 """
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -150,14 +151,19 @@ class PI0Policy:
         persistent_layers=True,
         variant=None,
         precision="bf16",
+        normalization_mapping=None,
     ):
         """`variant` ("pi0" / "pi0.5", None: from the checkpoint) is checked against what the
-        checkpoint holds (config.json "type", else the tensors)."""
+        checkpoint holds (config.json "type", else the tensors). `normalization_mapping`
+        ({"STATE" / "ACTION": mode}) overrides config.json's."""
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         raw = read_config_json(model_path)
         reader = CheckpointReader(model_path)
         config = PI0Config.from_json_dict(raw, preset or "pi0", detect_variant(reader))
+        if normalization_mapping:
+            mapping = {**config.normalization_mapping, **normalization_mapping}
+            config = dataclasses.replace(config, normalization_mapping=mapping)
         check_variant(variant, config.variant, model_path)
         with torch.device("meta"):
             table = op_table(ops, device, fused_kernels, persistent_layers, precision)
