@@ -136,7 +136,7 @@ def run(args) -> dict:
     calibration = Path(tempfile.mkdtemp(prefix="standin-calibration-"))
     robot = config_cls(id=f"robot{args.index}", calibration_dir=calibration, index=args.index)
     cfg = RobotClientConfig(
-        policy_type="pi0",
+        policy_type=args.policy_type,
         pretrained_name_or_path="lerobot/pi0",
         robot=robot,
         actions_per_chunk=args.actions_per_chunk,
@@ -171,6 +171,7 @@ def main():
     parser.add_argument("--address", required=True)
     parser.add_argument("--index", type=int, default=0, help="robot index: seeds its frames")
     parser.add_argument("--fps", type=int, default=30)
+    parser.add_argument("--policy-type", default="pi0", help="pi0 | pi05")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--actions-per-chunk", type=int, default=10)
     parser.add_argument("--out", required=True)

@@ -38,16 +38,29 @@ def reference(policy, index: int, cfg) -> np.ndarray:
     return np.asarray(out, np.float32)[:CHUNK, : cfg.action_dim]
 
 
-def test_stock_robot_clients_get_policy_actions(policy, tmp_path):
+@pytest.fixture(scope="module")
+def pi05():
+    from flagscale.models.pi0 import PI0Policy
+
+    return PI0Policy.random(preset="pi05_tiny", device="cpu", dtype="float32", seed=0)
+
+
+@pytest.mark.parametrize("policy_type", ["pi0", "pi05"])
+def test_stock_robot_clients_get_policy_actions(policy, pi05, tmp_path, policy_type):
     """Two robots, one process each (as deployed): every chunk each receives is the policy's
     actions on that robot's own observation, and the two share model calls."""
-    server = wire.start_server(policy, SLOTS, max_wait_ms=200)
+    if policy_type == "pi05":
+        policy = pi05
+        server = wire.start_server(pi05, SLOTS, max_wait_ms=200, preset="pi05_tiny")
+    else:
+        server = wire.start_server(policy, SLOTS, max_wait_ms=200)
     try:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         procs = []
         for index, fps in enumerate((30, 25)):
             argv = [LEROBOT_PYTHON, str(SCRIPT), "--address", server.address, "--index", str(index)]
             argv += ["--fps", str(fps), "--seconds", "8", "--actions-per-chunk", str(CHUNK)]
+            argv += ["--policy-type", policy_type]
             argv += ["--out", str(tmp_path / f"robot{index}.json")]
             procs.append(
                 subprocess.Popen(argv, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
