@@ -513,9 +513,9 @@ def _as_norm_mapping(key: str, value) -> dict:
         raise ConfigError(f"{key}: expected a mapping, e.g. {{STATE: MEAN_STD, ACTION: MEAN_STD}}")
     out = {}
     for feature, mode in value.items():
-        name = _as_choice(f"{key}", feature, ("state", "action")).upper()
-        out[name] = _as_choice(f"{key}.{feature}", mode, tuple(m.lower() for m in NORM_MODES))
-        out[name] = out[name].upper()
+        name = _as_choice(key, feature, ("state", "action")).upper()
+        modes = tuple(m.lower() for m in NORM_MODES)
+        out[name] = _as_choice(f"{key}.{feature}", mode, modes).upper()
     return out
 
 
@@ -705,5 +705,6 @@ def _check_lerobot_grpc(cfg: ServeConfig) -> None:
         or importlib.util.find_spec("google.protobuf") is None
     ):
         raise ConfigError(
-            "serve.engine.lerobot_grpc.enabled: needs grpcio and protobuf: pip install -e '.[lerobot]'"
+            "serve.engine.lerobot_grpc.enabled: needs grpcio and protobuf: "
+            "pip install -e '.[lerobot]'"
         )

@@ -4,17 +4,17 @@ lerobot's gRPC messages carry Python pickles. `loads` never runs `pickle.loads` 
 restricted unpickler resolves only the globals these messages contain, each mapped to a stand-in
 here or to a checked wrapper:
 
-| pickled global | becomes |
-|---|---|
-| `lerobot.async_inference.helpers.TimedObservation` / `RemotePolicyConfig` | the stand-ins below |
-| `lerobot.configs.types.PolicyFeature` / `FeatureType` | the stand-ins below |
-| `numpy._core.multiarray._reconstruct` (numpy 2), `numpy.core.multiarray._reconstruct` (1.x) | ndarray rebuild; subtype must be `numpy.ndarray` |
-| `numpy.ndarray` | a marker only `_reconstruct` accepts (calling it would allocate freely) |
-| `numpy.dtype`, `numpy.(_)core.multiarray.scalar` | numeric dtypes (bool, int, uint, float) only |
-| `torch._utils._rebuild_tensor_v2`, `torch.storage._load_from_bytes` | contiguous numeric tensors; the storage bytes are read with `torch.load(weights_only=True)` |
-| `collections.OrderedDict`, `builtins.set` / `frozenset` | themselves |
+- `lerobot.async_inference.helpers.TimedObservation`, `RemotePolicyConfig`,
+  `lerobot.configs.types.PolicyFeature`, `FeatureType`: the stand-ins below;
+- `numpy._core.multiarray._reconstruct` (numpy 2) and `numpy.core.multiarray._reconstruct` (1.x):
+  an ndarray rebuild whose subtype must be `numpy.ndarray`, itself a marker only `_reconstruct`
+  accepts (calling it would allocate freely);
+- `numpy.dtype`, `numpy.(_)core.multiarray.scalar`: numeric dtypes (bool, int, uint, float) only;
+- `torch._utils._rebuild_tensor_v2`, `torch.storage._load_from_bytes`: contiguous numeric tensors,
+  the storage bytes read with `torch.load(weights_only=True)`;
+- `collections.OrderedDict`, `builtins.set`, `builtins.frozenset`: themselves.
 
-Anything else is refused with `PayloadError` naming the global; nothing outside this table is
+Anything else is refused with `PayloadError` naming the global; nothing outside this list is
 imported or called. The result is then walked (depth, size, types) before it is used.
 
 Replies are pickled so lerobot's stock client can read them with plain `pickle.loads`: a list of

@@ -1,10 +1,12 @@
 """lerobot's own RobotClient (lerobot 0.4.x, unchanged) driving two stand-in robots (one process
-each) from this server over gRPC. Needs a Python with lerobot and grpcio, given as LEROBOT_PYTHON, e.g.
+each) from this server over gRPC. Needs a Python with lerobot and grpcio, given as
+LEROBOT_PYTHON (skipped without it), e.g.
 
-    LEROBOT_PYTHON=/path/to/lerobot-venv/bin/python python -m pytest -q tests/serve/test_lerobot_robot_client.py
+    LEROBOT_PYTHON=/path/to/lerobot-venv/bin/python \\
+        python -m pytest -q tests/serve/test_lerobot_robot_client.py
 
-(skipped without it). The robots run in that Python (tests/serve/lerobot_robots.py); the server
-runs here, so its actions can be compared with policy.infer on each robot's observation."""
+The robots run in that Python (tests/serve/lerobot_robots.py); the server runs here, so its
+actions can be compared with policy.infer on each robot's observation."""
 
 import json
 import os
