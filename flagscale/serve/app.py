@@ -31,7 +31,7 @@ from flagscale.logger import get_logger
 from flagscale.serve.auth import resolve_keys, warn_if_exposed
 from flagscale.serve.codec import GpuJpegDecoder, ImageDecodeError, decode_images
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
-from flagscale.serve.errors import RequestError
+from flagscale.serve.errors import RequestError, check_float32, internal_error
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
 from flagscale.serve.middleware import ServeMiddleware
 from flagscale.serve.openpi_ws import add_openpi_route
@@ -400,8 +400,8 @@ async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
         raise RequestError(503, str(e)) from None
     except ImageDecodeError as e:  # a JPEG left to the inference thread (image_decoder: gpu)
         raise RequestError(400, f"images: {e}") from None
-    except Exception as e:
-        raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
+    except Exception as e:  # logged with its traceback by the worker; the client gets no details
+        raise RequestError(500, internal_error("inference failed", e)) from None
 
 
 async def _infer_one(app: FastAPI, observation: dict, num_steps: int, preprocess_ms: float):
@@ -601,13 +601,8 @@ def _states(req: InferRequest, cfg: ServeConfig) -> list:
             f"{field}: expected {cfg.state_dim} values per observation (engine.state_dim), "
             f"got {state.shape[1]}",
         )
-    _check_finite(field, state)
+    check_float32(field, state)
     return list(state.astype(np.float32))
-
-
-def _check_finite(field: str, array: np.ndarray) -> None:
-    if not np.isfinite(array).all():
-        raise RequestError(400, f"{field}: contains NaN or infinite values")
 
 
 def _slot_for(name: str, cfg: ServeConfig) -> str | None:
@@ -699,7 +694,7 @@ def _request_noise(noise: np.ndarray, size: int, shape: tuple) -> list:
             f"noise: expected shape {[size, *shape]} (batch x chunk_size x max_action_dim; "
             f"the batch axis may be left out for one observation), got {list(noise.shape)}",
         )
-    _check_finite("noise", noise)
+    check_float32("noise", noise)
     return list(noise.astype(np.float32))
 
 
@@ -774,7 +769,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return _error(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return _error(500, internal_error("unexpected error", exc))
 
 
 def _error(status: int, message: str, headers=None) -> JSONResponse:

@@ -26,7 +26,7 @@ from flagscale.logger import get_logger
 from flagscale.serve import msgpack_codec
 from flagscale.serve.auth import UNAUTHORIZED, authorized
 from flagscale.serve.config import ServeConfig
-from flagscale.serve.errors import RequestError
+from flagscale.serve.errors import RequestError, check_float32, internal_error
 
 logger = get_logger("flagscale.serve.openpi")
 
@@ -142,17 +142,16 @@ def _status(error: Exception) -> int:
 
 
 async def _send_error(websocket: WebSocket, error: Exception) -> None:
-    if _status(error) < 500 or getattr(error, "status", None) == 503:
-        text = f"{type(error).__name__}: {getattr(error, 'message', error)}"
+    """openpi's error reply (a text frame, then close 1011), without the traceback openpi's own
+    server sends: it names files and install paths. Our own errors carry their message."""
+    if isinstance(error, RequestError):
+        text = f"{type(error).__name__}: {error.message}"
     else:
-        text = "".join(traceback.format_exception(error))
-        logger.error("openpi request failed:\n%s", text)
+        logger.error("openpi request failed:\n%s", "".join(traceback.format_exception(error)))
+        text = internal_error("the request failed", error)
     try:
         await websocket.send_text(text)
-        await websocket.close(
-            code=INTERNAL_ERROR,
-            reason="Internal server error. Traceback included in previous frame.",
-        )
+        await websocket.close(code=INTERNAL_ERROR, reason="Internal server error.")
     except (WebSocketDisconnect, RuntimeError):
         pass
 
@@ -241,8 +240,7 @@ def _numbers(key: str, value) -> np.ndarray:
         array = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise RequestError(400, f"{key}: expected numbers") from None
-    if not np.isfinite(array).all():
-        raise RequestError(400, f"{key}: contains NaN or infinite values")
+    check_float32(key, array)
     return array
 
 
