@@ -32,6 +32,7 @@ from flagscale.serve.auth import resolve_keys, warn_if_exposed
 from flagscale.serve.codec import GpuJpegDecoder, ImageDecodeError, decode_images
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
 from flagscale.serve.errors import RequestError, check_float32, internal_error
+from flagscale.serve.limits import check_prompt_length, warm_prompts
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
 from flagscale.serve.middleware import ServeMiddleware
 from flagscale.serve.openpi_ws import add_openpi_route
@@ -87,11 +88,13 @@ def create_app(
     cfg = load_serve_config(cfg)
     fixed_noise = _load_fixed_noise(cfg.fixed_noise)
     metrics_ref = {}
-    # request thread: base64 text -> images; inference thread: a batch's deferred JPEGs -> pixels
-    codecs = {"images": decode_images, "frames": None}
+    # request thread: base64 text -> images, prompts -> tokens (cached by the policy);
+    # inference thread: a batch's deferred JPEGs -> pixels
+    codecs = {"images": decode_images, "frames": None, "prompts": None}
 
     def prepare(policy):
         prepare_policy(policy, cfg, fixed_noise)
+        codecs["prompts"] = getattr(policy, "warm_prompts", None)
         if cfg.image_decoder == "gpu":  # in the inference thread: a failure fails start-up
             gpu = GpuJpegDecoder(cfg.device)
             codecs.update(images=gpu, frames=gpu.decode_frames)
@@ -465,7 +468,9 @@ async def _discard(request: Request, size: int, limit: int) -> None:
 
 
 def _parse_and_build(body: bytes, cfg, noise_shape, fixed_noise, codecs) -> "Batch":
-    return build_batch(parse_request(body), cfg, noise_shape, fixed_noise, codecs["images"])
+    batch = build_batch(parse_request(body), cfg, noise_shape, fixed_noise, codecs["images"])
+    warm_prompts(codecs, [obs["prompt"] for obs in batch.observations])
+    return batch
 
 
 def load_json(body: bytes):
@@ -570,6 +575,7 @@ def _prompts(req: InferRequest, cfg: ServeConfig) -> list:
             f"got {len(prompts)}",
         )
     for prompt in prompts:
+        check_prompt_length("instruction", prompt, cfg)
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:  # JSON "\ud800": the tokenizer would fail with a 500

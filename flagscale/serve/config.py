@@ -137,6 +137,7 @@ class ServeConfig:
     cors_allow_origins: tuple = ()
     drain_timeout_s: float = 10.0
     infer_timeout_s: float = 120.0
+    max_prompt_chars: int = 2048
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -459,6 +460,7 @@ _PARSERS = {
     "cors_allow_origins": lambda k, v: _as_str_list(k, v, allow_empty=True),
     "drain_timeout_s": lambda k, v: _as_float(k, v, 0.0, 3600.0),
     "infer_timeout_s": lambda k, v: _as_float(k, v, 0.1, 86400.0),
+    "max_prompt_chars": lambda k, v: _as_int(k, v, 1, 1_000_000),
 }
 
 

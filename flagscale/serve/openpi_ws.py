@@ -27,6 +27,7 @@ from flagscale.serve import msgpack_codec
 from flagscale.serve.auth import UNAUTHORIZED, authorized
 from flagscale.serve.config import ServeConfig
 from flagscale.serve.errors import RequestError, check_float32, internal_error
+from flagscale.serve.limits import check_prompt_length, warm_prompts
 
 logger = get_logger("flagscale.serve.openpi")
 
@@ -123,7 +124,7 @@ async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
         raise RequestError(400, "expected a binary msgpack frame, got text")
     cfg: ServeConfig = app.state.cfg
     start = time.perf_counter()
-    obs, num_steps = await run_in_threadpool(to_observation, data, cfg)
+    obs, num_steps = await run_in_threadpool(_prepare, data, app)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
     actions, result = await infer_one(obs, num_steps, preprocess_ms)
     return {
@@ -135,6 +136,13 @@ async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
             "batch_size": result.batch_size,
         },
     }
+
+
+def _prepare(data: bytes, app: FastAPI) -> tuple:
+    """In a request thread: decode the message and tokenize its prompt (cached by the policy)."""
+    obs, num_steps = to_observation(data, app.state.cfg)
+    warm_prompts(app.state.codecs, [obs["prompt"]])
+    return obs, num_steps
 
 
 def _status(error: Exception) -> int:
@@ -252,6 +260,7 @@ def _prompt(flat: dict, cfg: ServeConfig) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise RequestError(400, f"{cfg.openpi_prompt_key}: expected a string")
+    check_prompt_length(cfg.openpi_prompt_key, value, cfg)
     return value
 
 

@@ -67,3 +67,46 @@ def test_unexpected_openpi_error_sends_no_traceback_or_path(live, monkeypatch):
     monkeypatch.setattr(openpi_ws, "to_observation", broken)
     reply = openpi_request(live, libero_obs())
     assert reply == "internal server error: the request failed (KeyError); see the server log"
+
+
+# ---------------------------------------------------------------- (2) huge prompts
+
+
+def test_huge_instruction_is_refused_before_tokenizing(http, live):
+    calls = []
+    tokenizer = live.app.state.worker.policy.tokenizer
+    original = tokenizer.__class__.__call__
+
+    def spy(self, texts, *args, **kwargs):
+        calls.append(max(len(t) for t in texts))
+        return original(self, texts, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer.__class__, "__call__", spy)
+        reply = http.post("/infer", json=v2_body(instruction="x" * 300_000))
+        ws_reply = openpi_request(live, libero_obs(prompt="y" * 300_000))
+    assert reply.status_code == 400
+    assert reply.json()["error"] == (
+        "instruction: 300000 characters; at most 2048 (engine.max_prompt_chars)"
+    )
+    assert "prompt: 300000 characters" in ws_reply
+    assert calls == []  # nothing was tokenized
+
+
+def test_new_prompts_are_tokenized_in_request_threads(http, live):
+    import threading
+
+    threads = []
+    tokenizer = live.app.state.worker.policy.tokenizer
+    original = tokenizer.__class__.__call__
+
+    def spy(self, texts, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(self, texts, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tokenizer.__class__, "__call__", spy)
+        prompt = "a prompt no test used before " * 60  # 1800 characters: within the cap
+        assert http.post("/infer", json=v2_body(instruction=prompt)).status_code == 200
+        assert isinstance(openpi_request(live, libero_obs(prompt=prompt[::-1])), bytes)
+    assert len(threads) == 2 and "pi0-inference" not in threads, threads

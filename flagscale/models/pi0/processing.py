@@ -246,10 +246,7 @@ class PromptCache:
 
     def __call__(self, prompts: List[str]):
         with self._lock:
-            missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
-            if missing:
-                ids, masks = tokenize_prompts(self.tokenizer, missing, self.max_length)
-                self._rows.update(zip(missing, zip(ids, masks)))
+            self._fill(prompts)
             for p in prompts:
                 self._rows.move_to_end(p)
             rows = [self._rows[p] for p in prompts]
@@ -262,6 +259,20 @@ class PromptCache:
         keeping them; under the same lock (a tokenizer is not safe to share across threads)."""
         with self._lock:
             return tokenize_prompts(self.tokenizer, texts, self.max_length, newline=False)
+
+    def warm(self, prompts: List[str]) -> None:
+        """Tokenize the prompts not cached yet, so that a later call finds them (a server calls
+        this in its request threads, keeping tokenization off the inference thread)."""
+        with self._lock:  # fast tokenizers must not be called from two threads at once
+            self._fill(prompts)
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+
+    def _fill(self, prompts: List[str]) -> None:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
+        if missing:
+            ids, masks = tokenize_prompts(self.tokenizer, missing, self.max_length)
+            self._rows.update(zip(missing, zip(ids, masks)))
 
 
 def load_tokenizer(path: str):
