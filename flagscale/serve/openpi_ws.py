@@ -122,7 +122,6 @@ async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
     data = message.get("bytes")
     if data is None:
         raise RequestError(400, "expected a binary msgpack frame, got text")
-    cfg: ServeConfig = app.state.cfg
     start = time.perf_counter()
     obs, num_steps = await run_in_threadpool(_prepare, data, app)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
