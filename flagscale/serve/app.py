@@ -29,7 +29,13 @@ from starlette.requests import ClientDisconnect
 
 from flagscale.logger import get_logger
 from flagscale.serve.auth import resolve_keys, warn_if_exposed
-from flagscale.serve.codec import GpuJpegDecoder, ImageDecodeError, decode_images
+from flagscale.serve.codec import (
+    GpuJpegDecoder,
+    ImageDecodeError,
+    PixelBudget,
+    decode_images,
+    set_decode_threads,
+)
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
 from flagscale.serve.errors import RequestError, check_float32, internal_error
 from flagscale.serve.limits import check_prompt_length, warm_prompts
@@ -87,6 +93,8 @@ def create_app(
     """
     cfg = load_serve_config(cfg)
     fixed_noise = _load_fixed_noise(cfg.fixed_noise)
+    if cfg.decode_threads is not None:
+        set_decode_threads(cfg.decode_threads)
     metrics_ref = {}
     # request thread: base64 text -> images, prompts -> tokens (cached by the policy);
     # inference thread: a batch's deferred JPEGs -> pixels
@@ -545,9 +553,10 @@ def build_batch(
     states = _states(req, cfg)
     masks = _masks(req, cfg)
     noises, seeds, echo = _noise_and_seeds(req, cfg, noise_shape, fixed_noise)
+    budget = PixelBudget(cfg.max_request_pixels)
     observations = [
         {
-            "images": _images(i, req.images[i], masks[i], cfg, decode),
+            "images": _images(i, req.images[i], masks[i], cfg, decode, budget),
             "state": states[i],
             "prompt": prompts[i],
         }
@@ -651,7 +660,7 @@ def _masks(req: InferRequest, cfg: ServeConfig) -> list:
     return masks
 
 
-def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, decode) -> dict:
+def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, decode, budget) -> dict:
     todo, seen = [], set()  # (camera name, slot, base64 text)
     for name, text in cams.items():
         slot = _slot_for(name, cfg)
@@ -669,7 +678,8 @@ def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, decode) -> di
             f"known cameras: {', '.join(cfg.cameras)}",
         )
     images = {}
-    for (name, slot, _), image in zip(todo, decode([t for *_, t in todo], cfg.max_image_side)):
+    decoded = decode([t for *_, t in todo], cfg.max_image_side, budget)
+    for (name, slot, _), image in zip(todo, decoded):
         if isinstance(image, ImageDecodeError):
             raise RequestError(400, f"images[{index}].{name}: {image}")
         images[slot] = image

@@ -138,6 +138,8 @@ class ServeConfig:
     drain_timeout_s: float = 10.0
     infer_timeout_s: float = 120.0
     max_prompt_chars: int = 2048
+    max_request_pixels: int = 4096 * 4096
+    decode_threads: int | None = None
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -461,6 +463,8 @@ _PARSERS = {
     "drain_timeout_s": lambda k, v: _as_float(k, v, 0.0, 3600.0),
     "infer_timeout_s": lambda k, v: _as_float(k, v, 0.1, 86400.0),
     "max_prompt_chars": lambda k, v: _as_int(k, v, 1, 1_000_000),
+    "max_request_pixels": lambda k, v: _as_int(k, v, 256, 2**40),
+    "decode_threads": lambda k, v: _as_int(k, v, 1, 256),
 }
 
 

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from flagscale.logger import get_logger
 from flagscale.serve import msgpack_codec
 from flagscale.serve.auth import UNAUTHORIZED, authorized
+from flagscale.serve.codec import reduce_large
 from flagscale.serve.config import ServeConfig
 from flagscale.serve.errors import RequestError, check_float32, internal_error
 from flagscale.serve.limits import check_prompt_length, warm_prompts
@@ -193,11 +194,19 @@ def flatten(data: dict, prefix: str = "", depth: int = 0) -> dict:
 
 
 def _images(flat: dict, cfg: ServeConfig) -> dict:
-    images = {}
+    images, pixels = {}, 0
     for key, slot in cfg.openpi_images.items():
         if key not in flat or slot in images:
             continue
-        images[slot] = to_hwc_uint8(key, flat[key], cfg.max_image_side)
+        image = to_hwc_uint8(key, flat[key], cfg.max_image_side)
+        pixels += image.shape[0] * image.shape[1]
+        if pixels > cfg.max_request_pixels:
+            raise RequestError(
+                400,
+                f"{key}: the observation's images hold more than {cfg.max_request_pixels} pixels "
+                "in all (engine.max_request_pixels); send smaller images",
+            )
+        images[slot] = reduce_large(image)
     if not images:
         raise RequestError(
             400,

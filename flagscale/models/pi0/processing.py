@@ -23,6 +23,7 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 
 PAD_MODES = ("center", "top_left")
+LARGE_FRAME_PIXELS = 1 << 20
 
 
 def resize_with_pad(
@@ -77,7 +78,10 @@ def prepare_images(
             if key not in sample or sample[key] is None:
                 continue
             _check_image(key, sample[key])
-            groups.setdefault(sample[key].shape[:2], []).append((i, j, sample[key]))
+            shape = sample[key].shape[:2]
+            # large frames go one by one: their float copies would add up (4 bytes per value)
+            group = shape if shape[0] * shape[1] <= LARGE_FRAME_PIXELS else (i, j, *shape)
+            groups.setdefault(group, []).append((i, j, sample[key]))
             masks[i, j] = True
     resized = [
         (group, _resize_group(group, size, pad_mode, device, pad_value))
