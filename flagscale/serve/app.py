@@ -448,7 +448,11 @@ async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
     )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        await _discard(request, 0, limit)
+        if request.headers.get("expect", "").lower() == "100-continue":
+            # the client waits for "100 Continue" before sending: refuse without asking for it
+            too_large.headers = {"Connection": "close"}
+        else:
+            await _discard(request, 0, limit)
         raise too_large
     chunks, size = [], 0
     try:
@@ -766,7 +770,8 @@ def cut_actions(outputs: list, cfg: ServeConfig) -> np.ndarray:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": "1"} if exc.status == 503 else {}
+        headers.update(exc.headers or {})
         if exc.status >= 500 and exc.status != 503:
             logger.error(
                 "%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message

@@ -140,6 +140,10 @@ class ServeConfig:
     max_prompt_chars: int = 2048
     max_request_pixels: int = 4096 * 4096
     decode_threads: int | None = None
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
+    max_header_kb: float = 64.0
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -465,6 +469,10 @@ _PARSERS = {
     "max_prompt_chars": lambda k, v: _as_int(k, v, 1, 1_000_000),
     "max_request_pixels": lambda k, v: _as_int(k, v, 256, 2**40),
     "decode_threads": lambda k, v: _as_int(k, v, 1, 256),
+    "header_timeout_s": lambda k, v: _as_float(k, v, 0.05, 3600.0),
+    "body_timeout_s": lambda k, v: _as_float(k, v, 0.05, 3600.0),
+    "max_connections": lambda k, v: _as_int(k, v, 1, 1_000_000),
+    "max_header_kb": lambda k, v: _as_float(k, v, 1.0, 65536.0),
 }
 
 

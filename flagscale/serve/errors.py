@@ -8,10 +8,11 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 class RequestError(Exception):
     """A client error: answered as {"success": false, "error": message} with `status`."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def internal_error(what: str, error: BaseException) -> str:

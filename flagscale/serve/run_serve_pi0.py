@@ -147,6 +147,7 @@ def write_effective_config(cfg: ServeConfig, log_dir: str | None) -> None:
 
 def serve(cfg: ServeConfig) -> int:
     from flagscale.serve.app import create_app
+    from flagscale.serve.protocol import uvicorn_config
 
     exit_code = {"value": 0}
     server = None
@@ -157,14 +158,14 @@ def serve(cfg: ServeConfig) -> int:
             server.should_exit = True
 
     app = create_app(None, cfg, load_policy=lambda: build_policy(cfg), on_failure=on_failure)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        cfg,
         host=cfg.host,
         port=cfg.port,
         log_level=cfg.uvicorn_log_level,
         access_log=False,  # our middleware writes JSON access lines with request ids
         timeout_graceful_shutdown=cfg.drain_timeout_s,
-        ws_max_size=cfg.max_body_bytes,
     )
     server = DrainingServer(config, app, cfg.drain_timeout_s)
     _install_signal_handlers(server)

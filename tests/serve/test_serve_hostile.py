@@ -219,3 +219,135 @@ def test_image_decoding_runs_with_bounded_concurrency(policy, monkeypatch):
         codec.set_decode_threads(min(4, os.cpu_count() or 1))
     assert [r.status_code for r in replies] == [200] * 4
     assert peak[0] == 1
+
+
+# ---------------------------------------------------------------- (1) (3) (10) connections
+
+
+def raw_exchange(url: str, data: bytes, timeout: float = 10.0, wait_first: float = 0.0) -> bytes:
+    """Send raw bytes on a new connection; everything the server sends until it closes."""
+    import socket
+    import time
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        if wait_first:
+            time.sleep(wait_first)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+class LimitLines(list):
+    """Collects the connection-limit log lines of `server` (its rate limit reset)."""
+
+    def __init__(self, server):
+        super().__init__()
+        server.server.config.http_protocol_class.limit_log.next_at = 0.0
+
+    def __enter__(self):
+        import logging
+
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.append(record.getMessage())
+        logging.getLogger("flagscale.serve.limits").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("flagscale.serve.limits").removeHandler(self.handler)
+
+
+@pytest.fixture(scope="module")
+def strict(policy):
+    """A server with small connection limits."""
+    cfg = serve_cfg(header_timeout_s=0.5, body_timeout_s=0.5, max_connections=40, max_header_kb=4)
+    with LiveServer(create_app(policy, cfg)) as server:
+        server.wait_ready()
+        yield server
+
+
+@pytest.mark.parametrize(
+    "sent, what",
+    [
+        (b"", "request headers"),
+        (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Le", "request headers"),
+        (
+            b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n{\"images",
+            "request body",
+        ),
+    ],
+    ids=["idle", "half-headers", "half-body"],
+)
+def test_slow_clients_are_timed_out_and_logged(strict, sent, what):
+    import time
+
+    with LimitLines(strict) as lines:
+        start = time.monotonic()
+        reply = raw_exchange(strict.url, sent)
+        elapsed = time.monotonic() - start
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    key = "header_timeout_s" if what == "request headers" else "body_timeout_s"
+    assert f"{what} not received within 0.5 s (engine.{key})".encode() in reply
+    assert 0.4 < elapsed < 3.0
+    assert any(what in line for line in lines), lines
+
+
+def test_connection_cap_closes_idle_connections_first(strict):
+    import socket
+
+    host, port = strict.url.removeprefix("http://").split(":")
+    slow = []
+    with LimitLines(strict) as lines:
+        try:
+            for _ in range(200):  # far beyond the cap of 40, each stuck in its headers
+                sock = socket.create_connection((host, int(port)), timeout=5)
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                slow.append(sock)
+            reply = httpx.post(f"{strict.url}/infer", json=v2_body(), timeout=30)
+            assert reply.status_code == 200
+            assert len(strict.server.server_state.connections) <= 40
+        finally:
+            for sock in slow:
+                sock.close()
+    assert any("connection cap" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("size", [8 * 1024, 1024 * 1024])
+def test_oversized_headers_get_431(strict, size):
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    try:
+        reply = raw_exchange(strict.url, head)
+    except ConnectionResetError:  # the server closed while the rest was still being sent
+        pytest.fail("no 431 reply before the connection closed")
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:200]
+    assert b"engine.max_header_kb" in reply
+
+
+def test_expect_continue_over_the_limit_is_413_without_100(http, live):
+    head = (
+        b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    reply = raw_exchange(live.url, head)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert b"100 Continue" not in reply and b"engine.max_body_mb" in reply
+
+
+def test_pipelined_good_request_then_garbage_keeps_its_reply(live):
+    import json
+
+    body = json.dumps(v2_body()).encode()
+    good = (
+        b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    reply = raw_exchange(live.url, good + b"\x00\x01 GARBAGE \xff\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+    assert b'"actions"' in reply
+    assert b"HTTP/1.1 400 " in reply and b"invalid HTTP request" in reply
