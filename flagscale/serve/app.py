@@ -38,7 +38,12 @@ from flagscale.serve.codec import (
 )
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
 from flagscale.serve.errors import RequestError, check_float32, internal_error
-from flagscale.serve.limits import check_prompt_length, warm_prompts
+from flagscale.serve.limits import (
+    ClientGone,
+    check_prompt_length,
+    unless_client_leaves,
+    warm_prompts,
+)
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
 from flagscale.serve.middleware import ServeMiddleware
 from flagscale.serve.openpi_ws import add_openpi_route
@@ -378,7 +383,13 @@ async def _infer(request: Request, app: FastAPI):
     else:  # parsing and image decoding off the event loop (a 32 MB body must not block it)
         batch = await run_in_threadpool(_parse_and_build, *args)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
-    result = await run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps)
+    try:
+        result = await unless_client_leaves(
+            request.receive,
+            run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps),
+        )
+    except ClientGone:  # nobody reads the answer; 499 (client closed request) in the metrics
+        raise RequestError(499, "the client closed the connection") from None
     app.state.metrics.observe_result(result.queue_ms, preprocess_ms)
     actions = cut_actions(result.outputs, cfg)
     timing = Timing(

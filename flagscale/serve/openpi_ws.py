@@ -13,6 +13,7 @@ HWC or CHW); the `openpi_state_keys` present are concatenated and zero-padded to
 `openpi_prompt_key` is the instruction (engine.instruction when absent).
 """
 
+import asyncio
 import time
 import traceback
 
@@ -80,23 +81,42 @@ def metadata(app: FastAPI) -> dict:
 
 
 async def _serve_connection(websocket: WebSocket, app: FastAPI, infer_one) -> None:
-    prev_total_ms = None
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        if app.state.draining:  # shutting down: answer nothing new, tell the client to reconnect
-            await websocket.close(code=SERVICE_RESTART)
-            return
-        app.state.ws_in_flight += 1
-        try:
-            prev_total_ms = await _answer_and_send(
-                websocket, message, app, infer_one, prev_total_ms
-            )
-        finally:
-            app.state.ws_in_flight -= 1
-        if prev_total_ms is None:
-            return
+    prev_total_ms, early = None, None  # early: a receive() started while answering
+    try:
+        while True:
+            message = await (early or websocket.receive())
+            if message["type"] == "websocket.disconnect":
+                return
+            if app.state.draining:  # shutting down: answer nothing new, the client reconnects
+                await websocket.close(code=SERVICE_RESTART)
+                return
+            app.state.ws_in_flight += 1
+            try:
+                answer = asyncio.ensure_future(
+                    _answer_and_send(websocket, message, app, infer_one, prev_total_ms)
+                )
+                early = asyncio.ensure_future(websocket.receive())
+                prev_total_ms = await _unless_closed(answer, early)
+            finally:
+                app.state.ws_in_flight -= 1
+            if prev_total_ms is None:
+                return
+    finally:
+        if early is not None:
+            early.cancel()
+            if early.done() and not early.cancelled():
+                early.exception()  # retrieved: a receive after close may have raised
+
+
+async def _unless_closed(answer: asyncio.Future, early: asyncio.Future):
+    """The answer's result; None, with the request cancelled (out of the queue at once), if the
+    client closes the connection first. A message the client sends meanwhile stays in `early`."""
+    await asyncio.wait((answer, early), return_when=asyncio.FIRST_COMPLETED)
+    if not answer.done() and early.result()["type"] == "websocket.disconnect":
+        answer.cancel()
+        await asyncio.gather(answer, return_exceptions=True)
+        return None
+    return await answer
 
 
 async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms):

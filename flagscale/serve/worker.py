@@ -153,6 +153,10 @@ class InferenceWorker:
         future = self.submit(observations, noises, seeds, num_steps)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.CancelledError:  # the client left: its queue place is freed at once
+            if future.cancel():
+                self._discard(future)
+            raise
         except asyncio.TimeoutError:
             if future.cancel():
                 self._discard(future)  # frees its queue place and batch room at once

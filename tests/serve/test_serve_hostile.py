@@ -351,3 +351,74 @@ def test_pipelined_good_request_then_garbage_keeps_its_reply(live):
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
     assert b'"actions"' in reply
     assert b"HTTP/1.1 400 " in reply and b"invalid HTTP request" in reply
+
+
+# ---------------------------------------------------------------- (5) abandoned requests
+
+
+class GatedPolicy:
+    """The tiny policy; each model call waits for `gate` and the observations it served are
+    counted (abandoned requests must never reach it)."""
+
+    def __init__(self, policy):
+        import threading
+
+        self._policy, self.gate, self.served = policy, threading.Event(), 0
+
+    def __getattr__(self, name):
+        return getattr(self._policy, name)
+
+    def infer_batch(self, observations, *args, **kwargs):
+        self.gate.wait(30)
+        self.served += len(observations)
+        return self._policy.infer_batch(observations, *args, **kwargs)
+
+
+def send_and_leave(url: str, data: bytes) -> None:
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+
+
+def wait_until(condition, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_abandoned_requests_leave_the_queue(policy):
+    import concurrent.futures
+    import json
+    import time
+
+    gated = GatedPolicy(policy)
+    gated.gate.set()  # start-up probe
+    cfg = serve_cfg(max_queue=2, max_batch_size=1, max_wait_ms=0)
+    body = json.dumps(v2_body()).encode()
+    request = (
+        b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    with LiveServer(create_app(gated, cfg)) as server:
+        server.wait_ready()
+        worker, served = server.app.state.worker, gated.served
+        gated.gate.clear()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, f"{server.url}/infer", json=v2_body(), timeout=30)
+            wait_until(lambda: worker.busy_since is not None)  # the model call is running
+            send_and_leave(server.url, request)  # HTTP: sent, then the socket closed
+            with websockets_sync.connect(ws_url(server)) as ws:  # openpi: the same
+                ws.recv()
+                ws.send(msgpack_codec.packb(libero_obs()))
+                time.sleep(0.5)  # both queued by now (main kept them there: max_queue=2)
+            wait_until(lambda: worker.queue_depth == 0)  # both dropped, not waiting their turn
+            second = pool.submit(httpx.post, f"{server.url}/infer", json=v2_body(), timeout=30)
+            wait_until(lambda: worker.queue_depth == 1)
+            gated.gate.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+        assert gated.served - served == 2  # the abandoned requests were never computed
