@@ -46,6 +46,19 @@ POLL_S = 0.5
 REPORT_EVERY_S = 5.0
 
 
+def seconds(key: str, value) -> float:
+    """experiment.runner.<key>: a number of seconds >= 0 (RunnerError naming the key otherwise)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number >= 0 or number == float("inf"):
+        raise RunnerError(
+            f"experiment.runner.{key}: expected a number of seconds >= 0, got {value!r}"
+        )
+    return number
+
+
 def plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
@@ -58,8 +71,8 @@ class ServeRunner(RunnerBase):
         self.log_path = self.log_dir / f"{HOST_TAG}.output"
         self.pid_file = self.log_dir / "pids" / f"{HOST_TAG}.pid"
         self.foreground = bool(self.runner_cfg.get("foreground", False))
-        self.ready_timeout = float(self.runner_cfg.get("ready_timeout", 600))
-        self.stop_timeout = self._stop_timeout(float(self.runner_cfg.get("stop_timeout", 15)))
+        self.ready_timeout = seconds("ready_timeout", self.runner_cfg.get("ready_timeout", 600))
+        self.stop_timeout = self._stop_timeout(self.runner_cfg.get("stop_timeout"))
         cmds = plain(cfg.experiment.get("cmds")) or {}
         self.before_start = parse_cmds(cmds.get("before_start"), "before_start")
         self.after_stop = parse_cmds(cmds.get("after_stop"), "after_stop")
@@ -67,20 +80,30 @@ class ServeRunner(RunnerBase):
         deploy = plain(self.runner_cfg.get("deploy")) or {}
         self.use_ray = bool(deploy.get("use_fs_serve", False))
 
-    def _stop_timeout(self, configured: float) -> float:
-        """SIGTERM -> SIGKILL wait. A server drains in-flight requests for up to
-        serve.engine.drain_timeout_s after SIGTERM; warn when stop_timeout leaves it no room."""
+    def _stop_timeout(self, configured) -> float:
+        """SIGTERM -> SIGKILL wait. After SIGTERM a server drains in-flight requests for up to
+        serve.engine.drain_timeout_s, then needs at most DRAIN_MARGIN_S to exit: the default
+        (null) is their sum; a shorter stop_timeout is warned about."""
+        from flagscale.serve.config import DRAIN_MARGIN_S, ServeConfig
+
         serve = plain(self.cfg.get("serve"))
         engine = serve.get("engine") if isinstance(serve, dict) else None
         drain = engine.get("drain_timeout_s") if isinstance(engine, dict) else None
-        if isinstance(drain, (int, float)) and configured < float(drain) + 2.0:
+        drain = drain if isinstance(drain, (int, float)) else ServeConfig.drain_timeout_s
+        needed = float(drain) + DRAIN_MARGIN_S
+        if configured is None:
+            return needed
+        value = seconds("stop_timeout", configured)
+        if value < needed:
             logger.warning(
                 "experiment.runner.stop_timeout (%gs) is shorter than serve.engine.drain_timeout_s "
-                "(%gs) + 2s: action=stop may SIGKILL the server while it drains requests",
-                configured,
+                "(%gs) + %gs: action=stop may SIGKILL the server while it drains requests "
+                "(leave stop_timeout unset to derive it)",
+                value,
                 drain,
+                DRAIN_MARGIN_S,
             )
-        return configured
+        return value
 
     # ----- action=run -------------------------------------------------------------------------
     def run(self) -> int:

@@ -67,6 +67,7 @@ V2_IMAGE_PREFIX = "observation.images."
 # with image_decoder: gpu, bodies up to this size are parsed in the event loop (no thread hop);
 # three 640x480 JPEGs as base64 JSON are ~140-400 KB
 INLINE_PARSE_BYTES = 512 * 1024
+STOP_JOIN_S = 2.0  # at shutdown, how long to wait for a running model call
 
 
 def _package_version() -> str:
@@ -134,7 +135,9 @@ def create_app(
     async def lifespan(app: FastAPI):
         worker.start()
         yield
-        await run_in_threadpool(worker.stop)
+        # requests are answered or failed by now (drain); a model call still running cannot
+        # be interrupted: the process exits without waiting long for it
+        await run_in_threadpool(worker.stop, STOP_JOIN_S)
 
     app = FastAPI(title="FlagScale Pi0 server", version=__version__, lifespan=lifespan)
     app.state.cfg = cfg
@@ -144,8 +147,9 @@ def create_app(
     app.state.metrics = metrics
     app.state.api_keys = keys
     app.state.replica_id = replica_id
-    app.state.draining = False  # set on SIGTERM: openpi connections take no new requests
+    app.state.draining = False  # set on SIGTERM: no new requests (503), in-flight ones finish
     app.state.ws_in_flight = 0  # openpi requests being answered (drained before shutdown)
+    app.state.http_in_flight = 0  # POST /infer requests being answered
     _add_routes(app)
     if cfg.openpi:
         add_openpi_route(app, lambda obs, steps, pre_ms: _infer_one(app, obs, steps, pre_ms))
@@ -258,13 +262,14 @@ def _load_fixed_noise(path: str | None) -> np.ndarray | None:
 def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health():
-        return _health(app.state.worker, app.state.cfg)
+        return _health(app.state.worker, app.state.cfg, app.state.draining)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz():
         """openpi's liveness probe: 200 "OK" once the model serves, else 503."""
         ok = (
             app.state.worker.ready
+            and not app.state.draining
             and app.state.worker.problem(app.state.cfg.infer_timeout_s) is None
         )
         return PlainTextResponse("OK\n" if ok else "NOT READY\n", status_code=200 if ok else 503)
@@ -300,11 +305,13 @@ INFER_OPENAPI = {
 }
 
 
-def _health(worker: InferenceWorker, cfg: ServeConfig) -> JSONResponse:
+def _health(worker: InferenceWorker, cfg: ServeConfig, draining: bool = False) -> JSONResponse:
     status = {"ready": "healthy", "loading": "loading"}.get(worker.state, worker.state)
     problem = worker.problem(cfg.infer_timeout_s)
     if problem:
         status = "unhealthy"
+    if draining:  # load balancers stop sending here; in-flight requests still finish
+        status, problem = "draining", DRAINING
     body = {
         "status": status,
         "model_loaded": worker.ready,
@@ -369,6 +376,19 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
 
 
 async def _infer(request: Request, app: FastAPI):
+    if app.state.draining:
+        raise RequestError(503, DRAINING, {"Connection": "close"})
+    app.state.http_in_flight += 1
+    try:
+        return await _answer_infer(request, app)
+    finally:
+        app.state.http_in_flight -= 1
+
+
+DRAINING = "server is shutting down (draining); retry on another replica or after a restart"
+
+
+async def _answer_infer(request: Request, app: FastAPI):
     cfg, worker = app.state.cfg, app.state.worker
     start = time.perf_counter()
     policy = worker.policy

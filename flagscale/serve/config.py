@@ -77,6 +77,10 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
+# SIGTERM -> exit takes at most engine.drain_timeout_s plus this (shutdown and the inference
+# thread's join, run_serve_pi0.py): the launcher's default stop_timeout
+DRAIN_MARGIN_S = 10.0
+
 _warned_unused = set()
 
 

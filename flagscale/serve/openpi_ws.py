@@ -48,13 +48,17 @@ def add_openpi_route(app: FastAPI, infer_one) -> None:
         if not authorized(websocket.headers.get("authorization"), app.state.api_keys):
             await _deny(websocket)
             return
+        if app.state.draining:
+            await _deny(websocket, 503, "server is shutting down (draining); retry later")
+            return
         await websocket.accept()
         await websocket.send_bytes(msgpack_codec.packb(metadata(app)))
         await _serve_connection(websocket, app, infer_one)
 
 
-async def _deny(websocket: WebSocket) -> None:
-    response = JSONResponse({"success": False, "error": UNAUTHORIZED}, status_code=401)
+async def _deny(websocket: WebSocket, status: int = 401, error: str = UNAUTHORIZED) -> None:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    response = JSONResponse({"success": False, "error": error}, status_code=status, headers=headers)
     try:
         await websocket.send_denial_response(response)
     except RuntimeError:  # server without the websocket.http.response extension

@@ -2,6 +2,7 @@
 server on loopback (tiny random policy) with small configured limits, and checks the answer."""
 
 import os
+import threading
 
 import httpx
 import msgpack
@@ -422,3 +423,63 @@ def test_abandoned_requests_leave_the_queue(policy):
             gated.gate.set()
             assert first.result().status_code == 200 and second.result().status_code == 200
         assert gated.served - served == 2  # the abandoned requests were never computed
+
+
+# ---------------------------------------------------------------- (7) SIGTERM drain
+
+
+class DrainingLiveServer(LiveServer):
+    """LiveServer running the entry point's DrainingServer (handle_exit is what SIGTERM calls)."""
+
+    def __init__(self, app):
+        from flagscale.serve.run_serve_pi0 import DrainingServer
+
+        super().__init__(app)
+        self.server = DrainingServer(self.server.config, app, app.state.cfg.drain_timeout_s)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+
+    def sigterm(self):
+        import signal
+
+        self.server.handle_exit(signal.SIGTERM, None)
+
+
+@pytest.mark.parametrize("finishes", [True, False], ids=["within-drain", "past-drain"])
+def test_sigterm_refuses_new_requests_and_answers_in_flight_ones(policy, finishes):
+    import concurrent.futures
+    import time
+
+    gated = GatedPolicy(policy)
+    gated.gate.set()
+    app = create_app(gated, serve_cfg(drain_timeout_s=30 if finishes else 0.5, max_batch_size=1))
+    server = DrainingLiveServer(app)
+    try:
+        with server, concurrent.futures.ThreadPoolExecutor(2) as pool:
+            server.wait_ready()
+            gated.gate.clear()
+            running = pool.submit(httpx.post, f"{server.url}/infer", json=v2_body(), timeout=30)
+            wait_until(lambda: app.state.worker.busy_since is not None)
+            queued = pool.submit(httpx.post, f"{server.url}/infer", json=v2_body(), timeout=30)
+            wait_until(lambda: app.state.worker.queue_depth == 1)
+            signalled = time.monotonic()
+            server.sigterm()
+            new = httpx.post(f"{server.url}/infer", json=v2_body(), timeout=5)
+            assert new.status_code == 503 and new.headers["retry-after"] == "1"
+            assert "shutting down" in new.json()["error"]
+            health = httpx.get(f"{server.url}/health", timeout=5)
+            assert health.status_code == 503 and health.json()["status"] == "draining"
+            if finishes:
+                gated.gate.set()
+            replies = [running.result(), queued.result()]
+            answered = time.monotonic() - signalled
+            server.thread.join(10)
+            assert not server.thread.is_alive(), "the server did not exit after draining"
+    finally:
+        gated.gate.set()
+        app.state.worker._thread.join(30)  # the abandoned model call ends before the test does
+    if finishes:
+        assert [r.status_code for r in replies] == [200, 200]
+    else:  # past engine.drain_timeout_s: a JSON 503, not uvicorn's plain 500
+        assert [r.status_code for r in replies] == [503, 503]
+        assert all("engine.drain_timeout_s=0.5" in r.json()["error"] for r in replies)
+        assert answered < 3.0
