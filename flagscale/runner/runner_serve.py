@@ -7,6 +7,7 @@ server reads), ``host_0_localhost.output`` (server stdout+stderr, appended), ``p
 
 import importlib.util
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from flagscale.logger import get_logger
 from flagscale.runner.launch import build_env, exec_foreground, parse_cmds, run_cmds
+from flagscale.runner.lock import exp_dir_lock
 from flagscale.runner.probe import base_url, check_port_free, health, http_json, is_ready
 from flagscale.runner.process import (
     PidRecord,
@@ -42,6 +44,9 @@ from flagscale.runner.smoke import check_infer_response, sample_request
 logger = get_logger("flagscale.runner")
 
 HOST_TAG = "host_0_localhost"
+LOCK_NAME = "run.lock"
+DEFAULT_ENTRY = "flagscale/serve/run_serve_pi0.py"
+START_TOKEN_ENV = "PI0_START_TOKEN"
 POLL_S = 0.5
 REPORT_EVERY_S = 5.0
 
@@ -77,8 +82,10 @@ class ServeRunner(RunnerBase):
         self.before_start = parse_cmds(cmds.get("before_start"), "before_start")
         self.after_stop = parse_cmds(cmds.get("after_stop"), "after_stop")
         self.serve_cfg = None  # ServeConfig once run() validated it
+        self.start_token = secrets.token_hex(16)  # echoed by our child's /health
         deploy = plain(self.runner_cfg.get("deploy")) or {}
         self.use_ray = bool(deploy.get("use_fs_serve", False))
+        self.requires_token = not self.use_ray  # and the entry point is ours (see _check_token)
 
     def _stop_timeout(self, configured) -> float:
         """SIGTERM -> SIGKILL wait. After SIGTERM a server drains in-flight requests for up to
@@ -113,17 +120,23 @@ class ServeRunner(RunnerBase):
         return rc
 
     def _launch(self) -> int:
-        self._refuse_if_running()
-        entrypoint = self._check_supported()
-        resolved = self._write_resolved_config()
-        env = self._env()
-        self.serve_cfg = self._preflight(resolved, env)
-        run_cmds(self.before_start, "before_start", self.repo_root, env)
-        argv = [sys.executable, str(entrypoint), "--config-path", str(self.config_path)]
-        argv += ["--log-dir", str(self.log_dir)]
-        if self.foreground:
-            exec_foreground(argv, self.repo_root, env, self.pid_file)
-        return self._start_and_wait(argv, env, self._url())
+        with self._lock():  # a concurrent run for this exp_dir waits, then finds our server
+            self._refuse_if_running()
+            entrypoint = self._check_supported()
+            resolved = self._write_resolved_config()
+            env = self._env()
+            env[START_TOKEN_ENV] = self.start_token
+            self.serve_cfg = self._preflight(resolved, env)
+            run_cmds(self.before_start, "before_start", self.repo_root, env)
+            argv = [sys.executable, str(entrypoint), "--config-path", str(self.config_path)]
+            argv += ["--log-dir", str(self.log_dir)]
+            if self.foreground:
+                exec_foreground(argv, self.repo_root, env, self.pid_file)
+            proc = self._start(argv, env)
+        return self._wait_or_abort(proc, self._url())
+
+    def _lock(self):
+        return exp_dir_lock(self.log_dir / "pids" / LOCK_NAME, self.exp_dir)
 
     def _check_supported(self) -> Path:
         """Refuse what this launcher cannot do; return the absolute server entry point."""
@@ -135,12 +148,13 @@ class ServeRunner(RunnerBase):
                 "set it to null (the server runs on this machine)"
             )
         task = self.cfg.experiment.task
-        entry = Path(str(task.get("entrypoint") or "flagscale/serve/run_serve_pi0.py"))
+        entry = Path(str(task.get("entrypoint") or DEFAULT_ENTRY))
         entry = entry if entry.is_absolute() else self.repo_root / entry
         if entry.suffix != ".py":
             raise RunnerError(f"experiment.task.entrypoint: {entry} is not a .py file")
         if not entry.is_file():
             raise RunnerError(f"experiment.task.entrypoint: {entry} does not exist")
+        self.requires_token = entry.resolve() == (self.repo_root / DEFAULT_ENTRY).resolve()
         return entry
 
     def _check_ray(self) -> Path:
@@ -207,10 +221,13 @@ class ServeRunner(RunnerBase):
     def _env(self) -> Dict[str, str]:
         return build_env(plain(self.cfg.experiment.get("envs")), os.environ, self.repo_root)
 
-    def _start_and_wait(self, argv: List[str], env: Dict[str, str], url: str) -> int:
+    def _start(self, argv: List[str], env: Dict[str, str]) -> subprocess.Popen:
         proc = start_background(argv, self.repo_root, env, self.log_path)
         write_pid_record(self.pid_file, proc.pid)
         logger.info("server started: pid %d, log %s", proc.pid, self.log_path)
+        return proc
+
+    def _wait_or_abort(self, proc: subprocess.Popen, url: str) -> int:
         try:
             elapsed = self._wait_ready(proc, url)
         except (RunnerError, KeyboardInterrupt) as err:
@@ -232,6 +249,7 @@ class ServeRunner(RunnerBase):
             status, body = health(url)
             elapsed = time.monotonic() - start
             if is_ready(status, body):
+                self._check_token(url, body)
                 return elapsed
             if elapsed > self.ready_timeout:
                 raise RunnerError(
@@ -243,6 +261,21 @@ class ServeRunner(RunnerBase):
                 logger.info("waiting for %s/health: %.0fs elapsed; log: %s", url, elapsed, last)
                 next_report += REPORT_EVERY_S
             time.sleep(POLL_S)
+
+    def _check_token(self, url: str, body) -> None:
+        """The server answering must be the child we started (the port may have been taken by
+        another server between the pre-flight check and our child's bind). Ray Serve replicas
+        do not see the launcher's environment, and a custom entry point may not echo the token:
+        there a missing token is accepted."""
+        token = body.get("start_token") if isinstance(body, dict) else None
+        if token is None and not self.requires_token:  # Ray Serve, a custom entry point
+            return
+        if token != self.start_token:
+            raise RunnerError(
+                f"the server answering at {url} is not the one this command started (its /health "
+                f"start_token is {token!r}): another server holds the port; stop it or choose "
+                "another serve.engine.port"
+            )
 
     def _abort(self, proc: subprocess.Popen) -> None:
         """Show the log tail; stop the child we started and anything left in its session.
@@ -298,6 +331,10 @@ class ServeRunner(RunnerBase):
     # ----- action=stop ------------------------------------------------------------------------
     def stop(self) -> int:
         """Stop the recorded server tree. Nothing running is not an error (exit 0)."""
+        with self._lock():
+            return self._stop()
+
+    def _stop(self) -> int:
         record = read_pid_record(self.pid_file)
         leader = live_process(record) if record else None
         rc = 0

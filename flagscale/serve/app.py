@@ -67,6 +67,7 @@ V2_IMAGE_PREFIX = "observation.images."
 # with image_decoder: gpu, bodies up to this size are parsed in the event loop (no thread hop);
 # three 640x480 JPEGs as base64 JSON are ~140-400 KB
 INLINE_PARSE_BYTES = 512 * 1024
+START_TOKEN = os.environ.get("PI0_START_TOKEN", "")
 STOP_JOIN_S = 2.0  # at shutdown, how long to wait for a running model call
 
 
@@ -319,6 +320,8 @@ def _health(worker: InferenceWorker, cfg: ServeConfig, draining: bool = False) -
         "device": cfg.device,
         "timestamp": time.time(),
     }
+    if START_TOKEN:  # set by run.py: tells it that this process is the child it started
+        body["start_token"] = START_TOKEN
     if worker.error or problem:
         body["error"] = problem or worker.error
     ok = worker.ready and problem is None
