@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flagscale.logger import get_logger
+from flagscale.runner import redact
 from flagscale.runner.launch import build_env, exec_foreground, parse_cmds, run_cmds
 from flagscale.runner.lock import exp_dir_lock
 from flagscale.runner.probe import base_url, check_port_free, health, http_json, is_ready
@@ -86,6 +87,7 @@ class ServeRunner(RunnerBase):
         deploy = plain(self.runner_cfg.get("deploy")) or {}
         self.use_ray = bool(deploy.get("use_fs_serve", False))
         self.requires_token = not self.use_ray  # and the entry point is ours (see _check_token)
+        self._scrub_hydra_record()
 
     def _stop_timeout(self, configured) -> float:
         """SIGTERM -> SIGKILL wait. After SIGTERM a server drains in-flight requests for up to
@@ -124,7 +126,7 @@ class ServeRunner(RunnerBase):
             self._refuse_if_running()
             entrypoint = self._check_supported()
             resolved = self._write_resolved_config()
-            env = self._env()
+            env = redact.with_keys(self._env(), redact.api_keys(resolved))
             env[START_TOKEN_ENV] = self.start_token
             self.serve_cfg = self._preflight(resolved, env)
             run_cmds(self.before_start, "before_start", self.repo_root, env)
@@ -193,14 +195,32 @@ class ServeRunner(RunnerBase):
         remove_pid_record(self.pid_file)
 
     def _write_resolved_config(self) -> Dict[str, Any]:
+        """Write serve.yaml without API keys (owner-only); returns the full resolved config."""
+        resolved = self._resolved()
+        text = OmegaConf.to_yaml(OmegaConf.create(redact.redacted(resolved)))
         try:
-            resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        except OmegaConfBaseException as err:
-            raise RunnerError(f"cannot resolve the config: {err}") from err
-        self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved), self.config_path)
+            redact.write_private(self.config_path, text)
+        except OSError as err:
+            raise RunnerError(
+                f"experiment.exp_dir: cannot write {self.config_path}: {err.strerror or err}"
+            ) from None
         logger.info("resolved config written to %s", self.config_path)
         return resolved
+
+    def _resolved(self) -> Dict[str, Any]:
+        try:
+            return OmegaConf.to_container(self.cfg, resolve=True)
+        except OmegaConfBaseException as err:
+            raise RunnerError(f"cannot resolve the config: {err}") from err
+
+    def _scrub_hydra_record(self) -> None:
+        """Hydra wrote the config and the command line (keys included) before this runs."""
+        try:
+            keys = redact.api_keys(self._resolved())
+        except RunnerError:
+            return
+        if keys:
+            redact.scrub_files(redact.hydra_record(), keys)
 
     def _preflight(self, resolved: Dict[str, Any], env: Dict[str, str]):
         """Validate the serve config with the server's own loader; check the port is free."""
@@ -208,8 +228,11 @@ class ServeRunner(RunnerBase):
             from flagscale.serve.config import ConfigError, load_serve_config
         except ImportError as err:
             raise RunnerError(f"cannot import the server config loader: {err}") from err
+        from flagscale.serve.auth import resolve_keys
+
         try:
             serve_cfg = load_serve_config(resolved, env=env)
+            resolve_keys(serve_cfg.api_keys, env)  # PI0_API_KEYS too
         except ConfigError as err:
             raise RunnerError(f"invalid serve config: {err}") from err
         check_port_free(serve_cfg.host, serve_cfg.port)

@@ -492,9 +492,18 @@ def _as_str_list(key: str, value, allow_empty: bool) -> tuple:
 def _as_api_keys(key: str, value) -> tuple:
     keys = _as_str_list(key, value, allow_empty=True)
     for i, item in enumerate(keys):
-        if len(item) < 8 or any(c.isspace() for c in item):
-            raise ConfigError(f"{key}[{i}]: an API key needs at least 8 characters and no spaces")
+        check_api_key(f"{key}[{i}]", item)
     return keys
+
+
+def check_api_key(where: str, key: str) -> None:
+    """At least 8 printable ASCII characters, no spaces or commas: an HTTP header carries no
+    other characters (a key with others could never match), and PI0_API_KEYS is comma-separated."""
+    if len(key) < 8 or not all("!" <= c <= "~" and c != "," for c in key):
+        raise ConfigError(
+            f"{where}: an API key needs at least 8 printable ASCII characters, without spaces "
+            "or commas"
+        )
 
 
 def _as_route(key: str, value) -> str:

@@ -147,7 +147,9 @@ def write_effective_config(cfg: ServeConfig, log_dir: str | None) -> None:
         return
     path = Path(log_dir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "serve_pi0_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    target = path / "serve_pi0_config.json"
+    target.write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    target.chmod(0o600)
 
 
 def serve(cfg: ServeConfig) -> int:
@@ -247,7 +249,11 @@ def main(argv=None) -> int:
         return 2
     set_environment(cfg)
     write_effective_config(cfg, args.log_dir)
-    return serve(cfg)
+    try:
+        return serve(cfg)
+    except ConfigError as e:  # e.g. a malformed key in PI0_API_KEYS
+        logger.error("invalid serve config: %s", e)
+        return 2
 
 
 if __name__ == "__main__":

@@ -108,3 +108,43 @@ def test_unwritable_exp_dir_is_one_clear_error(tmp_path):
     text = output(result)
     assert result.returncode == 1
     assert "experiment.exp_dir: cannot create" in text and "Traceback" not in text, text
+
+
+def test_api_keys_are_never_written_in_clear(tmp_path):
+    import stat
+
+    import httpx
+
+    from runner_helpers import free_port, output, run_cli
+
+    exp, port = tmp_path / "exp", free_port()
+    args = [f"experiment.exp_dir={exp}", f"serve.engine.port={port}", "serve.engine.warmup=false"]
+    args += ["serve.engine.api_keys=[cfg-secret-key-1]", "+experiment.envs.PI0_API_KEYS=env-key-22"]
+    started = run_cli(*args, "action=run", timeout=300)
+    try:
+        assert started.returncode == 0, output(started)[-2000:]
+        url = f"http://127.0.0.1:{port}/info"
+        assert httpx.get(url, timeout=10).status_code == 401
+        for key in ("cfg-secret-key-1", "env-key-22"):  # the server has both keys
+            auth = {"Authorization": f"Bearer {key}"}
+            assert httpx.get(url, headers=auth, timeout=10).status_code == 200
+    finally:
+        stopped = run_cli(*args, "action=stop", timeout=120)
+    assert stopped.returncode == 0, output(stopped)
+    written = [p for p in exp.rglob("*") if p.is_file()]
+    assert any(p.match("*/.hydra/overrides.yaml") for p in written), written
+    for path in written:
+        text = path.read_text(errors="replace")
+        assert "cfg-secret-key-1" not in text and "env-key-22" not in text, path
+        if path.suffix in (".yaml", ".json"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_non_ascii_api_key_is_refused_at_start(tmp_path):
+    from runner_helpers import free_port, output, run_cli
+
+    args = [f"experiment.exp_dir={tmp_path / 'exp'}", f"serve.engine.port={free_port()}"]
+    result = run_cli(*args, "serve.engine.api_keys=['clé-secrète-1']", "action=run", timeout=120)
+    assert result.returncode == 1
+    assert "serve.engine.api_keys[0]: an API key needs at least 8 printable ASCII" in output(result)
+    assert "server started" not in output(result)

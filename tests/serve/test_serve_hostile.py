@@ -483,3 +483,18 @@ def test_sigterm_refuses_new_requests_and_answers_in_flight_ones(policy, finishe
         assert [r.status_code for r in replies] == [503, 503]
         assert all("engine.drain_timeout_s=0.5" in r.json()["error"] for r in replies)
         assert answered < 3.0
+
+
+# ---------------------------------------------------------------- (9) API keys
+
+
+def test_non_ascii_keys_in_the_environment_are_refused():
+    from flagscale.serve.auth import resolve_keys
+    from flagscale.serve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="PI0_API_KEYS: an API key needs at least 8 printable"):
+        resolve_keys((), {"PI0_API_KEYS": "good-key-123,clé-secrète"})
+    assert resolve_keys(("cfg-key-123",), {"PI0_API_KEYS": "env-key-456"}) == (
+        b"cfg-key-123",
+        b"env-key-456",
+    )
