@@ -148,6 +148,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0
     max_connections: int = 512
     max_header_kb: float = 64.0
+    max_json_values: int = 1_000_000
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -477,6 +478,7 @@ _PARSERS = {
     "body_timeout_s": lambda k, v: _as_float(k, v, 0.05, 3600.0),
     "max_connections": lambda k, v: _as_int(k, v, 1, 1_000_000),
     "max_header_kb": lambda k, v: _as_float(k, v, 1.0, 65536.0),
+    "max_json_values": lambda k, v: _as_int(k, v, 1000, 2**31),
 }
 
 

@@ -498,3 +498,35 @@ def test_non_ascii_keys_in_the_environment_are_refused():
         b"cfg-key-123",
         b"env-key-456",
     )
+
+
+# ---------------------------------------------------------------- (10) odds and ends
+
+
+@pytest.mark.parametrize("path", ["/health", "/healthz"])
+def test_head_health_probes(http, path):
+    reply = http.head(path)
+    assert reply.status_code == 200 and reply.content == b""
+
+
+def test_big_ignored_fields_are_refused_before_parsing(policy):
+    import json
+    import time
+    import tracemalloc
+
+    cfg = serve_cfg(max_body_mb=8, max_json_values=100_000)
+    body = json.dumps(v2_body())[:-1] + ', "padding": [' + "[]," * 2_000_000 + "[]]}"
+    with LiveServer(create_app(policy, cfg)) as server:
+        server.wait_ready()
+        tracemalloc.start()  # this process runs the server: its Python allocations are seen
+        start = time.monotonic()
+        reply = httpx.post(
+            f"{server.url}/infer", content=body, headers={"Content-Type": "application/json"}
+        )
+        elapsed = time.monotonic() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert reply.status_code == 400
+    assert "JSON values; at most 100000 (engine.max_json_values)" in reply.json()["error"]
+    assert peak < 60 * 2**20, peak  # the 6 MB body, its copies; parsed it would be ~200 MB
+    assert elapsed < 5.0
