@@ -46,18 +46,14 @@ REDUCE_ABOVE_SIDE = 2048
 class PixelBudget:
     """The pixels one request may decode (engine.max_request_pixels), charged from each image's
     header before its pixels are decoded: a few KB of lossless WebP can hold 16 M pixels.
-    Thread-safe; an image is charged once however many decoders look at it."""
+    Thread-safe."""
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
-        self._charged: set = set()
         self._lock = threading.Lock()
 
-    def charge(self, raw: bytes, width: int, height: int) -> None:
+    def charge(self, width: int, height: int) -> None:
         with self._lock:
-            if id(raw) in self._charged:
-                return
-            self._charged.add(id(raw))
             self.used += width * height
             if self.used > self.limit:
                 raise ImageDecodeError(
@@ -66,9 +62,9 @@ class PixelBudget:
                 )
 
 
-def _charge(budget: "PixelBudget | None", raw: bytes, width: int, height: int) -> None:
+def _charge(budget: "PixelBudget | None", width: int, height: int) -> None:
     if budget is not None:
-        budget.charge(raw, width, height)
+        budget.charge(width, height)
 
 
 # Pixel decoding (the costly part) runs in at most this many threads at once, whichever request
@@ -94,14 +90,15 @@ def decode_raw(raw: bytes, max_side: int = 4096, budget: PixelBudget | None = No
     above REDUCE_ABOVE_SIDE."""
     size = _jpeg_size(raw, max_side) if simplejpeg is not None else None
     if size is not None:
-        _charge(budget, raw, size[1], size[0])
+        _charge(budget, size[1], size[0])
         with _SLOTS["decode"]:
             fast = _decode_jpeg_strict(raw)
             if fast is not None:
                 return reduce_large(fast)
     with _open(raw) as img:
         _check_size(img, max_side)
-        _charge(budget, raw, *img.size)
+        if size is None:  # not charged above
+            _charge(budget, *img.size)
         with _SLOTS["decode"]:
             rgb = _reduce(_load_rgb(img))
             return np.array(rgb, dtype=np.uint8)  # writable (torch warns on read-only arrays)
@@ -201,7 +198,7 @@ class GpuJpegDecoder:
         # memory held before (measured): only JPEGs that end with their end-of-image marker go
         # to it; the CPU decoder refuses the others (or decodes them)
         if size and raw.endswith(b"\xff\xd9"):
-            _charge(budget, raw, size[1], size[0])
+            _charge(budget, size[1], size[0])
             return EncodedJpeg(raw, *size)
         return decode_raw(raw, max_side, budget)
 

@@ -169,6 +169,15 @@ def test_request_pixel_budget_refuses_bombs_before_decoding(policy, monkeypatch)
     assert "observation/image" in ws_reply and "engine.max_request_pixels" in ws_reply
 
 
+def test_pixel_budget_charges_every_image_even_identical_ones():
+    from flagscale.serve.codec import ImageDecodeError, PixelBudget, decode_images
+
+    bomb = webp_b64(708, 708)  # 0.5 M pixels; three are over a 1 M budget
+    budget = PixelBudget(1_000_000)
+    out = decode_images([bomb] * 3, 1024, budget)
+    assert sum(isinstance(x, ImageDecodeError) for x in out) == 2 and budget.used == 3 * 708**2
+
+
 def test_large_images_are_reduced_in_uint8_before_the_policy(policy):
     recording = RecordingPolicy(policy)
     cfg = serve_cfg(max_image_side=4096, max_body_mb=8)
