@@ -185,14 +185,16 @@ def guarded_protocol(limits: ConnectionLimits) -> type:
             self._timer = None
             if self.transport.is_closing():
                 return
-            log.note(reason, self.client)
-            cycle = self.cycle
-            if reason == BODY_TIMEOUT and cycle is not None and cycle.response_started:
-                self.transport.close()  # answered already (e.g. 401) but the body never came
+            if reason == HEADER_TIMEOUT:  # after the replies to earlier pipelined requests
+                message = f"{reason} not received within {limits.header_timeout_s:g} s"
+                self._refuse(408, f"{message} (engine.header_timeout_s)", reason)
                 return
-            seconds = limits.header_timeout_s if reason == HEADER_TIMEOUT else limits.body_timeout_s
-            key = "header_timeout_s" if reason == HEADER_TIMEOUT else "body_timeout_s"
-            self._close_with(408, f"{reason} not received within {seconds:g} s (engine.{key})")
+            log.note(reason, self.client)
+            if self.cycle.response_started:  # answered already (e.g. 401); the body never came
+                self.transport.close()
+                return
+            message = f"{reason} not received within {limits.body_timeout_s:g} s"
+            self._close_with(408, f"{message} (engine.body_timeout_s)")
 
         def _refuse(self, status: int, message: str, reason: str) -> None:
             """Answer `status` now, or after the requests already received on this connection."""
