@@ -142,6 +142,26 @@ def _construct_policy(cfg: ServeConfig):
     )
 
 
+def ensure_file_limit(cfg: ServeConfig) -> None:
+    """engine.max_connections open sockets need as many file descriptors (plus the model's
+    files, logs, pipes): raise the soft limit up to the hard one if needed, else warn."""
+    import resource
+
+    needed = cfg.max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        logger.warning(
+            "open-file limit %d is below engine.max_connections=%d + 256: new connections may "
+            "be refused before the cap applies (raise ulimit -n or lower max_connections)",
+            target,
+            cfg.max_connections,
+        )
+
+
 def write_effective_config(cfg: ServeConfig, log_dir: str | None) -> None:
     if not log_dir:
         return
@@ -248,6 +268,7 @@ def main(argv=None) -> int:
         logger.error("invalid serve config %s: %s", args.config_path, e)
         return 2
     set_environment(cfg)
+    ensure_file_limit(cfg)
     write_effective_config(cfg, args.log_dir)
     try:
         return serve(cfg)

@@ -539,3 +539,15 @@ def test_big_ignored_fields_are_refused_before_parsing(policy):
     assert "JSON values; at most 100000 (engine.max_json_values)" in reply.json()["error"]
     assert peak < 60 * 2**20, peak  # the 6 MB body, its copies; parsed it would be ~200 MB
     assert elapsed < 5.0
+
+
+def test_open_file_limit_is_raised_for_the_connection_cap(monkeypatch):
+    import resource
+
+    from flagscale.serve import run_serve_pi0
+
+    calls = []
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (256, 4096))
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, value: calls.append(value))
+    run_serve_pi0.ensure_file_limit(serve_cfg(max_connections=1000))
+    assert calls == [(1256, 4096)]
