@@ -67,10 +67,12 @@ V2_IMAGE_PREFIX = "observation.images."
 # with image_decoder: gpu, bodies up to this size are parsed in the event loop (no thread hop);
 # three 640x480 JPEGs as base64 JSON are ~140-400 KB
 INLINE_PARSE_BYTES = 512 * 1024
-START_TOKEN = os.environ.get("PI0_START_TOKEN", "")
-STOP_JOIN_S = 2.0
 # bodies above this are counted before parsing and parsed by the standard library (lean)
-LEAN_PARSE_BYTES = 1 << 20  # at shutdown, how long to wait for a running model call
+LEAN_PARSE_BYTES = 1 << 20
+# set by run.py for the server it starts; /health echoes it
+START_TOKEN = os.environ.get("PI0_START_TOKEN", "")
+STOP_JOIN_S = 2.0  # at shutdown, how long to wait for a running model call
+DRAINING = "server is shutting down (draining); retry on another replica or after a restart"
 
 
 def _package_version() -> str:
@@ -395,9 +397,6 @@ async def _infer(request: Request, app: FastAPI):
         return await _answer_infer(request, app)
     finally:
         app.state.http_in_flight -= 1
-
-
-DRAINING = "server is shutting down (draining); retry on another replica or after a restart"
 
 
 async def _answer_infer(request: Request, app: FastAPI):
