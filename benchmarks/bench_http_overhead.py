@@ -36,6 +36,7 @@ from flagscale.models.pi0 import PI0Policy
 from flagscale.serve import app as app_module
 from flagscale.serve.codec import GpuJpegDecoder
 from flagscale.serve.config import load_serve_config
+from flagscale.serve.protocol import uvicorn_config
 
 
 class SleepingPolicy:
@@ -80,7 +81,8 @@ def serve_and_measure(model_ms: float, clients: list, requests: int, decoder="cp
 def _measure(app, clients: list, requests: int, model_ms: float) -> list:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    config = uvicorn_config(app, app.state.cfg, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
     thread.start()
     try:

@@ -13,6 +13,12 @@ once a dozen bad requests went out: invalid JSON, a non-object body, corrupt bas
 half, a wrong state dimension, NaN in the state, an unknown camera, num_steps 0 and max + 1, a body
 2 MB over engine.max_body_mb, a form-encoded body, GET /infer. (The server does not look at
 Content-Type: valid JSON under text/plain is served, so the wrong-content-type case sends a form.)
+Then the hostile kinds, sized from /info's limits (hostile_requests): a prompt over
+max_prompt_chars, a state beyond float32, lossless WebPs over max_request_pixels, a body with more
+values than max_json_values, headers over max_header_kb. With --attacks (the default) one more
+thread adds raw-socket attacks as background noise (Attacker): --slow-connections connections
+stuck in their headers, requests abandoned once sent, Expect: 100-continue over max_body_mb, a
+good request pipelined with garbage; their outcomes are judged too (kinds attack_*).
 
 Expected: good -> 200 with actions (503 "queue full" is accepted, counted apart); bad -> 4xx with
 a JSON body {"success": false, "error": "..."}. Anything else (wrong status, 5xx, a non-JSON
@@ -32,8 +38,11 @@ import collections
 import http.client
 import ipaddress
 import json
+import math
 import os
 import random
+import select
+import socket
 import sys
 import threading
 import time
@@ -117,7 +126,44 @@ def bad_requests(info, steps):
         "oversize": post(changed(good, padding="x" * (cap + 2 * MB))),
         "form_body": form_request(),
         "get_infer": ("GET", "/infer", None, {}),
+        **hostile_requests(info, good),
     }
+
+
+def hostile_requests(info, good):
+    """Attacks that fit one HTTP request (issue 19), sized from the server's limits: a prompt
+    over max_prompt_chars, a state beyond float32, lossless WebPs with more pixels than
+    max_request_pixels, a body with more values than max_json_values, headers over
+    max_header_kb. A kind the limits leave no room for (e.g. its body would be over
+    max_body_mb) is left out."""
+    limits = info["limits"]
+    big_prompt = "x" * (limits["max_prompt_chars"] + 1)
+    kinds = {
+        "big_prompt": post(changed(good, instruction=big_prompt)),
+        "float32_overflow": post(changed(good, eef_pose=[[1e39] * info["state_dim"]])),
+        "big_header": ("GET", "/info", None, {"X-Pad": "a" * int(limits["max_header_kb"] * 1024)}),
+    }
+    side = math.ceil(math.sqrt(limits["max_request_pixels"] / 2))
+    if side <= limits["max_image_side"]:  # three such images are over the budget
+        bomb = lossless_webp(side)
+        kinds["pixel_bomb"] = post(changed(good, images=[dict.fromkeys(sample_images(), bomb)]))
+    count = max(limits["max_json_values"] + 1, (1 << 20) // 3 + 1)  # counted above 1 MB
+    values = json.dumps(good)[:-1] + ', "padding": [' + "[]," * count + "[]]}"
+    if len(values) <= limits["max_body_mb"] * MB:
+        kinds["many_values"] = ("POST", "/infer", values.encode(), JSON_TYPE)
+    return kinds
+
+
+def lossless_webp(side):
+    """base64 of a side x side lossless WebP of one colour: a few hundred bytes."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 90)).save(buf, format="WEBP", lossless=True)
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def form_request():
@@ -208,6 +254,113 @@ class Soak:
             seen = self.examples[(kind, problem)]
             if len(seen) < MAX_EXAMPLES:
                 seen.append({"status": status, "body": data[:300].decode("utf-8", "replace")})
+
+
+class Attacker:
+    """Background noise on raw sockets (issue 19), one attack every --attack-pause seconds:
+    slow connections that never finish their headers (--slow-connections of them held open and
+    reopened when the server closes them: a 408, or a silent close or a 503 from the connection
+    cap, is expected), requests abandoned right after sending (the server must drop them, no
+    reply to judge), Expect: 100-continue with a Content-Length over max_body_mb (413 without
+    "100 Continue"), and a good request pipelined with garbage (its reply, then a 400)."""
+
+    SLOW_HEAD = b"POST /infer HTTP/1.1\r\nHost: soak\r\nContent-Le"
+
+    def __init__(self, soak, info):
+        self.soak, self.args = soak, soak.args
+        method, path, payload, headers = soak.good
+        self.good = raw_request(method, path, payload, headers)
+        self.too_long = int(info["limits"]["max_body_mb"] * MB) * 2
+        self.slow = []
+
+    def run(self, deadline):
+        attacks = [self.abandon, self.expect_continue, self.pipelined_garbage]
+        turn = 0
+        while time.monotonic() < deadline:
+            self.hold_slow()
+            attack = attacks[turn % len(attacks)]
+            turn += 1
+            self.attack(attack.__name__, attack)
+            time.sleep(self.args.attack_pause)
+        for sock in self.slow:
+            sock.close()
+
+    def attack(self, name, fn):
+        start = time.perf_counter()
+        try:
+            status, problem = fn()
+        except Exception as exc:  # counted as unexpected, with the exception as its example
+            status, problem = "conn-error", f"connection error: {exc!r}"
+        done = time.perf_counter()
+        self.soak.records.append((f"attack_{name}", status, (done - start) * 1e3, done, problem))
+        if problem is not None:
+            self.soak.example(f"attack_{name}", problem, status, str(problem).encode())
+
+    def connect(self):
+        return socket.create_connection((self.args.host, self.args.port), timeout=self.args.timeout)
+
+    def exchange(self, data):
+        with self.connect() as sock:
+            sock.sendall(data)
+            return read_all(sock)
+
+    def abandon(self):
+        with self.connect() as sock:
+            sock.sendall(self.good)
+        return "sent", None
+
+    def expect_continue(self):
+        head = "POST /infer HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {self.too_long}\r\nExpect: 100-continue\r\n\r\n"
+        reply = self.exchange(head.encode())
+        ok = reply.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in reply
+        return status_of(reply), None if ok else f"expected 413 without 100: {reply[:60]!r}"
+
+    def pipelined_garbage(self):
+        reply = self.exchange(self.good + b"\x00\x01 GARBAGE \xff\r\n\r\n")
+        first = reply.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 503 "))  # 503: queue full
+        ok = first and b"HTTP/1.1 400 " in reply
+        return status_of(reply), None if ok else f"expected a reply then 400: {reply[:60]!r}"
+
+    def hold_slow(self):
+        readable = select.select(self.slow, [], [], 0)[0] if self.slow else []
+        for sock in readable:
+            self.slow.remove(sock)
+            self.attack("slow_headers", lambda: self.closed_slow(sock))
+        while len(self.slow) < self.args.slow_connections:
+            sock = self.connect()
+            sock.sendall(self.SLOW_HEAD)
+            self.slow.append(sock)
+
+    @staticmethod
+    def closed_slow(sock):
+        with sock:
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                data = b""
+        ok = data == b"" or data.startswith((b"HTTP/1.1 408 ", b"HTTP/1.1 503 "))
+        return status_of(data) or "closed", None if ok else f"closed with {data[:60]!r}"
+
+
+def raw_request(method, path, payload, headers):
+    lines = [f"{method} {path} HTTP/1.1", "Host: soak", f"Content-Length: {len(payload or b'')}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (payload or b"")
+
+
+def read_all(sock):
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def status_of(reply):
+    parts = reply.split(b" ", 2)
+    return parts[1].decode("ascii", "replace") if len(parts) > 2 else None
 
 
 # ---------------------------------------------------------------- server sampling
@@ -323,6 +476,8 @@ def run(args, info):
     threads = [
         threading.Thread(target=soak.client, args=(i, deadline)) for i in range(args.clients)
     ]
+    if args.attacks:
+        threads.append(threading.Thread(target=Attacker(soak, info).run, args=(deadline,)))
     for th in threads:
         th.start()
     for th in threads:
@@ -465,6 +620,14 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=10, help="num_steps of the good requests")
     p.add_argument("--timeout", type=float, default=60.0, help="per request")
     p.add_argument("--seed", type=int, default=0, help="good/bad choice per client")
+    p.add_argument(
+        "--attacks",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="raw-socket attacks in the background (see Attacker)",
+    )
+    p.add_argument("--slow-connections", type=int, default=20, help="held by the attacker")
+    p.add_argument("--attack-pause", type=float, default=0.2, help="seconds between attacks")
     args = p.parse_args(argv)
     if not ipaddress.ip_address(args.host).is_loopback:
         raise SystemExit("bench_soak.py only targets loopback addresses")

@@ -7,6 +7,7 @@ server reads), ``host_0_localhost.output`` (server stdout+stderr, appended), ``p
 
 import importlib.util
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -21,7 +22,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flagscale.logger import get_logger
+from flagscale.runner import redact
 from flagscale.runner.launch import build_env, exec_foreground, parse_cmds, run_cmds
+from flagscale.runner.lock import exp_dir_lock
 from flagscale.runner.probe import base_url, check_port_free, health, http_json, is_ready
 from flagscale.runner.process import (
     PidRecord,
@@ -43,9 +46,24 @@ from flagscale.serve.flagscale_compat import ENTRYPOINTS, raw_engine
 logger = get_logger("flagscale.runner")
 
 HOST_TAG = "host_0_localhost"
+LOCK_NAME = "run.lock"
 DEFAULT_ENTRYPOINT = "flagscale/serve/run_serve_pi0.py"
+START_TOKEN_ENV = "PI0_START_TOKEN"
 POLL_S = 0.5
 REPORT_EVERY_S = 5.0
+
+
+def seconds(key: str, value) -> float:
+    """experiment.runner.<key>: a number of seconds >= 0 (RunnerError naming the key otherwise)."""
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number >= 0 or number == float("inf"):
+        raise RunnerError(
+            f"experiment.runner.{key}: expected a number of seconds >= 0, got {value!r}"
+        )
+    return number
 
 
 def plain(value: Any) -> Any:
@@ -60,27 +78,40 @@ class ServeRunner(RunnerBase):
         self.log_path = self.log_dir / f"{HOST_TAG}.output"
         self.pid_file = self.log_dir / "pids" / f"{HOST_TAG}.pid"
         self.foreground = bool(self.runner_cfg.get("foreground", False))
-        self.ready_timeout = float(self.runner_cfg.get("ready_timeout", 600))
-        self.stop_timeout = self._stop_timeout(float(self.runner_cfg.get("stop_timeout", 15)))
+        self.ready_timeout = seconds("ready_timeout", self.runner_cfg.get("ready_timeout", 600))
+        self.stop_timeout = self._stop_timeout(self.runner_cfg.get("stop_timeout"))
         cmds = plain(cfg.experiment.get("cmds")) or {}
         self.before_start = parse_cmds(cmds.get("before_start"), "before_start")
         self.after_stop = parse_cmds(cmds.get("after_stop"), "after_stop")
         self.serve_cfg = None  # ServeConfig once run() validated it
+        self.start_token = secrets.token_hex(16)  # echoed by our child's /health
         deploy = plain(self.runner_cfg.get("deploy")) or {}
         self.use_ray = bool(deploy.get("use_fs_serve", False))
+        self.requires_token = not self.use_ray  # and the entry point is ours (see _check_token)
+        self._scrub_hydra_record()
 
-    def _stop_timeout(self, configured: float) -> float:
-        """SIGTERM -> SIGKILL wait. A server drains in-flight requests for up to
-        serve.engine.drain_timeout_s after SIGTERM; warn when stop_timeout leaves it no room."""
+    def _stop_timeout(self, configured) -> float:
+        """SIGTERM -> SIGKILL wait. After SIGTERM a server drains in-flight requests for up to
+        serve.engine.drain_timeout_s, then needs at most DRAIN_MARGIN_S to exit: the default
+        (null) is their sum; a shorter stop_timeout is warned about."""
+        from flagscale.serve.config import DRAIN_MARGIN_S, ServeConfig
+
         drain = raw_engine(plain(self.cfg.get("serve"))).get("drain_timeout_s")
-        if isinstance(drain, (int, float)) and configured < float(drain) + 2.0:
+        drain = drain if isinstance(drain, (int, float)) else ServeConfig.drain_timeout_s
+        needed = float(drain) + DRAIN_MARGIN_S
+        if configured is None:
+            return needed
+        value = seconds("stop_timeout", configured)
+        if value < needed:
             logger.warning(
                 "experiment.runner.stop_timeout (%gs) is shorter than serve.engine.drain_timeout_s "
-                "(%gs) + 2s: action=stop may SIGKILL the server while it drains requests",
-                configured,
+                "(%gs) + %gs: action=stop may SIGKILL the server while it drains requests "
+                "(leave stop_timeout unset to derive it)",
+                value,
                 drain,
+                DRAIN_MARGIN_S,
             )
-        return configured
+        return value
 
     # ----- action=run -------------------------------------------------------------------------
     def run(self) -> int:
@@ -90,17 +121,23 @@ class ServeRunner(RunnerBase):
         return rc
 
     def _launch(self) -> int:
-        self._refuse_if_running()
-        entrypoint = self._check_supported()
-        resolved = self._write_resolved_config()
-        env = self._env()
-        self.serve_cfg = self._preflight(resolved, env)
-        run_cmds(self.before_start, "before_start", self.repo_root, env)
-        argv = [sys.executable, str(entrypoint), "--config-path", str(self.config_path)]
-        argv += ["--log-dir", str(self.log_dir)]
-        if self.foreground:
-            exec_foreground(argv, self.repo_root, env, self.pid_file)
-        return self._start_and_wait(argv, env, self._url())
+        with self._lock():  # a concurrent run for this exp_dir waits, then finds our server
+            self._refuse_if_running()
+            entrypoint = self._check_supported()
+            resolved = self._write_resolved_config()
+            env = redact.with_keys(self._env(), redact.api_keys(resolved))
+            env[START_TOKEN_ENV] = self.start_token
+            self.serve_cfg = self._preflight(resolved, env)
+            run_cmds(self.before_start, "before_start", self.repo_root, env)
+            argv = [sys.executable, str(entrypoint), "--config-path", str(self.config_path)]
+            argv += ["--log-dir", str(self.log_dir)]
+            if self.foreground:
+                exec_foreground(argv, self.repo_root, env, self.pid_file)
+            proc = self._start(argv, env)
+        return self._wait_or_abort(proc, self._url())
+
+    def _lock(self):
+        return exp_dir_lock(self.log_dir / "pids" / LOCK_NAME, self.exp_dir)
 
     def _check_supported(self) -> Path:
         """Refuse what this launcher cannot do; return the absolute server entry point."""
@@ -121,6 +158,7 @@ class ServeRunner(RunnerBase):
             raise RunnerError(f"experiment.task.entrypoint: {entry} is not a .py file")
         if not entry.is_file():
             raise RunnerError(f"experiment.task.entrypoint: {entry} does not exist")
+        self.requires_token = entry.resolve() == (self.repo_root / DEFAULT_ENTRYPOINT).resolve()
         return entry
 
     def _check_ray(self) -> Path:
@@ -165,14 +203,32 @@ class ServeRunner(RunnerBase):
         remove_pid_record(self.pid_file)
 
     def _write_resolved_config(self) -> Dict[str, Any]:
+        """Write serve.yaml without API keys (owner-only); returns the full resolved config."""
+        resolved = self._resolved()
+        text = OmegaConf.to_yaml(OmegaConf.create(redact.redacted(resolved)))
         try:
-            resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        except OmegaConfBaseException as err:
-            raise RunnerError(f"cannot resolve the config: {err}") from err
-        self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved), self.config_path)
+            redact.write_private(self.config_path, text)
+        except OSError as err:
+            raise RunnerError(
+                f"experiment.exp_dir: cannot write {self.config_path}: {err.strerror or err}"
+            ) from None
         logger.info("resolved config written to %s", self.config_path)
         return resolved
+
+    def _resolved(self) -> Dict[str, Any]:
+        try:
+            return OmegaConf.to_container(self.cfg, resolve=True)
+        except OmegaConfBaseException as err:
+            raise RunnerError(f"cannot resolve the config: {err}") from err
+
+    def _scrub_hydra_record(self) -> None:
+        """Hydra wrote the config and the command line (keys included) before this runs."""
+        try:
+            keys = redact.api_keys(self._resolved())
+        except RunnerError:
+            return
+        if keys:
+            redact.scrub_files(redact.hydra_record(), keys)
 
     def _preflight(self, resolved: Dict[str, Any], env: Dict[str, str]):
         """Validate the serve config with the server's own loader; check the port is free."""
@@ -180,8 +236,11 @@ class ServeRunner(RunnerBase):
             from flagscale.serve.config import ConfigError, load_serve_config
         except ImportError as err:
             raise RunnerError(f"cannot import the server config loader: {err}") from err
+        from flagscale.serve.auth import resolve_keys
+
         try:
             serve_cfg = load_serve_config(resolved, env=env)
+            resolve_keys(serve_cfg.api_keys, env)  # PI0_API_KEYS too
         except ConfigError as err:
             raise RunnerError(f"invalid serve config: {err}") from err
         check_port_free(serve_cfg.host, serve_cfg.port)
@@ -199,10 +258,13 @@ class ServeRunner(RunnerBase):
     def _env(self) -> Dict[str, str]:
         return build_env(plain(self.cfg.experiment.get("envs")), os.environ, self.repo_root)
 
-    def _start_and_wait(self, argv: List[str], env: Dict[str, str], url: str) -> int:
+    def _start(self, argv: List[str], env: Dict[str, str]) -> subprocess.Popen:
         proc = start_background(argv, self.repo_root, env, self.log_path)
         write_pid_record(self.pid_file, proc.pid)
         logger.info("server started: pid %d, log %s", proc.pid, self.log_path)
+        return proc
+
+    def _wait_or_abort(self, proc: subprocess.Popen, url: str) -> int:
         try:
             elapsed = self._wait_ready(proc, url)
         except (RunnerError, KeyboardInterrupt) as err:
@@ -224,6 +286,7 @@ class ServeRunner(RunnerBase):
             status, body = health(url)
             elapsed = time.monotonic() - start
             if is_ready(status, body):
+                self._check_token(url, body)
                 return elapsed
             if elapsed > self.ready_timeout:
                 raise RunnerError(
@@ -235,6 +298,21 @@ class ServeRunner(RunnerBase):
                 logger.info("waiting for %s/health: %.0fs elapsed; log: %s", url, elapsed, last)
                 next_report += REPORT_EVERY_S
             time.sleep(POLL_S)
+
+    def _check_token(self, url: str, body) -> None:
+        """The server answering must be the child we started (the port may have been taken by
+        another server between the pre-flight check and our child's bind). Ray Serve replicas
+        do not see the launcher's environment, and a custom entry point may not echo the token:
+        there a missing token is accepted."""
+        token = body.get("start_token") if isinstance(body, dict) else None
+        if token is None and not self.requires_token:  # Ray Serve, a custom entry point
+            return
+        if token != self.start_token:
+            raise RunnerError(
+                f"the server answering at {url} is not the one this command started (its /health "
+                f"start_token is {token!r}): another server holds the port; stop it or choose "
+                "another serve.engine.port"
+            )
 
     def _abort(self, proc: subprocess.Popen) -> None:
         """Show the log tail; stop the child we started and anything left in its session.
@@ -290,6 +368,10 @@ class ServeRunner(RunnerBase):
     # ----- action=stop ------------------------------------------------------------------------
     def stop(self) -> int:
         """Stop the recorded server tree. Nothing running is not an error (exit 0)."""
+        with self._lock():
+            return self._stop()
+
+    def _stop(self) -> int:
         record = read_pid_record(self.pid_file)
         leader = live_process(record) if record else None
         rc = 0

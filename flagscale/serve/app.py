@@ -29,10 +29,22 @@ from starlette.requests import ClientDisconnect
 
 from flagscale.logger import get_logger
 from flagscale.serve.auth import resolve_keys, warn_if_exposed
-from flagscale.serve.codec import GpuJpegDecoder, ImageDecodeError, decode_images
+from flagscale.serve.codec import (
+    GpuJpegDecoder,
+    ImageDecodeError,
+    PixelBudget,
+    decode_images,
+    set_decode_threads,
+)
 from flagscale.serve.config import IMAGE_SLOTS, ConfigError, ServeConfig, load_serve_config
 from flagscale.serve.docs import add_docs_routes
-from flagscale.serve.errors import RequestError
+from flagscale.serve.errors import RequestError, check_float32, internal_error
+from flagscale.serve.limits import (
+    ClientGone,
+    check_prompt_length,
+    unless_client_leaves,
+    warm_prompts,
+)
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
 from flagscale.serve.middleware import ServeMiddleware
 from flagscale.serve.openpi_ws import add_openpi_route
@@ -56,6 +68,12 @@ V2_IMAGE_PREFIX = "observation.images."
 # with image_decoder: gpu, bodies up to this size are parsed in the event loop (no thread hop);
 # three 640x480 JPEGs as base64 JSON are ~140-400 KB
 INLINE_PARSE_BYTES = 512 * 1024
+# bodies above this are counted before parsing and parsed by the standard library (lean)
+LEAN_PARSE_BYTES = 1 << 20
+# set by run.py for the server it starts; /health echoes it
+START_TOKEN = os.environ.get("PI0_START_TOKEN", "")
+STOP_JOIN_S = 2.0  # at shutdown, how long to wait for a running model call
+DRAINING = "server is shutting down (draining); retry on another replica or after a restart"
 
 
 def _package_version() -> str:
@@ -87,12 +105,16 @@ def create_app(
     """
     cfg = load_serve_config(cfg)
     fixed_noise = _load_fixed_noise(cfg.fixed_noise)
+    if cfg.decode_threads is not None:
+        set_decode_threads(cfg.decode_threads)
     metrics_ref = {}
-    # request thread: base64 text -> images; inference thread: a batch's deferred JPEGs -> pixels
-    codecs = {"images": decode_images, "frames": None}
+    # request thread: base64 text -> images, prompts -> tokens (cached by the policy);
+    # inference thread: a batch's deferred JPEGs -> pixels
+    codecs = {"images": decode_images, "frames": None, "prompts": None}
 
     def prepare(policy):
         prepare_policy(policy, cfg, fixed_noise)
+        codecs["prompts"] = getattr(policy, "warm_prompts", None)
         if cfg.image_decoder == "gpu":  # in the inference thread: a failure fails start-up
             gpu = GpuJpegDecoder(cfg.device)
             codecs.update(images=gpu, frames=gpu.decode_frames)
@@ -122,7 +144,9 @@ def create_app(
         yield
         if lerobot is not None:  # in-flight RPCs get drain_timeout_s, off the event loop
             await run_in_threadpool(lambda: lerobot.stop(cfg.drain_timeout_s).wait())
-        await run_in_threadpool(worker.stop)
+        # requests are answered or failed by now (drain); a model call still running cannot
+        # be interrupted: the process exits without waiting long for it
+        await run_in_threadpool(worker.stop, STOP_JOIN_S)
 
     app = FastAPI(  # /docs and /redoc: ours, with local assets (docs.py), not FastAPI's CDN pages
         title="FlagScale Pi0 server",
@@ -138,8 +162,9 @@ def create_app(
     app.state.metrics = metrics
     app.state.api_keys = keys
     app.state.replica_id = replica_id
-    app.state.draining = False  # set on SIGTERM: openpi connections take no new requests
+    app.state.draining = False  # set on SIGTERM: no new requests (503), in-flight ones finish
     app.state.ws_in_flight = 0  # openpi requests being answered (drained before shutdown)
+    app.state.http_in_flight = 0  # POST /infer requests being answered
     _add_routes(app)
     add_docs_routes(app)
     if cfg.openpi:
@@ -259,15 +284,16 @@ def _load_fixed_noise(path: str | None) -> np.ndarray | None:
 
 
 def _add_routes(app: FastAPI) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD
     async def health():
-        return _health(app.state.worker, app.state.cfg)
+        return _health(app.state.worker, app.state.cfg, app.state.draining)
 
-    @app.get("/healthz", response_class=PlainTextResponse)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_class=PlainTextResponse)
     async def healthz():
         """openpi's liveness probe: 200 "OK" once the model serves, else 503."""
         ok = (
             app.state.worker.ready
+            and not app.state.draining
             and app.state.worker.problem(app.state.cfg.infer_timeout_s) is None
         )
         return PlainTextResponse("OK\n" if ok else "NOT READY\n", status_code=200 if ok else 503)
@@ -303,11 +329,13 @@ INFER_OPENAPI = {
 }
 
 
-def _health(worker: InferenceWorker, cfg: ServeConfig) -> JSONResponse:
+def _health(worker: InferenceWorker, cfg: ServeConfig, draining: bool = False) -> JSONResponse:
     status = {"ready": "healthy", "loading": "loading"}.get(worker.state, worker.state)
     problem = worker.problem(cfg.infer_timeout_s)
     if problem:
         status = "unhealthy"
+    if draining:  # load balancers stop sending here; in-flight requests still finish
+        status, problem = "draining", DRAINING
     body = {
         "status": status,
         "model_loaded": worker.ready,
@@ -315,6 +343,8 @@ def _health(worker: InferenceWorker, cfg: ServeConfig) -> JSONResponse:
         "device": cfg.device,
         "timestamp": time.time(),
     }
+    if START_TOKEN:  # set by run.py: tells it that this process is the child it started
+        body["start_token"] = START_TOKEN
     if worker.error or problem:
         body["error"] = problem or worker.error
     ok = worker.ready and problem is None
@@ -365,6 +395,13 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
             "max_queue": cfg.max_queue,
             "max_body_mb": cfg.max_body_mb,
             "max_image_side": cfg.max_image_side,
+            "max_request_pixels": cfg.max_request_pixels,
+            "max_prompt_chars": cfg.max_prompt_chars,
+            "max_json_values": cfg.max_json_values,
+            "max_header_kb": cfg.max_header_kb,
+            "max_connections": cfg.max_connections,
+            "header_timeout_s": cfg.header_timeout_s,
+            "body_timeout_s": cfg.body_timeout_s,
         },
         "image_decoder": cfg.image_decoder,
         "queue_depth": worker.queue_depth,
@@ -372,6 +409,16 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
 
 
 async def _infer(request: Request, app: FastAPI):
+    if app.state.draining:
+        raise RequestError(503, DRAINING, {"Connection": "close"})
+    app.state.http_in_flight += 1
+    try:
+        return await _answer_infer(request, app)
+    finally:
+        app.state.http_in_flight -= 1
+
+
+async def _answer_infer(request: Request, app: FastAPI):
     cfg, worker = app.state.cfg, app.state.worker
     start = time.perf_counter()
     policy = worker.policy
@@ -386,7 +433,13 @@ async def _infer(request: Request, app: FastAPI):
     else:  # parsing and image decoding off the event loop (a 32 MB body must not block it)
         batch = await run_in_threadpool(_parse_and_build, *args)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
-    result = await run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps)
+    try:
+        result = await unless_client_leaves(
+            request.receive,
+            run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps),
+        )
+    except ClientGone:  # nobody reads the answer; 499 (client closed request) in the metrics
+        raise RequestError(499, "the client closed the connection") from None
     app.state.metrics.observe_result(result.queue_ms, preprocess_ms)
     actions = cut_actions(result.outputs, cfg)
     timing = Timing(
@@ -419,8 +472,8 @@ async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
         raise RequestError(503, str(e)) from None
     except ImageDecodeError as e:  # a JPEG left to the inference thread (image_decoder: gpu)
         raise RequestError(400, f"images: {e}") from None
-    except Exception as e:
-        raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
+    except Exception as e:  # logged with its traceback by the worker; the client gets no details
+        raise RequestError(500, internal_error("inference failed", e)) from None
 
 
 async def _infer_one(app: FastAPI, observation: dict, num_steps: int, preprocess_ms: float):
@@ -456,7 +509,11 @@ async def read_body(request: Request, limit: int, limit_mb: float) -> bytes:
     )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        await _discard(request, 0, limit)
+        if request.headers.get("expect", "").lower() == "100-continue":
+            # the client waits for "100 Continue" before sending: refuse without asking for it
+            too_large.headers = {"Connection": "close"}
+        else:
+            await _discard(request, 0, limit)
         raise too_large
     chunks, size = [], 0
     try:
@@ -484,15 +541,20 @@ async def _discard(request: Request, size: int, limit: int) -> None:
 
 
 def _parse_and_build(body: bytes, cfg, noise_shape, fixed_noise, codecs) -> "Batch":
-    return build_batch(parse_request(body), cfg, noise_shape, fixed_noise, codecs["images"])
+    request = parse_request(body, cfg.max_json_values)
+    batch = build_batch(request, cfg, noise_shape, fixed_noise, codecs["images"])
+    warm_prompts(codecs, [obs["prompt"] for obs in batch.observations])
+    return batch
 
 
 def load_json(body: bytes):
     """json.loads, through orjson when it takes the body (~4x faster on a 140 KB request). Bodies
     orjson refuses (NaN, non-UTF-8 encodings, deep nesting, broken JSON) or reads differently
     (integers beyond 64 bits become floats there) go to the standard library, which accepts them
-    or words the error exactly as before."""
-    if orjson is not None:
+    or words the error exactly as before. Bodies above LEAN_PARSE_BYTES go to the standard
+    library too: orjson's peak memory is ~12x the body (a 28 MB body of base64 text: 347 vs
+    53 MB for json, measured)."""
+    if orjson is not None and len(body) <= LEAN_PARSE_BYTES:
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -518,9 +580,10 @@ def _has_huge_number(data) -> bool:
     return False
 
 
-def parse_request(body: bytes) -> InferRequest:
+def parse_request(body: bytes, max_values: int = 1_000_000) -> InferRequest:
     if not body.strip():
         raise RequestError(400, "empty request body; expected a JSON object")
+    _check_value_count(body, max_values)
     try:
         data = load_json(body)
     except (ValueError, RecursionError) as e:
@@ -531,6 +594,19 @@ def parse_request(body: bytes) -> InferRequest:
         return InferRequest.model_validate(data)
     except ValidationError as e:
         raise RequestError(422, describe_validation_error(e)) from None
+
+
+def _check_value_count(body: bytes, max_values: int) -> None:
+    """Python objects cost 30-60x their JSON text ("[]," is a 56-byte list): a large body is
+    counted (commas and brackets, ~1 ms per MB) and refused before it is parsed. Bodies up to
+    LEAN_PARSE_BYTES cannot hold enough values to matter and are not counted."""
+    if len(body) <= LEAN_PARSE_BYTES:
+        return
+    values = body.count(b",") + body.count(b"[")
+    if values > max_values:
+        raise RequestError(
+            400, f"body: about {values} JSON values; at most {max_values} (engine.max_json_values)"
+        )
 
 
 @dataclasses.dataclass
@@ -559,9 +635,10 @@ def build_batch(
     states = _states(req, cfg)
     masks = _masks(req, cfg)
     noises, seeds, echo = _noise_and_seeds(req, cfg, noise_shape, fixed_noise)
+    budget = PixelBudget(cfg.max_request_pixels)
     observations = [
         {
-            "images": _images(i, req.images[i], masks[i], cfg, decode),
+            "images": _images(i, req.images[i], masks[i], cfg, decode, budget),
             "state": states[i],
             "prompt": prompts[i],
         }
@@ -589,6 +666,7 @@ def _prompts(req: InferRequest, cfg: ServeConfig) -> list:
             f"got {len(prompts)}",
         )
     for prompt in prompts:
+        check_prompt_length("instruction", prompt, cfg)
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:  # JSON "\ud800": the tokenizer would fail with a 500
@@ -620,13 +698,8 @@ def _states(req: InferRequest, cfg: ServeConfig) -> list:
             f"{field}: expected {cfg.state_dim} values per observation (engine.state_dim), "
             f"got {state.shape[1]}",
         )
-    _check_finite(field, state)
+    check_float32(field, state)
     return list(state.astype(np.float32))
-
-
-def _check_finite(field: str, array: np.ndarray) -> None:
-    if not np.isfinite(array).all():
-        raise RequestError(400, f"{field}: contains NaN or infinite values")
 
 
 def _slot_for(name: str, cfg: ServeConfig) -> str | None:
@@ -669,7 +742,7 @@ def _masks(req: InferRequest, cfg: ServeConfig) -> list:
     return masks
 
 
-def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, decode) -> dict:
+def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, decode, budget) -> dict:
     todo, seen = [], set()  # (camera name, slot, base64 text)
     for name, text in cams.items():
         slot = _slot_for(name, cfg)
@@ -687,7 +760,8 @@ def _images(index: int, cams: dict, masked: set, cfg: ServeConfig, decode) -> di
             f"known cameras: {', '.join(cfg.cameras)}",
         )
     images = {}
-    for (name, slot, _), image in zip(todo, decode([t for *_, t in todo], cfg.max_image_side)):
+    decoded = decode([t for *_, t in todo], cfg.max_image_side, budget)
+    for (name, slot, _), image in zip(todo, decoded):
         if isinstance(image, ImageDecodeError):
             raise RequestError(400, f"images[{index}].{name}: {image}")
         images[slot] = image
@@ -718,7 +792,7 @@ def _request_noise(noise: np.ndarray, size: int, shape: tuple) -> list:
             f"noise: expected shape {[size, *shape]} (batch x chunk_size x max_action_dim; "
             f"the batch axis may be left out for one observation), got {list(noise.shape)}",
         )
-    _check_finite("noise", noise)
+    check_float32("noise", noise)
     return list(noise.astype(np.float32))
 
 
@@ -774,7 +848,8 @@ def cut_actions(outputs: list, cfg: ServeConfig) -> np.ndarray:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        headers = {"Retry-After": "1"} if exc.status == 503 else {}
+        headers.update(exc.headers or {})
         if exc.status >= 500 and exc.status != 503:
             logger.error(
                 "%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message
@@ -793,7 +868,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception):
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return _error(500, f"internal server error: {type(exc).__name__}: {exc}")
+        return _error(500, internal_error("unexpected error", exc))
 
 
 def _error(status: int, message: str, headers=None) -> JSONResponse:

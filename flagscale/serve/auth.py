@@ -10,6 +10,7 @@ import hmac
 from typing import Iterable, Mapping
 
 from flagscale.logger import get_logger
+from flagscale.serve.config import check_api_key
 
 logger = get_logger("flagscale.serve.auth")
 
@@ -22,8 +23,10 @@ UNAUTHORIZED = "unauthorized: a valid API key is required (Authorization: Bearer
 
 def resolve_keys(config_keys: Iterable[str], env: Mapping[str, str]) -> tuple:
     """Config keys + PI0_API_KEYS, as bytes; empty = auth off."""
-    keys = [k for k in config_keys]
-    keys += [k.strip() for k in env.get(ENV_VAR, "").split(",") if k.strip()]
+    from_env = [k.strip() for k in env.get(ENV_VAR, "").split(",") if k.strip()]
+    for key in from_env:
+        check_api_key(ENV_VAR, key)
+    keys = list(config_keys) + from_env
     short = [k for k in keys if len(k) < 8]
     if short:
         logger.warning("%d API key(s) shorter than 8 characters: use long random keys", len(short))

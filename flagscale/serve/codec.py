@@ -36,47 +36,110 @@ class ImageDecodeError(ValueError):
     """The image text is not valid base64, not a supported image, truncated or too large."""
 
 
-def decode_image(text: str, max_side: int = 4096) -> np.ndarray:
+# Images with a longer side above this are reduced (uint8 box filter, by the smallest integer
+# factor that brings them within it) right after decoding, so that what waits in the queue and
+# what the policy converts to float stays small. Camera frames up to 2048 px reach the policy
+# unchanged (the same pixels as the float reference resize sees).
+REDUCE_ABOVE_SIDE = 2048
+
+
+class PixelBudget:
+    """The pixels one request may decode (engine.max_request_pixels), charged from each image's
+    header before its pixels are decoded: a few KB of lossless WebP can hold 16 M pixels.
+    Thread-safe."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    def charge(self, width: int, height: int) -> None:
+        with self._lock:
+            self.used += width * height
+            if self.used > self.limit:
+                raise ImageDecodeError(
+                    f"the request's images hold more than {self.limit} pixels in all "
+                    "(engine.max_request_pixels); send smaller images"
+                )
+
+
+def _charge(budget: "PixelBudget | None", width: int, height: int) -> None:
+    if budget is not None:
+        budget.charge(width, height)
+
+
+# Pixel decoding (the costly part) runs in at most this many threads at once, whichever request
+# threads ask for it (engine.decode_threads).
+_SLOTS = {"decode": threading.BoundedSemaphore(min(4, os.cpu_count() or 1))}
+
+
+def set_decode_threads(count: int) -> None:
+    _SLOTS["decode"] = threading.BoundedSemaphore(count)
+
+
+def decode_image(text: str, max_side: int = 4096, budget: PixelBudget | None = None) -> np.ndarray:
     """Decode base64 image text (an optional `data:image/...;base64,` prefix is allowed).
 
-    The image header is checked first: a side above max_side is refused before decoding pixels.
+    The image header is checked first: a side above max_side, or more pixels than the request's
+    budget has left, is refused before decoding pixels.
     """
-    return decode_raw(decode_base64(text), max_side)
+    return decode_raw(decode_base64(text), max_side, budget)
 
 
-def decode_raw(raw: bytes, max_side: int = 4096) -> np.ndarray:
-    """decode_image after base64: image file bytes -> uint8 (H, W, 3) RGB."""
-    fast = _decode_jpeg_fast(raw, max_side)
-    if fast is not None:
-        return fast
+def decode_raw(raw: bytes, max_side: int = 4096, budget: PixelBudget | None = None) -> np.ndarray:
+    """decode_image after base64: image file bytes -> uint8 (H, W, 3) RGB, reduced when a side is
+    above REDUCE_ABOVE_SIDE."""
+    size = _jpeg_size(raw, max_side) if simplejpeg is not None else None
+    if size is not None:
+        _charge(budget, size[1], size[0])
+        with _SLOTS["decode"]:
+            fast = _decode_jpeg_strict(raw)
+            if fast is not None:
+                return reduce_large(fast)
     with _open(raw) as img:
         _check_size(img, max_side)
-        rgb = _load_rgb(img)
-    return np.array(rgb, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
+        if size is None:  # not charged above
+            _charge(budget, *img.size)
+        with _SLOTS["decode"]:
+            rgb = _reduce(_load_rgb(img))
+            return np.array(rgb, dtype=np.uint8)  # writable (torch warns on read-only arrays)
+
+
+def reduce_large(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> the same, box-reduced when a side is above REDUCE_ABOVE_SIDE."""
+    if max(image.shape[:2]) <= REDUCE_ABOVE_SIDE:
+        return image
+    return np.array(_reduce(Image.fromarray(image)), dtype=np.uint8)
+
+
+def _reduce(img: Image.Image) -> Image.Image:
+    factor = -(-max(img.size) // REDUCE_ABOVE_SIDE)  # ceil
+    return img.reduce(factor) if factor > 1 else img
 
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def decode_images(texts: Sequence[str], max_side: int = 4096) -> List[Union[np.ndarray, Exception]]:
+def decode_images(
+    texts: Sequence[str], max_side: int = 4096, budget: PixelBudget | None = None
+) -> List[Union[np.ndarray, Exception]]:
     """decode_image for several images at once: the first in this thread, the others on a shared
     thread pool (the decoders release the GIL: three 640x480 JPEGs take about one image's time).
     Failures come back in place, as the ImageDecodeError, so the caller can name the camera."""
     global _POOL
     if len(texts) < 2:
-        return [_or_error(decode_image, text, max_side) for text in texts]
+        return [_or_error(decode_image, text, max_side, budget) for text in texts]
     with _POOL_LOCK:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="decode")
-    rest = [_POOL.submit(_or_error, decode_image, text, max_side) for text in texts[1:]]
-    return [_or_error(decode_image, texts[0], max_side)] + [f.result() for f in rest]
+    rest = [_POOL.submit(_or_error, decode_image, text, max_side, budget) for text in texts[1:]]
+    return [_or_error(decode_image, texts[0], max_side, budget)] + [f.result() for f in rest]
 
 
-def _or_error(decode, data, max_side: int):
-    """decode(data, max_side), or the ImageDecodeError it raised (returned in place)."""
+def _or_error(decode, data, max_side: int, budget=None):
+    """decode(data, max_side, budget), or the ImageDecodeError it raised (returned in place)."""
     try:
-        return decode(data, max_side)
+        return decode(data, max_side, budget)
     except ImageDecodeError as e:
         return e
 
@@ -119,25 +182,25 @@ class GpuJpegDecoder:
         except Exception as e:
             raise RuntimeError(f"GPU JPEG decoding does not work here: {e}") from e
 
-    def __call__(self, texts: Sequence[str], max_side: int = 4096) -> list:
+    def __call__(self, texts: Sequence[str], max_side: int = 4096, budget=None) -> list:
         out: list = []
         for text in texts:
             try:
                 raw = decode_base64(text)
+                out.append(self._encoded_or_pixels(raw, max_side, budget))
             except ImageDecodeError as e:
                 out.append(e)
-                continue
-            size = _jpeg_size(raw, max_side)
-            # nvJPEG reports no error for a truncated JPEG and leaves the rest of the frame as
-            # the memory held before (measured): only JPEGs that end with their end-of-image
-            # marker go to it; the CPU decoder refuses the others (or decodes them)
-            complete = raw.endswith(b"\xff\xd9")
-            out.append(
-                EncodedJpeg(raw, *size)
-                if size and complete
-                else _or_error(decode_raw, raw, max_side)
-            )
         return out
+
+    def _encoded_or_pixels(self, raw: bytes, max_side: int, budget) -> object:
+        size = _jpeg_size(raw, max_side)
+        # nvJPEG reports no error for a truncated JPEG and leaves the rest of the frame as the
+        # memory held before (measured): only JPEGs that end with their end-of-image marker go
+        # to it; the CPU decoder refuses the others (or decodes them)
+        if size and raw.endswith(b"\xff\xd9"):
+            _charge(budget, size[1], size[0])
+            return EncodedJpeg(raw, *size)
+        return decode_raw(raw, max_side, budget)
 
     def decode_frames(self, observations: Sequence[dict]) -> list:
         """Observations with every EncodedJpeg image replaced by its pixels (CUDA tensors)."""
@@ -200,13 +263,10 @@ def _jpeg_size(raw: bytes, max_side: int) -> Union[tuple, None]:
     return (height, width) if supported and min(width, height) > 0 and not too_large else None
 
 
-def _decode_jpeg_fast(raw: bytes, max_side: int) -> Union[np.ndarray, None]:
-    """A baseline/progressive YCbCr or grayscale JPEG within max_side, decoded by simplejpeg
-    (same libjpeg-turbo, IDCT and upsampling as Pillow: identical pixels, tested). None for
-    anything else, and on any decoder complaint (strict): the PIL path then decodes the image or
-    words the error."""
-    if simplejpeg is None or _jpeg_size(raw, max_side) is None:
-        return None
+def _decode_jpeg_strict(raw: bytes) -> Union[np.ndarray, None]:
+    """A JPEG `_jpeg_size` accepted, decoded by simplejpeg (same libjpeg-turbo, IDCT and
+    upsampling as Pillow: identical pixels, tested). None on any decoder complaint (strict): the
+    PIL path then decodes the image or words the error."""
     try:
         return simplejpeg.decode_jpeg(raw, colorspace="RGB", strict=True)
     except ValueError:

@@ -82,6 +82,10 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
+# SIGTERM -> exit takes at most engine.drain_timeout_s plus this (shutdown and the inference
+# thread's join, run_serve_pi0.py): the launcher's default stop_timeout
+DRAIN_MARGIN_S = 10.0
+
 _warned_unused = set()
 
 
@@ -162,6 +166,14 @@ class ServeConfig:
     drain_timeout_s: float = 10.0
     infer_timeout_s: float = 120.0
     lerobot_grpc: LerobotGrpcConfig = dataclasses.field(default_factory=LerobotGrpcConfig)
+    max_prompt_chars: int = 2048
+    max_request_pixels: int = 4096 * 4096
+    decode_threads: int | None = None
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 512
+    max_header_kb: float = 64.0
+    max_json_values: int = 1_000_000
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -490,6 +502,14 @@ _PARSERS = {
     "drain_timeout_s": lambda k, v: _as_float(k, v, 0.0, 3600.0),
     "infer_timeout_s": lambda k, v: _as_float(k, v, 0.1, 86400.0),
     "lerobot_grpc": lambda k, v: _as_lerobot_grpc(k, v),
+    "max_prompt_chars": lambda k, v: _as_int(k, v, 1, 1_000_000),
+    "max_request_pixels": lambda k, v: _as_int(k, v, 256, 2**40),
+    "decode_threads": lambda k, v: _as_int(k, v, 1, 256),
+    "header_timeout_s": lambda k, v: _as_float(k, v, 0.05, 3600.0),
+    "body_timeout_s": lambda k, v: _as_float(k, v, 0.05, 3600.0),
+    "max_connections": lambda k, v: _as_int(k, v, 1, 1_000_000),
+    "max_header_kb": lambda k, v: _as_float(k, v, 1.0, 65536.0),
+    "max_json_values": lambda k, v: _as_int(k, v, 1000, 2**31),
 }
 
 _LEROBOT_GRPC_PARSERS = {
@@ -545,9 +565,18 @@ def _as_str_list(key: str, value, allow_empty: bool) -> tuple:
 def _as_api_keys(key: str, value) -> tuple:
     keys = _as_str_list(key, value, allow_empty=True)
     for i, item in enumerate(keys):
-        if len(item) < 8 or any(c.isspace() for c in item):
-            raise ConfigError(f"{key}[{i}]: an API key needs at least 8 characters and no spaces")
+        check_api_key(f"{key}[{i}]", item)
     return keys
+
+
+def check_api_key(where: str, key: str) -> None:
+    """At least 8 printable ASCII characters, no spaces or commas: an HTTP header carries no
+    other characters (a key with others could never match), and PI0_API_KEYS is comma-separated."""
+    if len(key) < 8 or not all("!" <= c <= "~" and c != "," for c in key):
+        raise ConfigError(
+            f"{where}: an API key needs at least 8 printable ASCII characters, without spaces "
+            "or commas"
+        )
 
 
 def _as_route(key: str, value) -> str:

@@ -16,6 +16,7 @@ HWC or CHW); the `openpi_state_keys` present are concatenated and zero-padded to
 `actions`.
 """
 
+import asyncio
 import time
 import traceback
 
@@ -28,8 +29,10 @@ from starlette.concurrency import run_in_threadpool
 from flagscale.logger import get_logger
 from flagscale.serve import msgpack_codec
 from flagscale.serve.auth import UNAUTHORIZED, authorized
+from flagscale.serve.codec import reduce_large
 from flagscale.serve.config import ServeConfig
-from flagscale.serve.errors import RequestError
+from flagscale.serve.errors import RequestError, check_float32, internal_error
+from flagscale.serve.limits import check_prompt_length, warm_prompts
 
 logger = get_logger("flagscale.serve.openpi")
 
@@ -49,13 +52,17 @@ def add_openpi_route(app: FastAPI, infer_one) -> None:
         if not authorized(websocket.headers.get("authorization"), app.state.api_keys):
             await _deny(websocket)
             return
+        if app.state.draining:
+            await _deny(websocket, 503, "server is shutting down (draining); retry later")
+            return
         await websocket.accept()
         await websocket.send_bytes(msgpack_codec.packb(metadata(app)))
         await _serve_connection(websocket, app, infer_one)
 
 
-async def _deny(websocket: WebSocket) -> None:
-    response = JSONResponse({"success": False, "error": UNAUTHORIZED}, status_code=401)
+async def _deny(websocket: WebSocket, status: int = 401, error: str = UNAUTHORIZED) -> None:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    response = JSONResponse({"success": False, "error": error}, status_code=status, headers=headers)
     try:
         await websocket.send_denial_response(response)
     except RuntimeError:  # server without the websocket.http.response extension
@@ -82,23 +89,42 @@ def metadata(app: FastAPI) -> dict:
 
 
 async def _serve_connection(websocket: WebSocket, app: FastAPI, infer_one) -> None:
-    prev_total_ms = None
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        if app.state.draining:  # shutting down: answer nothing new, tell the client to reconnect
-            await websocket.close(code=SERVICE_RESTART)
-            return
-        app.state.ws_in_flight += 1
-        try:
-            prev_total_ms = await _answer_and_send(
-                websocket, message, app, infer_one, prev_total_ms
-            )
-        finally:
-            app.state.ws_in_flight -= 1
-        if prev_total_ms is None:
-            return
+    prev_total_ms, early = None, None  # early: a receive() started while answering
+    try:
+        while True:
+            message = await (early or websocket.receive())
+            if message["type"] == "websocket.disconnect":
+                return
+            if app.state.draining:  # shutting down: answer nothing new, the client reconnects
+                await websocket.close(code=SERVICE_RESTART)
+                return
+            app.state.ws_in_flight += 1
+            try:
+                answer = asyncio.ensure_future(
+                    _answer_and_send(websocket, message, app, infer_one, prev_total_ms)
+                )
+                early = asyncio.ensure_future(websocket.receive())
+                prev_total_ms = await _unless_closed(answer, early)
+            finally:
+                app.state.ws_in_flight -= 1
+            if prev_total_ms is None:
+                return
+    finally:
+        if early is not None:
+            early.cancel()
+            if early.done() and not early.cancelled():
+                early.exception()  # retrieved: a receive after close may have raised
+
+
+async def _unless_closed(answer: asyncio.Future, early: asyncio.Future):
+    """The answer's result; None, with the request cancelled (out of the queue at once), if the
+    client closes the connection first. A message the client sends meanwhile stays in `early`."""
+    await asyncio.wait((answer, early), return_when=asyncio.FIRST_COMPLETED)
+    if not answer.done() and early.result()["type"] == "websocket.disconnect":
+        answer.cancel()
+        await asyncio.gather(answer, return_exceptions=True)
+        return None
+    return await answer
 
 
 async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms):
@@ -125,9 +151,8 @@ async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
     data = message.get("bytes")
     if data is None:
         raise RequestError(400, "expected a binary msgpack frame, got text")
-    cfg: ServeConfig = app.state.cfg
     start = time.perf_counter()
-    obs, num_steps = await run_in_threadpool(to_observation, data, cfg)
+    obs, num_steps = await run_in_threadpool(_prepare, data, app)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
     actions, result = await infer_one(obs, num_steps, preprocess_ms)
     return {
@@ -142,22 +167,28 @@ async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
     }
 
 
+def _prepare(data: bytes, app: FastAPI) -> tuple:
+    """In a request thread: decode the message and tokenize its prompt (cached by the policy)."""
+    obs, num_steps = to_observation(data, app.state.cfg)
+    warm_prompts(app.state.codecs, [obs["prompt"]])
+    return obs, num_steps
+
+
 def _status(error: Exception) -> int:
     return getattr(error, "status", 500)
 
 
 async def _send_error(websocket: WebSocket, error: Exception) -> None:
-    if _status(error) < 500 or getattr(error, "status", None) == 503:
-        text = f"{type(error).__name__}: {getattr(error, 'message', error)}"
+    """openpi's error reply (a text frame, then close 1011), without the traceback openpi's own
+    server sends: it names files and install paths. Our own errors carry their message."""
+    if isinstance(error, RequestError):
+        text = f"{type(error).__name__}: {error.message}"
     else:
-        text = "".join(traceback.format_exception(error))
-        logger.error("openpi request failed:\n%s", text)
+        logger.error("openpi request failed:\n%s", "".join(traceback.format_exception(error)))
+        text = internal_error("the request failed", error)
     try:
         await websocket.send_text(text)
-        await websocket.close(
-            code=INTERNAL_ERROR,
-            reason="Internal server error. Traceback included in previous frame.",
-        )
+        await websocket.close(code=INTERNAL_ERROR, reason="Internal server error.")
     except (WebSocketDisconnect, RuntimeError):
         pass
 
@@ -192,11 +223,19 @@ def flatten(data: dict, prefix: str = "", depth: int = 0) -> dict:
 
 
 def _images(flat: dict, cfg: ServeConfig) -> dict:
-    images = {}
+    images, pixels = {}, 0
     for key, slot in cfg.openpi_images.items():
         if key not in flat or slot in images:
             continue
-        images[slot] = to_hwc_uint8(key, flat[key], cfg.max_image_side)
+        image = to_hwc_uint8(key, flat[key], cfg.max_image_side)
+        pixels += image.shape[0] * image.shape[1]
+        if pixels > cfg.max_request_pixels:
+            raise RequestError(
+                400,
+                f"{key}: the observation's images hold more than {cfg.max_request_pixels} pixels "
+                "in all (engine.max_request_pixels); send smaller images",
+            )
+        images[slot] = reduce_large(image)
     if not images:
         raise RequestError(
             400,
@@ -246,8 +285,7 @@ def _numbers(key: str, value) -> np.ndarray:
         array = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise RequestError(400, f"{key}: expected numbers") from None
-    if not np.isfinite(array).all():
-        raise RequestError(400, f"{key}: contains NaN or infinite values")
+    check_float32(key, array)
     return array
 
 
@@ -259,6 +297,7 @@ def _prompt(flat: dict, cfg: ServeConfig) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise RequestError(400, f"{cfg.openpi_prompt_key}: expected a string")
+    check_prompt_length(cfg.openpi_prompt_key, value, cfg)
     return value
 
 

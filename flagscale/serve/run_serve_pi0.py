@@ -11,6 +11,7 @@ in-flight requests finish (at most engine.drain_timeout_s), then exit 0; a faile
 
 import argparse
 import json
+import logging
 import os
 import random
 import signal
@@ -34,6 +35,10 @@ from flagscale.serve.config import (  # noqa: E402
 )
 
 logger = get_logger("flagscale.serve.run_serve_pi0")
+
+# after the drain: uvicorn's graceful shutdown (SHUTDOWN_S) and the inference thread's join
+# (app.STOP_JOIN_S); the launcher's default stop_timeout leaves config.DRAIN_MARGIN_S for them
+SHUTDOWN_S = 2.0
 
 RANDOM_BANNER = """
 ############################################################################
@@ -139,16 +144,39 @@ def _construct_policy(cfg: ServeConfig):
     )
 
 
+def ensure_file_limit(cfg: ServeConfig) -> None:
+    """engine.max_connections open sockets need as many file descriptors (plus the model's
+    files, logs, pipes): raise the soft limit up to the hard one if needed, else warn."""
+    import resource
+
+    needed = cfg.max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        logger.warning(
+            "open-file limit %d is below engine.max_connections=%d + 256: new connections may "
+            "be refused before the cap applies (raise ulimit -n or lower max_connections)",
+            target,
+            cfg.max_connections,
+        )
+
+
 def write_effective_config(cfg: ServeConfig, log_dir: str | None) -> None:
     if not log_dir:
         return
     path = Path(log_dir)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "serve_pi0_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    target = path / "serve_pi0_config.json"
+    target.write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+    target.chmod(0o600)
 
 
 def serve(cfg: ServeConfig) -> int:
     from flagscale.serve.app import create_app
+    from flagscale.serve.protocol import uvicorn_config
 
     exit_code = {"value": 0}
     server = None
@@ -159,14 +187,14 @@ def serve(cfg: ServeConfig) -> int:
             server.should_exit = True
 
     app = create_app(None, cfg, load_policy=lambda: build_policy(cfg), on_failure=on_failure)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        cfg,
         host=cfg.host,
         port=cfg.port,
         log_level=cfg.uvicorn_log_level,
         access_log=False,  # our middleware writes JSON access lines with request ids
-        timeout_graceful_shutdown=cfg.drain_timeout_s,
-        ws_max_size=cfg.max_body_bytes,
+        timeout_graceful_shutdown=SHUTDOWN_S,  # requests are answered by then (drain)
     )
     server = DrainingServer(config, app, cfg.drain_timeout_s)
     _install_signal_handlers(server)
@@ -177,14 +205,20 @@ def serve(cfg: ServeConfig) -> int:
     if not server.started:
         logger.error("the server did not start (is %s:%d free?)", cfg.host, cfg.port)
         return 1
+    if app.state.worker.busy_since is not None:  # a model call that outlived the drain
+        logger.warning("exiting with a model call still running (its requests were answered)")
+        logging.shutdown()
+        os._exit(exit_code["value"])  # no interpreter teardown under a running torch call
     return exit_code["value"]
 
 
 class DrainingServer(uvicorn.Server):
-    """On the first SIGTERM/SIGINT, openpi websocket connections take no new requests (close 1012)
-    and their in-flight requests get answered (at most `drain_s`); then uvicorn's own graceful
-    shutdown closes the port and drains in-flight HTTP requests. uvicorn alone would close open
-    websockets at once, losing their in-flight requests."""
+    """On the first SIGTERM/SIGINT: new requests get 503 with Retry-After (and /health says
+    "draining") at once; requests in flight, HTTP and openpi, are answered for at most `drain_s`;
+    those still unanswered then get a 503 "shutting down" (the model call running cannot be
+    interrupted; its result is dropped); then uvicorn's own shutdown closes the port. Worst case
+    from the signal to exit: drain_s + a few seconds (see DRAIN_MARGIN_S). uvicorn alone would
+    close open websockets at once and answer unfinished HTTP requests with a plain 500."""
 
     def __init__(self, config, app, drain_s: float):
         super().__init__(config)
@@ -194,13 +228,26 @@ class DrainingServer(uvicorn.Server):
         if self.app_state.draining or self.should_exit:  # a second signal: uvicorn's own path
             return super().handle_exit(sig, frame)
         self.app_state.draining = True
-        logger.info("draining: finishing in-flight requests before shutting down")
+        logger.info("draining: finishing in-flight requests (at most %g s)", self.drain_s)
         threading.Thread(target=self._drain, args=(sig, frame), daemon=True).start()
 
-    def _drain(self, sig, frame):
-        deadline = time.monotonic() + self.drain_s
-        while self.app_state.ws_in_flight > 0 and time.monotonic() < deadline:
+    def _in_flight(self) -> int:
+        return self.app_state.ws_in_flight + self.app_state.http_in_flight
+
+    def _wait_in_flight(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self._in_flight() > 0 and time.monotonic() < deadline:
             time.sleep(0.02)
+
+    def _drain(self, sig, frame):
+        self._wait_in_flight(self.drain_s)
+        if self._in_flight() > 0:
+            failed = self.app_state.worker.abort(
+                f"server is shutting down: the request did not finish within "
+                f"engine.drain_timeout_s={self.drain_s:g}; retry"
+            )
+            logger.warning("drain timeout: %d request(s) answered 503", failed)
+            self._wait_in_flight(1.0)  # their replies go out
         super().handle_exit(sig, frame)
 
 
@@ -223,8 +270,13 @@ def main(argv=None) -> int:
         logger.error("invalid serve config %s: %s", args.config_path, e)
         return 2
     set_environment(cfg)
+    ensure_file_limit(cfg)
     write_effective_config(cfg, args.log_dir)
-    return serve(cfg)
+    try:
+        return serve(cfg)
+    except ConfigError as e:  # e.g. a malformed key in PI0_API_KEYS
+        logger.error("invalid serve config: %s", e)
+        return 2
 
 
 if __name__ == "__main__":

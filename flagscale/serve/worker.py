@@ -87,6 +87,7 @@ class InferenceWorker:
         self.state = LOADING
         self.error: str | None = None
         self._queue = collections.deque()
+        self._running: list = []  # jobs of the model call in progress
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pi0-inference", daemon=True)
@@ -153,6 +154,10 @@ class InferenceWorker:
         future = self.submit(observations, noises, seeds, num_steps)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.CancelledError:  # the client left: its queue place is freed at once
+            if future.cancel():
+                self._discard(future)
+            raise
         except asyncio.TimeoutError:
             if future.cancel():
                 self._discard(future)  # frees its queue place and batch room at once
@@ -160,6 +165,17 @@ class InferenceWorker:
                 f"no result after {timeout:g} s (engine.infer_timeout_s); "
                 f"{self.problem(timeout) or 'the server is overloaded'}"
             ) from None
+
+    def abort(self, message: str) -> int:
+        """Fail every queued request and those of the running model call with NotReady(message)
+        (at the end of a drain); the model call itself runs on, its results are dropped.
+        Returns how many requests were failed."""
+        with self._cond:
+            jobs = list(self._queue) + list(self._running)
+            self._queue.clear()
+        for job in jobs:
+            _fail(job, NotReady(message))
+        return len(jobs)
 
     def _discard(self, future) -> None:
         with self._cond:
@@ -294,6 +310,7 @@ class InferenceWorker:
         seeds = [seed for job in jobs for seed in job.seeds]
         start = time.perf_counter()
         self.busy_since = time.monotonic()
+        self._running = jobs
         try:
             if self.before_batch is not None:
                 observations = self.before_batch(observations)
@@ -302,6 +319,7 @@ class InferenceWorker:
             )
         finally:
             self.busy_since = None
+            self._running = []
         model_ms = (time.perf_counter() - start) * 1000.0
         if self.on_batch is not None:
             self.on_batch(len(observations), model_ms / 1000.0)
@@ -318,7 +336,7 @@ class InferenceWorker:
                 batch_size=len(observations),
             )
             offset += job.size
-            job.future.set_result(result)
+            _resolve(job, result)
 
     def _not_ready_message(self) -> str:
         if self.state == FAILED:
@@ -329,6 +347,16 @@ class InferenceWorker:
 
 
 def _fail(job: Job, error: BaseException) -> None:
-    if not job.future.done():
-        if job.future.running() or job.future.set_running_or_notify_cancel():
-            job.future.set_exception(error)
+    try:
+        if not job.future.done():
+            if job.future.running() or job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+    except concurrent.futures.InvalidStateError:  # resolved meanwhile by another thread
+        pass
+
+
+def _resolve(job: Job, result: JobResult) -> None:
+    try:
+        job.future.set_result(result)
+    except concurrent.futures.InvalidStateError:  # failed meanwhile (abort)
+        pass

@@ -15,6 +15,7 @@ from PIL import Image
 
 from flagscale.serve.codec import encode_image
 from flagscale.serve.config import load_serve_config
+from flagscale.serve.protocol import uvicorn_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT = REPO / "examples" / "pi0" / "client_pi0.py"
@@ -50,7 +51,7 @@ class LiveServer:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False)
+        config = uvicorn_config(app, app.state.cfg, log_level="warning", access_log=False)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 

@@ -78,7 +78,10 @@ def test_model_error_is_a_json_500_for_that_request_only(policy):
         assert [r.status_code for r in replies] == [200, 500, 200]
         error = replies[1].json()
         assert error["success"] is False
-        assert "inference failed: RuntimeError: CUDA error" in error["error"]
+        # the type only: exception messages and tracebacks can name files and install paths
+        assert error["error"] == (
+            "internal server error: inference failed (RuntimeError); see the server log"
+        )
         np.testing.assert_allclose(
             replies[0].json()["actions"], replies[2].json()["actions"], atol=1e-5
         )
@@ -154,7 +157,7 @@ def test_unexpected_error_is_a_json_500_and_the_server_lives_on(policy):
         assert reply.status_code == 500
         assert reply.json() == {
             "success": False,
-            "error": "internal server error: KeyError: 'chunk_size'",
+            "error": "internal server error: unexpected error (KeyError); see the server log",
         }
         wrapped.broken = False
         assert httpx.post(f"{server.url}/infer", json=v2_body(num_steps=1)).status_code == 200

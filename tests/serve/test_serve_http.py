@@ -447,9 +447,9 @@ def test_body_is_parsed_off_the_event_loop(live, monkeypatch):
     threads = []
     real = app_module.parse_request
 
-    def spy(body):
+    def spy(body, *args):
         threads.append(threading.current_thread())
-        return real(body)
+        return real(body, *args)
 
     monkeypatch.setattr(app_module, "parse_request", spy)
     with httpx.Client(base_url=live.url, timeout=60) as client:

@@ -46,7 +46,7 @@ def test_dead_inference_thread_is_reported_and_requests_fail_fast(policy):
         flaky.mode = "crash"
         start_s = time.monotonic()
         first = httpx.post(f"{server.url}/infer", json=v2_body(), timeout=30)
-        assert first.status_code == 500 and "thread died" in first.json()["error"]
+        assert first.status_code == 500 and "inference failed" in first.json()["error"]
         health = httpx.get(f"{server.url}/health", timeout=5)
         assert health.status_code == 503 and "Crash" in health.json()["error"]
         again = httpx.post(f"{server.url}/infer", json=v2_body(), timeout=30)

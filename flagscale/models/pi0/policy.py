@@ -280,6 +280,15 @@ class PI0Policy:
         """A new tokenizer starts an empty prompt-token cache."""
         self._prompts = proc.PromptCache(tokenizer, self.config.tokenizer_max_length)
 
+    def warm_prompts(self, prompts: Sequence[str]) -> None:
+        """Tokenize prompts ahead of infer_batch (e.g. in a server's request threads) where the
+        tokens are cached; Pi0.5 prompts with the discretized state are not (see _tokens)."""
+        c, prompts = self.config, [str(p or "") for p in prompts]
+        if not c.pi05:
+            self._prompts.warm(prompts)
+        elif not c.discrete_state_input:
+            self._prompts.warm([proc.clean_task(p) for p in prompts])
+
     @property
     def metadata(self) -> dict:
         c = self.config

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 
 PAD_MODES = ("center", "top_left")
+LARGE_FRAME_PIXELS = 1 << 20
 
 
 def resize_with_pad(
@@ -77,7 +78,10 @@ def prepare_images(
             if key not in sample or sample[key] is None:
                 continue
             _check_image(key, sample[key])
-            groups.setdefault(sample[key].shape[:2], []).append((i, j, sample[key]))
+            shape = sample[key].shape[:2]
+            # large frames go one by one: their float copies would add up (4 bytes per value)
+            group = shape if shape[0] * shape[1] <= LARGE_FRAME_PIXELS else (i, j, *shape)
+            groups.setdefault(group, []).append((i, j, sample[key]))
             masks[i, j] = True
     resized = [
         (group, _resize_group(group, size, pad_mode, device, pad_value))
@@ -246,10 +250,7 @@ class PromptCache:
 
     def __call__(self, prompts: List[str]):
         with self._lock:
-            missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
-            if missing:
-                ids, masks = tokenize_prompts(self.tokenizer, missing, self.max_length)
-                self._rows.update(zip(missing, zip(ids, masks)))
+            self._fill(prompts)
             for p in prompts:
                 self._rows.move_to_end(p)
             rows = [self._rows[p] for p in prompts]
@@ -262,6 +263,20 @@ class PromptCache:
         keeping them; under the same lock (a tokenizer is not safe to share across threads)."""
         with self._lock:
             return tokenize_prompts(self.tokenizer, texts, self.max_length, newline=False)
+
+    def warm(self, prompts: List[str]) -> None:
+        """Tokenize the prompts not cached yet, so that a later call finds them (a server calls
+        this in its request threads, keeping tokenization off the inference thread)."""
+        with self._lock:  # fast tokenizers must not be called from two threads at once
+            self._fill(prompts)
+            while len(self._rows) > self.size:
+                self._rows.popitem(last=False)
+
+    def _fill(self, prompts: List[str]) -> None:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._rows]
+        if missing:
+            ids, masks = tokenize_prompts(self.tokenizer, missing, self.max_length)
+            self._rows.update(zip(missing, zip(ids, masks)))
 
 
 def load_tokenizer(path: str):
