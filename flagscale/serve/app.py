@@ -35,6 +35,7 @@ from flagscale.serve.errors import RequestError
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
 from flagscale.serve.middleware import ServeMiddleware
 from flagscale.serve.openpi_ws import add_openpi_route
+from flagscale.serve.rtc import http_requests as rtc_requests
 from flagscale.serve.schemas import (
     ErrorResponse,
     InferRequest,
@@ -132,7 +133,7 @@ def create_app(
     app.state.ws_in_flight = 0  # openpi requests being answered (drained before shutdown)
     _add_routes(app)
     if cfg.openpi:
-        add_openpi_route(app, lambda obs, steps, pre_ms: _infer_one(app, obs, steps, pre_ms))
+        add_openpi_route(app, lambda *args: _infer_one(app, *args))
     _add_error_handlers(app)
     app.add_middleware(
         ServeMiddleware,
@@ -159,6 +160,10 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
     """Runs in the inference thread after load: check dims, warm up, probe one inference."""
     meta = policy.metadata
     _check_dims(policy, meta, cfg, fixed_noise)
+    if hasattr(policy, "rtc_config"):
+        from flagscale.models.pi0.rtc import RTCConfig
+
+        policy.rtc_config = RTCConfig(**{k: v for k, v in cfg.rtc.items() if k != "enabled"})
     if cfg.warmup and hasattr(policy, "warmup"):
         start = time.perf_counter()
         # on a GPU every bucket (graph capture, Triton / FlagGems compilation per shape); on the
@@ -348,6 +353,7 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
             "max_image_side": cfg.max_image_side,
         },
         "image_decoder": cfg.image_decoder,
+        "rtc": dict(cfg.rtc),
         "queue_depth": worker.queue_depth,
     }
 
@@ -367,7 +373,9 @@ async def _infer(request: Request, app: FastAPI):
     else:  # parsing and image decoding off the event loop (a 32 MB body must not block it)
         batch = await run_in_threadpool(_parse_and_build, *args)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
-    result = await run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps)
+    result = await run_worker(
+        app, batch.observations, batch.noises, batch.seeds, batch.num_steps, batch.rtc
+    )
     app.state.metrics.observe_result(result.queue_ms, preprocess_ms)
     actions = cut_actions(result.outputs, cfg)
     timing = Timing(
@@ -384,18 +392,22 @@ async def _infer(request: Request, app: FastAPI):
         "num_steps": batch.num_steps,
         "seed": batch.echo_seed,
         "timing": timing.model_dump(exclude_none=True),
+        "rtc_guided": None if batch.rtc is None else [r is not None for r in batch.rtc],
     }
     return ActionsResponse({k: v for k, v in body.items() if v is not None})
 
 
-async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
-    """Queue one request on the shared worker; worker errors become 503 / 500 RequestErrors."""
+async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int, rtc=None):
+    """Queue one request on the shared worker; worker errors become 503 / 500 RequestErrors.
+    `rtc`: None, or one real-time chunking dict (or None) per observation."""
     worker, cfg = app.state.worker, app.state.cfg
     problem = worker.problem(cfg.infer_timeout_s)
     if problem:
         raise RequestError(503, problem)
     try:
-        return await worker.infer(observations, noises, seeds, num_steps, cfg.infer_timeout_s)
+        return await worker.infer(
+            observations, noises, seeds, num_steps, cfg.infer_timeout_s, rtc=rtc
+        )
     except (QueueFull, NotReady, InferTimeout) as e:
         raise RequestError(503, str(e)) from None
     except ImageDecodeError as e:  # a JPEG left to the inference thread (image_decoder: gpu)
@@ -404,13 +416,16 @@ async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
         raise RequestError(500, f"inference failed: {type(e).__name__}: {e}") from None
 
 
-async def _infer_one(app: FastAPI, observation: dict, num_steps: int, preprocess_ms: float):
-    """One openpi observation -> (float32 actions [action_horizon, action_dim], JobResult)."""
+async def _infer_one(
+    app: FastAPI, observation: dict, num_steps: int, preprocess_ms: float, rtc=None
+):
+    """One openpi observation (and its RTC dict or None) -> (float32 actions
+    [action_horizon, action_dim], JobResult)."""
     if app.state.worker.policy is None:
         raise RequestError(503, _not_ready(app.state.worker))
     noise = app.state.fixed_noise  # same precedence as HTTP: engine.fixed_noise > engine.seed
     seed = app.state.cfg.seed if noise is None else None
-    result = await run_worker(app, [observation], [noise], [seed], num_steps)
+    result = await run_worker(app, [observation], [noise], [seed], num_steps, [rtc])
     app.state.metrics.observe_result(result.queue_ms, preprocess_ms)
     actions = cut_actions(result.outputs, app.state.cfg)
     return np.asarray(actions[0], dtype=np.float32), result
@@ -521,6 +536,7 @@ class Batch:
     seeds: list  # per observation: int or None
     num_steps: int
     echo_seed: Any  # the request's or the config's seed, echoed in the response
+    rtc: list | None = None  # per observation: a real-time chunking dict or None
 
 
 def build_batch(
@@ -540,6 +556,7 @@ def build_batch(
     states = _states(req, cfg)
     masks = _masks(req, cfg)
     noises, seeds, echo = _noise_and_seeds(req, cfg, noise_shape, fixed_noise)
+    rtc = rtc_requests(req.rtc, size, cfg)
     observations = [
         {
             "images": _images(i, req.images[i], masks[i], cfg, decode),
@@ -548,7 +565,7 @@ def build_batch(
         }
         for i in range(size)
     ]
-    return Batch(observations, noises, seeds, num_steps, echo)
+    return Batch(observations, noises, seeds, num_steps, echo, rtc)
 
 
 def _num_steps(req: InferRequest, cfg: ServeConfig) -> int:

@@ -64,6 +64,16 @@ GENERATE_KEYS = (
     "instruction",
 )
 SERVE_KEYS = ("engine", "generate")
+# engine.rtc: real-time chunking (flagscale.models.pi0.rtc.RTCConfig; lerobot's defaults)
+RTC_DEFAULTS = {
+    "enabled": True,
+    "prefix_attention_schedule": "LINEAR",
+    "max_guidance_weight": 10.0,
+    "execution_horizon": 10,
+    "gradient": "lerobot",
+}
+RTC_SCHEDULES = ("LINEAR", "EXP", "ONES", "ZEROS")
+RTC_GRADIENTS = ("lerobot", "vjp")
 
 _DTYPES = {
     "bfloat16": "bfloat16",
@@ -137,6 +147,7 @@ class ServeConfig:
     cors_allow_origins: tuple = ()
     drain_timeout_s: float = 10.0
     infer_timeout_s: float = 120.0
+    rtc: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(RTC_DEFAULTS))
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -151,6 +162,7 @@ class ServeConfig:
         out = dataclasses.asdict(self)
         out["cameras"] = dict(self.cameras)
         out["openpi_images"] = dict(self.openpi_images)
+        out["rtc"] = dict(self.rtc)
         out["api_keys"] = ["<redacted>"] * len(self.api_keys)  # never written to logs or files
         return out
 
@@ -459,6 +471,37 @@ _PARSERS = {
     "cors_allow_origins": lambda k, v: _as_str_list(k, v, allow_empty=True),
     "drain_timeout_s": lambda k, v: _as_float(k, v, 0.0, 3600.0),
     "infer_timeout_s": lambda k, v: _as_float(k, v, 0.1, 86400.0),
+    "rtc": lambda k, v: _as_rtc(k, v),
+}
+
+
+def _as_rtc(key: str, value) -> dict:
+    """engine.rtc: a mapping of RTC_DEFAULTS' keys; missing keys keep their defaults."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping with keys {', '.join(RTC_DEFAULTS)}")
+    _check_known(key, value, tuple(RTC_DEFAULTS))
+    out = dict(RTC_DEFAULTS)
+    for name, given in value.items():
+        if given is not None:
+            out[name] = _RTC_PARSERS[name](f"{key}.{name}", given)
+    return out
+
+
+def _as_guidance_weight(key: str, value) -> float:
+    weight = _as_float(key, value, 0.0, 1e6)
+    if weight == 0:
+        raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    return weight
+
+
+_RTC_PARSERS = {
+    "enabled": _as_bool,
+    "prefix_attention_schedule": lambda k, v: _as_choice(
+        k, v, tuple(s.lower() for s in RTC_SCHEDULES)
+    ).upper(),
+    "max_guidance_weight": _as_guidance_weight,
+    "execution_horizon": lambda k, v: _as_int(k, v, 1, 4096),
+    "gradient": lambda k, v: _as_choice(k, v, RTC_GRADIENTS),
 }
 
 

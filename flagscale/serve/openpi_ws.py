@@ -10,7 +10,9 @@ text frame with the error (the traceback for unexpected errors), then close code
 Observation mapping (config): nested dicts are flattened with "/" ({"images": {"cam_high": x}} ->
 "images/cam_high"); `openpi_images` maps those keys to model image slots (uint8 or [0, 1] float,
 HWC or CHW); the `openpi_state_keys` present are concatenated and zero-padded to state_dim;
-`openpi_prompt_key` is the instruction (engine.instruction when absent).
+`openpi_prompt_key` is the instruction (engine.instruction when absent). The key `rtc` asks for
+real-time chunking (flagscale/serve/rtc.py: an explicit leftover, or {"executed": k,
+"inference_delay": d} continuing this connection's last chunk); the reply then has "rtc_guided".
 """
 
 import time
@@ -27,6 +29,7 @@ from flagscale.serve import msgpack_codec
 from flagscale.serve.auth import UNAUTHORIZED, authorized
 from flagscale.serve.config import ServeConfig
 from flagscale.serve.errors import RequestError
+from flagscale.serve.rtc import ConnectionRTC
 
 logger = get_logger("flagscale.serve.openpi")
 
@@ -78,7 +81,7 @@ def metadata(app: FastAPI) -> dict:
 
 
 async def _serve_connection(websocket: WebSocket, app: FastAPI, infer_one) -> None:
-    prev_total_ms = None
+    prev_total_ms, rtc = None, ConnectionRTC()
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
@@ -89,7 +92,7 @@ async def _serve_connection(websocket: WebSocket, app: FastAPI, infer_one) -> No
         app.state.ws_in_flight += 1
         try:
             prev_total_ms = await _answer_and_send(
-                websocket, message, app, infer_one, prev_total_ms
+                websocket, message, app, infer_one, prev_total_ms, rtc
             )
         finally:
             app.state.ws_in_flight -= 1
@@ -97,11 +100,11 @@ async def _serve_connection(websocket: WebSocket, app: FastAPI, infer_one) -> No
             return
 
 
-async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms):
+async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms, rtc):
     """Answer one message; returns this request's total ms, or None when the connection ended."""
     start = time.monotonic()
     try:
-        reply = await _answer(message, app, infer_one)
+        reply = await _answer(message, app, infer_one, rtc)
     except Exception as e:
         app.state.metrics.observe_request(ENDPOINT, _status(e), time.monotonic() - start)
         await _send_error(websocket, e)
@@ -117,16 +120,20 @@ async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms):
     return (time.monotonic() - start) * 1000.0
 
 
-async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
+async def _answer(message: dict, app: FastAPI, infer_one, rtc: ConnectionRTC) -> dict:
     data = message.get("bytes")
     if data is None:
         raise RequestError(400, "expected a binary msgpack frame, got text")
     cfg: ServeConfig = app.state.cfg
     start = time.perf_counter()
-    obs, num_steps = await run_in_threadpool(to_observation, data, cfg)
+    obs, num_steps, rtc_value = await run_in_threadpool(to_observation, data, cfg)
+    guide = None if rtc_value is None else rtc.request(rtc_value, cfg)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
-    actions, result = await infer_one(obs, num_steps, preprocess_ms)
+    actions, result = await infer_one(obs, num_steps, preprocess_ms, guide)
+    rtc.last_chunk = actions
+    extra = {} if rtc_value is None else {"rtc_guided": guide is not None}
     return {
+        **extra,
         "actions": actions,
         "policy_timing": {
             "infer_ms": result.model_ms,
@@ -161,16 +168,18 @@ async def _send_error(websocket: WebSocket, error: Exception) -> None:
 
 
 def to_observation(data: bytes, cfg: ServeConfig) -> tuple:
-    """msgpack bytes -> (policy observation {"images", "state", "prompt"}, num_steps)."""
+    """msgpack bytes -> (policy observation {"images", "state", "prompt"}, num_steps, the `rtc`
+    value or None)."""
     try:
         raw = msgpack_codec.unpackb(data, cfg.max_body_bytes)
     except msgpack_codec.PayloadError as e:
         raise RequestError(400, str(e)) from None
     if not isinstance(raw, dict):
         raise RequestError(400, f"observation must be a map, got {type(raw).__name__}")
+    rtc = raw.pop("rtc", None)
     flat = flatten(raw)
     obs = {"images": _images(flat, cfg), "state": _state(flat, cfg), "prompt": _prompt(flat, cfg)}
-    return obs, _num_steps(flat, cfg)
+    return obs, _num_steps(flat, cfg), rtc
 
 
 def flatten(data: dict, prefix: str = "", depth: int = 0) -> dict:
