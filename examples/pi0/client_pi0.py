@@ -13,8 +13,11 @@ Sends the JPEG files as base64 under the model's image names (`observation.image
 `..left_wrist_0_rgb`, `..right_wrist_0_rgb`, which every server config accepts), the state as
 `eef_pose` (the model's state in v1), `state` and `qpos`. A missing image file is left out (the
 server masks that camera). Prints the action shape, a few values, server timing and round-trip
-latency. Exit codes: 0 ok, 1 the server answered an error, 2 bad arguments, 3 server unreachable,
-4 timeout. Needs only numpy and the standard library (and torch to read a .pt state file).
+latency. With `--rtc-delay D --repeat N`, every request after the first asks for real-time chunking
+(`rtc`): it sends the previous chunk's actions after the first `--rtc-executed` (the leftover) and
+inference_delay D, and prints how close the first D new actions are to the leftover. Exit codes:
+0 ok, 1 the server answered an error, 2 bad arguments, 3 server unreachable, 4 timeout. Needs only
+numpy and the standard library (and torch to read a .pt state file).
 """
 
 import argparse
@@ -71,6 +74,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds (default 300)")
     p.add_argument("--repeat", type=int, default=1, help="send the request N times, print latency")
     p.add_argument("--health", action="store_true", help="only query GET /health and exit")
+    p.add_argument(
+        "--rtc-delay",
+        type=int,
+        default=None,
+        help="real-time chunking: send each previous chunk's leftover with this inference_delay",
+    )
+    p.add_argument(
+        "--rtc-executed",
+        type=int,
+        default=10,
+        help="with --rtc-delay: actions of the previous chunk taken as executed (default 10)",
+    )
     # FlagScale v1 leftovers: accepted and sent as v1 did; the server ignores them
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -213,6 +228,26 @@ def report(reply: dict, latencies_ms: list) -> np.ndarray:
     return actions
 
 
+def rtc_leftover(args, reply: dict | None) -> np.ndarray | None:
+    """The previous reply's first chunk without its first --rtc-executed actions (None: no RTC)."""
+    if args.rtc_delay is None or reply is None:
+        return None
+    chunk = np.asarray(reply["actions"][0], dtype=np.float64)
+    if not 0 <= args.rtc_executed < len(chunk):
+        raise ClientError(f"--rtc-executed: must be in 0..{len(chunk) - 1}", 2)
+    return chunk[args.rtc_executed :]
+
+
+def report_rtc(reply: dict, leftover: np.ndarray, delay: int) -> None:
+    actions = np.asarray(reply["actions"][0], dtype=np.float64)
+    n = min(delay, len(leftover))
+    diff = np.abs(actions[:n] - leftover[:n]).mean() if n else float("nan")
+    print(
+        f"rtc: guided={reply.get('rtc_guided')}, first {n} actions vs the leftover: "
+        f"mean abs diff {diff:.4f}"
+    )
+
+
 def save(path: str, reply: dict, actions: np.ndarray) -> None:
     if path.endswith(".npy"):
         np.save(path, actions)
@@ -230,14 +265,24 @@ def run(args) -> int:
         return 0
     if args.repeat < 1:
         raise ClientError("--repeat: must be >= 1", 2)
+    if args.rtc_delay is not None and args.rtc_delay < 0:
+        raise ClientError("--rtc-delay: must be >= 0", 2)
     body = build_body(args)
     latencies, reply = [], None
     for _ in range(args.repeat):
+        leftover = rtc_leftover(args, reply)
+        if leftover is not None:
+            body["rtc"] = {
+                "prev_chunk_left_over": leftover.tolist(),
+                "inference_delay": args.rtc_delay,
+            }
         start = time.perf_counter()
         reply = request_json(f"{base}/infer", body, args.timeout)
         latencies.append((time.perf_counter() - start) * 1000.0)
         if not reply.get("success", False):
             raise ClientError(f"server answered: {reply.get('error', reply)}", 1)
+        if leftover is not None:
+            report_rtc(reply, leftover, args.rtc_delay)
     actions = report(reply, latencies)
     if args.output:
         save(args.output, reply, actions)

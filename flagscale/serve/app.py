@@ -48,6 +48,7 @@ from flagscale.serve.limits import (
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
 from flagscale.serve.middleware import ServeMiddleware
 from flagscale.serve.openpi_ws import add_openpi_route
+from flagscale.serve.rtc import http_requests as rtc_requests
 from flagscale.serve.schemas import (
     ErrorResponse,
     InferRequest,
@@ -168,7 +169,7 @@ def create_app(
     _add_routes(app)
     add_docs_routes(app)
     if cfg.openpi:
-        add_openpi_route(app, lambda obs, steps, pre_ms: _infer_one(app, obs, steps, pre_ms))
+        add_openpi_route(app, lambda *args: _infer_one(app, *args))
     _add_error_handlers(app)
     app.add_middleware(
         ServeMiddleware,
@@ -203,6 +204,10 @@ def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> 
     """Runs in the inference thread after load: check dims, warm up, probe one inference."""
     meta = policy.metadata
     _check_dims(policy, meta, cfg, fixed_noise)
+    if hasattr(policy, "rtc_config"):
+        from flagscale.models.pi0.rtc import RTCConfig
+
+        policy.rtc_config = RTCConfig(**{k: v for k, v in cfg.rtc.items() if k != "enabled"})
     if cfg.warmup and hasattr(policy, "warmup"):
         start = time.perf_counter()
         # on a GPU every bucket (graph capture, Triton / FlagGems compilation per shape); on the
@@ -404,6 +409,7 @@ def _info(worker: InferenceWorker, cfg: ServeConfig) -> dict:
             "body_timeout_s": cfg.body_timeout_s,
         },
         "image_decoder": cfg.image_decoder,
+        "rtc": dict(cfg.rtc),
         "queue_depth": worker.queue_depth,
     }
 
@@ -436,7 +442,9 @@ async def _answer_infer(request: Request, app: FastAPI):
     try:
         result = await unless_client_leaves(
             request.receive,
-            run_worker(app, batch.observations, batch.noises, batch.seeds, batch.num_steps),
+            run_worker(
+                app, batch.observations, batch.noises, batch.seeds, batch.num_steps, batch.rtc
+            ),
         )
     except ClientGone:  # nobody reads the answer; 499 (client closed request) in the metrics
         raise RequestError(499, "the client closed the connection") from None
@@ -456,18 +464,22 @@ async def _answer_infer(request: Request, app: FastAPI):
         "num_steps": batch.num_steps,
         "seed": batch.echo_seed,
         "timing": timing.model_dump(exclude_none=True),
+        "rtc_guided": None if batch.rtc is None else [r is not None for r in batch.rtc],
     }
     return ActionsResponse({k: v for k, v in body.items() if v is not None})
 
 
-async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
-    """Queue one request on the shared worker; worker errors become 503 / 500 RequestErrors."""
+async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int, rtc=None):
+    """Queue one request on the shared worker; worker errors become 503 / 500 RequestErrors.
+    `rtc`: None, or one real-time chunking dict (or None) per observation."""
     worker, cfg = app.state.worker, app.state.cfg
     problem = worker.problem(cfg.infer_timeout_s)
     if problem:
         raise RequestError(503, problem)
     try:
-        return await worker.infer(observations, noises, seeds, num_steps, cfg.infer_timeout_s)
+        return await worker.infer(
+            observations, noises, seeds, num_steps, cfg.infer_timeout_s, rtc=rtc
+        )
     except (QueueFull, NotReady, InferTimeout) as e:
         raise RequestError(503, str(e)) from None
     except ImageDecodeError as e:  # a JPEG left to the inference thread (image_decoder: gpu)
@@ -476,13 +488,16 @@ async def run_worker(app: FastAPI, observations, noises, seeds, num_steps: int):
         raise RequestError(500, internal_error("inference failed", e)) from None
 
 
-async def _infer_one(app: FastAPI, observation: dict, num_steps: int, preprocess_ms: float):
-    """One openpi observation -> (float32 actions [action_horizon, action_dim], JobResult)."""
+async def _infer_one(
+    app: FastAPI, observation: dict, num_steps: int, preprocess_ms: float, rtc=None
+):
+    """One openpi observation (and its RTC dict or None) -> (float32 actions
+    [action_horizon, action_dim], JobResult)."""
     if app.state.worker.policy is None:
         raise RequestError(503, _not_ready(app.state.worker))
     noise = app.state.fixed_noise  # same precedence as HTTP: engine.fixed_noise > engine.seed
     seed = app.state.cfg.seed if noise is None else None
-    result = await run_worker(app, [observation], [noise], [seed], num_steps)
+    result = await run_worker(app, [observation], [noise], [seed], num_steps, [rtc])
     app.state.metrics.observe_result(result.queue_ms, preprocess_ms)
     actions = cut_actions(result.outputs, app.state.cfg)
     return np.asarray(actions[0], dtype=np.float32), result
@@ -616,6 +631,7 @@ class Batch:
     seeds: list  # per observation: int or None
     num_steps: int
     echo_seed: Any  # the request's or the config's seed, echoed in the response
+    rtc: list | None = None  # per observation: a real-time chunking dict or None
 
 
 def build_batch(
@@ -635,6 +651,7 @@ def build_batch(
     states = _states(req, cfg)
     masks = _masks(req, cfg)
     noises, seeds, echo = _noise_and_seeds(req, cfg, noise_shape, fixed_noise)
+    rtc = rtc_requests(req.rtc, size, cfg)
     budget = PixelBudget(cfg.max_request_pixels)
     observations = [
         {
@@ -644,7 +661,7 @@ def build_batch(
         }
         for i in range(size)
     ]
-    return Batch(observations, noises, seeds, num_steps, echo)
+    return Batch(observations, noises, seeds, num_steps, echo, rtc)
 
 
 def _num_steps(req: InferRequest, cfg: ServeConfig) -> int:

@@ -69,6 +69,16 @@ GENERATE_KEYS = (
     "instruction",
 )
 SERVE_KEYS = ("engine", "generate")
+# engine.rtc: real-time chunking (flagscale.models.pi0.rtc.RTCConfig; lerobot's defaults)
+RTC_DEFAULTS = {
+    "enabled": True,
+    "prefix_attention_schedule": "LINEAR",
+    "max_guidance_weight": 10.0,
+    "execution_horizon": 10,
+    "gradient": "lerobot",
+}
+RTC_SCHEDULES = ("LINEAR", "EXP", "ONES", "ZEROS")
+RTC_GRADIENTS = ("lerobot", "vjp")
 
 _DTYPES = {
     "bfloat16": "bfloat16",
@@ -174,6 +184,7 @@ class ServeConfig:
     max_connections: int = 512
     max_header_kb: float = 64.0
     max_json_values: int = 1_000_000
+    rtc: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(RTC_DEFAULTS))
     # v1 keys kept only so old YAMLs load
     loader: str | None = None
     results_path: str | None = None
@@ -188,6 +199,7 @@ class ServeConfig:
         out = dataclasses.asdict(self)
         out["cameras"] = dict(self.cameras)
         out["openpi_images"] = dict(self.openpi_images)
+        out["rtc"] = dict(self.rtc)
         out["api_keys"] = ["<redacted>"] * len(self.api_keys)  # never written to logs or files
         return out
 
@@ -510,6 +522,37 @@ _PARSERS = {
     "max_connections": lambda k, v: _as_int(k, v, 1, 1_000_000),
     "max_header_kb": lambda k, v: _as_float(k, v, 1.0, 65536.0),
     "max_json_values": lambda k, v: _as_int(k, v, 1000, 2**31),
+    "rtc": lambda k, v: _as_rtc(k, v),
+}
+
+
+def _as_rtc(key: str, value) -> dict:
+    """engine.rtc: a mapping of RTC_DEFAULTS' keys; missing keys keep their defaults."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping with keys {', '.join(RTC_DEFAULTS)}")
+    _check_known(key, value, tuple(RTC_DEFAULTS))
+    out = dict(RTC_DEFAULTS)
+    for name, given in value.items():
+        if given is not None:
+            out[name] = _RTC_PARSERS[name](f"{key}.{name}", given)
+    return out
+
+
+def _as_guidance_weight(key: str, value) -> float:
+    weight = _as_float(key, value, 0.0, 1e6)
+    if weight == 0:
+        raise ConfigError(f"{key}: must be > 0, got {value!r}")
+    return weight
+
+
+_RTC_PARSERS = {
+    "enabled": _as_bool,
+    "prefix_attention_schedule": lambda k, v: _as_choice(
+        k, v, tuple(s.lower() for s in RTC_SCHEDULES)
+    ).upper(),
+    "max_guidance_weight": _as_guidance_weight,
+    "execution_horizon": lambda k, v: _as_int(k, v, 1, 4096),
+    "gradient": lambda k, v: _as_choice(k, v, RTC_GRADIENTS),
 }
 
 _LEROBOT_GRPC_PARSERS = {

@@ -13,7 +13,9 @@ HWC or CHW); the `openpi_state_keys` present are concatenated and zero-padded to
 `openpi_prompt_key` (else `task`, FlagScale's and lerobot's name) is the instruction
 (engine.instruction when both are absent). FlagScale's websocket clients (run_serve_vla.py) send
 `observation.images.<slot>`, `observation.state` and `task`, and read `action`, sent next to
-`actions`.
+`actions`. The key `rtc` asks for real-time chunking (flagscale/serve/rtc.py: an explicit
+leftover, or {"executed": k, "inference_delay": d} continuing this connection's last chunk); the
+reply then has "rtc_guided".
 """
 
 import asyncio
@@ -33,6 +35,7 @@ from flagscale.serve.codec import reduce_large
 from flagscale.serve.config import ServeConfig
 from flagscale.serve.errors import RequestError, check_float32, internal_error
 from flagscale.serve.limits import check_prompt_length, warm_prompts
+from flagscale.serve.rtc import ConnectionRTC
 
 logger = get_logger("flagscale.serve.openpi")
 
@@ -90,6 +93,7 @@ def metadata(app: FastAPI) -> dict:
 
 async def _serve_connection(websocket: WebSocket, app: FastAPI, infer_one) -> None:
     prev_total_ms, early = None, None  # early: a receive() started while answering
+    rtc = ConnectionRTC()
     try:
         while True:
             message = await (early or websocket.receive())
@@ -101,7 +105,7 @@ async def _serve_connection(websocket: WebSocket, app: FastAPI, infer_one) -> No
             app.state.ws_in_flight += 1
             try:
                 answer = asyncio.ensure_future(
-                    _answer_and_send(websocket, message, app, infer_one, prev_total_ms)
+                    _answer_and_send(websocket, message, app, infer_one, prev_total_ms, rtc)
                 )
                 early = asyncio.ensure_future(websocket.receive())
                 prev_total_ms = await _unless_closed(answer, early)
@@ -127,11 +131,11 @@ async def _unless_closed(answer: asyncio.Future, early: asyncio.Future):
     return await answer
 
 
-async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms):
+async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms, rtc):
     """Answer one message; returns this request's total ms, or None when the connection ended."""
     start = time.monotonic()
     try:
-        reply = await _answer(message, app, infer_one)
+        reply = await _answer(message, app, infer_one, rtc)
     except Exception as e:
         app.state.metrics.observe_request(ENDPOINT, _status(e), time.monotonic() - start)
         await _send_error(websocket, e)
@@ -147,15 +151,19 @@ async def _answer_and_send(websocket, message, app, infer_one, prev_total_ms):
     return (time.monotonic() - start) * 1000.0
 
 
-async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
+async def _answer(message: dict, app: FastAPI, infer_one, rtc: ConnectionRTC) -> dict:
     data = message.get("bytes")
     if data is None:
         raise RequestError(400, "expected a binary msgpack frame, got text")
     start = time.perf_counter()
-    obs, num_steps = await run_in_threadpool(_prepare, data, app)
+    obs, num_steps, rtc_value = await run_in_threadpool(_prepare, data, app)
+    guide = None if rtc_value is None else rtc.request(rtc_value, app.state.cfg)
     preprocess_ms = (time.perf_counter() - start) * 1000.0
-    actions, result = await infer_one(obs, num_steps, preprocess_ms)
+    actions, result = await infer_one(obs, num_steps, preprocess_ms, guide)
+    rtc.last_chunk = actions
+    extra = {} if rtc_value is None else {"rtc_guided": guide is not None}
     return {
+        **extra,
         "actions": actions,
         "action": actions,  # FlagScale's websocket server (run_serve_vla.py) sends both
         "policy_timing": {
@@ -169,9 +177,9 @@ async def _answer(message: dict, app: FastAPI, infer_one) -> dict:
 
 def _prepare(data: bytes, app: FastAPI) -> tuple:
     """In a request thread: decode the message and tokenize its prompt (cached by the policy)."""
-    obs, num_steps = to_observation(data, app.state.cfg)
+    obs, num_steps, rtc_value = to_observation(data, app.state.cfg)
     warm_prompts(app.state.codecs, [obs["prompt"]])
-    return obs, num_steps
+    return obs, num_steps, rtc_value
 
 
 def _status(error: Exception) -> int:
@@ -197,16 +205,18 @@ async def _send_error(websocket: WebSocket, error: Exception) -> None:
 
 
 def to_observation(data: bytes, cfg: ServeConfig) -> tuple:
-    """msgpack bytes -> (policy observation {"images", "state", "prompt"}, num_steps)."""
+    """msgpack bytes -> (policy observation {"images", "state", "prompt"}, num_steps, the `rtc`
+    value or None)."""
     try:
         raw = msgpack_codec.unpackb(data, cfg.max_body_bytes)
     except msgpack_codec.PayloadError as e:
         raise RequestError(400, str(e)) from None
     if not isinstance(raw, dict):
         raise RequestError(400, f"observation must be a map, got {type(raw).__name__}")
+    rtc = raw.pop("rtc", None)
     flat = flatten(raw)
     obs = {"images": _images(flat, cfg), "state": _state(flat, cfg), "prompt": _prompt(flat, cfg)}
-    return obs, _num_steps(flat, cfg)
+    return obs, _num_steps(flat, cfg), rtc
 
 
 def flatten(data: dict, prefix: str = "", depth: int = 0) -> dict:

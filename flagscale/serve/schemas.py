@@ -71,6 +71,7 @@ class InferRequest(BaseModel):
     seed: StrictInt | list[StrictInt] | None = None
     noise: FloatArray = None
     image_masks: list[dict[str, bool]] | dict[str, bool] | None = None
+    rtc: Any = None  # real-time chunking, checked by flagscale.serve.rtc
     # LLM leftovers sent by the v1 client: accepted and ignored
     temperature: Any = None
     top_p: Any = None

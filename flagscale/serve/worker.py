@@ -2,7 +2,8 @@
 
 Requests are queued (bounded by max_queue). The thread takes the oldest request, then gathers more
 requests with the same num_steps until max_batch_size observations are collected or max_wait_ms has
-passed, and calls `policy.infer_batch` once. Only this thread ever touches the policy, so two model
+passed, and calls `policy.infer_batch` once. Requests with real-time chunking (`rtc`) batch only
+with each other: their model call runs the guided sampler (eager), plain batches keep theirs. Only this thread ever touches the policy, so two model
 calls never run concurrently. If a batch of several requests fails, each request is re-run alone so
 only the faulty one gets the error.
 """
@@ -43,10 +44,15 @@ class Job:
     num_steps: int
     future: concurrent.futures.Future
     enqueued: float
+    rtc: list | None = None  # per observation: a real-time chunking dict or None
 
     @property
     def size(self) -> int:
         return len(self.observations)
+
+    @property
+    def guided(self) -> bool:
+        return self.rtc is not None and any(r is not None for r in self.rtc)
 
 
 @dataclasses.dataclass
@@ -130,9 +136,11 @@ class InferenceWorker:
             time.sleep(0.01)
         return self.state == READY
 
-    def submit(self, observations, noises, seeds, num_steps: int) -> concurrent.futures.Future:
+    def submit(
+        self, observations, noises, seeds, num_steps: int, rtc=None
+    ) -> concurrent.futures.Future:
         """Queue one request (one or more observations); the future gets a JobResult."""
-        job = Job(observations, noises, seeds, num_steps, concurrent.futures.Future(), 0.0)
+        job = Job(observations, noises, seeds, num_steps, concurrent.futures.Future(), 0.0, rtc)
         with self._cond:
             if self.state != READY or self._stopping:
                 raise NotReady(self._not_ready_message())
@@ -147,11 +155,11 @@ class InferenceWorker:
         return job.future
 
     async def infer(
-        self, observations, noises, seeds, num_steps: int, timeout: float | None = None
+        self, observations, noises, seeds, num_steps: int, timeout: float | None = None, rtc=None
     ) -> JobResult:
         """Queue and await one request; InferTimeout after `timeout` seconds (a queued job is
         dropped; a running model call cannot be interrupted and its result is discarded)."""
-        future = self.submit(observations, noises, seeds, num_steps)
+        future = self.submit(observations, noises, seeds, num_steps, rtc)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except asyncio.CancelledError:  # the client left: its queue place is freed at once
@@ -265,7 +273,7 @@ class InferenceWorker:
             size = first.size
             deadline = time.monotonic() + self.max_wait_s
             while size < self.max_batch_size and not self._stopping:
-                job = self._take_compatible(first.num_steps, self.max_batch_size - size)
+                job = self._take_compatible(first, self.max_batch_size - size)
                 if job is not None:
                     batch.append(job)
                     size += job.size
@@ -276,9 +284,10 @@ class InferenceWorker:
                 self._cond.wait(remaining)
             return True
 
-    def _take_compatible(self, num_steps: int, room: int) -> Job | None:
+    def _take_compatible(self, first: Job, room: int) -> Job | None:
         for job in self._queue:
-            if job.num_steps == num_steps and job.size <= room:
+            same = job.num_steps == first.num_steps and job.guided == first.guided
+            if same and job.size <= room:
                 self._queue.remove(job)
                 return job
         return None
@@ -314,8 +323,9 @@ class InferenceWorker:
         try:
             if self.before_batch is not None:
                 observations = self.before_batch(observations)
+            extra = {"rtc": [r for job in jobs for r in job.rtc]} if jobs[0].guided else {}
             outputs = self._policy.infer_batch(
-                observations, num_steps=jobs[0].num_steps, noise=noises, seeds=seeds
+                observations, num_steps=jobs[0].num_steps, noise=noises, seeds=seeds, **extra
             )
         finally:
             self.busy_since = None

@@ -104,3 +104,62 @@ def build_small(module, cfg, build):
         return build()
     finally:
         mp.undo()
+
+
+# ---- real-time chunking (lerobot.policies.rtc) ----------------------------------------------
+
+# schedule, leftover rows x cols, delay, horizon (None: the config's 10), steps
+RTC_CASES = [
+    ("LINEAR", 20, 10, 3, None, 10),
+    ("EXP", 20, 10, 3, None, 10),
+    ("ONES", 20, 10, 3, None, 10),
+    ("ZEROS", 20, 10, 3, None, 10),
+    ("LINEAR", 8, 32, 2, 15, 5),  # horizon cut to the leftover's 8 rows
+    ("EXP", 50, 32, 6, 30, 3),  # a full-size leftover (no padding)
+]
+
+
+def rtc_leftover(batch, rows, cols, seed=5):
+    import torch
+
+    return torch.randn(batch, rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+def ours_with_rtc(model, args, noise, config, left, delay, horizon, num_steps):
+    """Our `sample_actions(*args, noise=...)` guided by `config` (an RTCConfig) towards `left`
+    [B, n, d] (model space) with the same delay and horizon for every row."""
+    from flagscale.models.pi0.rtc import Guidance
+
+    c, b = model.config, left.shape[0]
+    rows = list(left.numpy())
+    guide = Guidance.build(config, rows, [delay] * b, [horizon] * b, c.chunk_size, c.max_action_dim)
+    return model.sample_actions(*args, noise=noise, num_steps=num_steps, rtc=guide)
+
+
+def lerobot_with_rtc(ref, args, noise, config, left, delay, horizon, num_steps):
+    """lerobot's `sample_actions(*args, noise=...)` (PI0 or PI05) with its RTCProcessor enabled
+    with `config`'s settings, as its `predict_action_chunk(..., inference_delay=,
+    prev_chunk_left_over=, execution_horizon=)` passes them."""
+    from lerobot.configs.types import RTCAttentionSchedule
+    from lerobot.policies.rtc.configuration_rtc import RTCConfig
+    from lerobot.policies.rtc.modeling_rtc import RTCProcessor
+
+    lr_config = RTCConfig(
+        enabled=True,
+        prefix_attention_schedule=RTCAttentionSchedule(config.prefix_attention_schedule),
+        max_guidance_weight=config.max_guidance_weight,
+        execution_horizon=config.execution_horizon,
+    )
+    saved = ref.config.rtc_config, ref.rtc_processor
+    ref.config.rtc_config, ref.rtc_processor = lr_config, RTCProcessor(lr_config)
+    try:
+        return ref.sample_actions(
+            *args,
+            noise=noise,
+            num_steps=num_steps,
+            inference_delay=delay,
+            prev_chunk_left_over=left,
+            execution_horizon=horizon,
+        )
+    finally:
+        ref.config.rtc_config, ref.rtc_processor = saved

@@ -56,3 +56,17 @@ def test_stock_openpi_client(live05):
     }
     out = client.infer(obs)
     assert out["actions"].shape == (50, 14) and np.isfinite(out["actions"]).all()
+
+
+def test_real_time_chunking(live05):
+    """RTC on Pi0.5 over HTTP: the first inference_delay actions follow the leftover."""
+    with httpx.Client(base_url=live05.url, timeout=60) as http:
+        prev = np.asarray(http.post("/infer", json=v2_body(seed=1)).json()["actions"][0])
+        body = v2_body(1, seed=2, state=[[0.3] * 14])
+        plain = np.asarray(http.post("/infer", json=body).json()["actions"][0])
+        rtc = {"prev_chunk_left_over": prev[10:].tolist(), "inference_delay": 4}
+        reply = http.post("/infer", json=dict(body, rtc=rtc)).json()
+    assert reply["rtc_guided"] == [True]
+    guided = np.asarray(reply["actions"][0])
+    before, after = (np.abs(a[:4] - prev[10:14]).mean() for a in (plain, guided))
+    assert after <= 0.5 * before

@@ -10,6 +10,9 @@ Sampling (openpi convention: t=1 is noise, t=0 is data):
      v = action_out_proj(expert(...)); x += dt * v. The prefix region of the cache is never written.
      The state token depends only on the prefix and the state: it runs with the chunk in the first
      step only (cache slot P, its own mask row); later steps reuse its cached K/V.
+  3. real-time chunking (`rtc.py`, only when a request asks for it): each step's velocity is
+     guided towards the previous chunk's leftover; its "vjp" mode runs `velocity_autograd`, a
+     differentiable expert pass over the frozen cache.
 
 Pi0.5 (config.variant "pi0.5") differs in the expert only: no state token (the state is text in
 the prompt); action tokens = action_in_proj(x_t); the time conditions every expert norm (adaRMS:
@@ -23,6 +26,7 @@ Numerics: bf16 (or fp32) weights, fp32 norms / RoPE / softmax / time embedding /
 
 import math
 
+from functools import partial
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -30,7 +34,8 @@ import torch.nn as nn
 
 from flagscale.logger import get_logger
 from flagscale.models.pi0.config import PI0Config, TowerDims, VisionDims
-from flagscale.ops import Ops, native_ops
+from flagscale.models.pi0.rtc import Guidance
+from flagscale.ops import Ops, native, native_ops
 from flagscale.ops.native import MASK_VALUE, apply_rope, rope_cos_sin  # noqa: F401 (re-export)
 
 logger = get_logger(__name__)
@@ -482,12 +487,14 @@ class PI0Model(nn.Module):
         noise: Optional[torch.Tensor] = None,
         num_steps: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        rtc: Optional[Guidance] = None,
     ) -> torch.Tensor:
         """lerobot conventions: images [B, N, 3, S, S] (or a list of N [B, 3, S, S]) in [-1, 1],
         img_masks [B, N] bool (or a list of [B]), lang [B, Lt], state [B, max_state_dim]
         (Pi0; Pi0.5 has its state in the prompt and ignores this argument), noise
-        [B, chunk_size, max_action_dim] fp32 (never written to). Returns actions
-        [B, chunk_size, max_action_dim] fp32 (normalized space)."""
+        [B, chunk_size, max_action_dim] fp32 (never written to), `rtc`: real-time chunking
+        guidance of every step (`rtc.Guidance`). Returns actions [B, chunk_size, max_action_dim]
+        fp32 (normalized space)."""
         images, img_masks = _stack_cameras(images, img_masks)
         c = self.config
         if state is None and not c.pi05:
@@ -510,23 +517,27 @@ class PI0Model(nn.Module):
         self._pass("prefix", self.fill_prefix_cache)(embs, pad, cache_k, cache_v)
         noise = noise.to(self.device, torch.float32)
         state = None if c.pi05 else state.to(self.device)
-        return self.euler(noise, num_steps, pad, state, cache_k, cache_v)
+        rtc = None if rtc is None else rtc.to(self.device)
+        return self.euler(noise, num_steps, pad, state, cache_k, cache_v, rtc)
 
-    def euler(self, noise, num_steps, pad, state, cache_k, cache_v):
+    def euler(self, noise, num_steps, pad, state, cache_k, cache_v, rtc=None):
         """Euler from t = 1 (noise) to 0 with dt = -1 / num_steps; each step's velocity comes
-        from `velocity_fn` (the one place a guidance method wraps, for both variants)."""
+        from `velocity_fn` (the one place a guidance method wraps, for both variants); `rtc`
+        guides it (`rtc.Guidance.step`)."""
         dt = -1.0 / num_steps
         b = noise.shape[0]
         times = torch.empty(num_steps, b, dtype=torch.float32, device=noise.device)
         for i in range(num_steps):  # Python-int schedule: no host sync, same values as openpi
             times[i].fill_(1.0 + i * dt)
         conds = self.step_conditions(times)
-        velocity = self.velocity_fn(
-            state, self.suffix_inputs(pad, noise.shape[1]), cache_k, cache_v
-        )
+        s = self.suffix_inputs(pad, noise.shape[1])
+        velocity = self.velocity_fn(state, s, cache_k, cache_v)
         x_t = noise
         for i in range(num_steps):
-            x_t = x_t + dt * velocity(i, x_t, conds[i])
+            v_t = velocity(i, x_t, conds[i])
+            if rtc is not None:  # Pi0: step 0 wrote the state token's K/V, frozen from here on
+                v_t = self._guided(rtc, x_t, v_t, 1.0 + i * dt, conds[i], s, cache_k, cache_v)
+            x_t = x_t + dt * v_t
         return x_t
 
     def velocity_fn(self, state, s: SuffixTables, cache_k, cache_v):
@@ -541,6 +552,31 @@ class PI0Model(nn.Module):
             return step(x_t, cond, s.cos, s.sin, s.mask, cache_k, cache_v)
 
         return velocity
+
+    # ---- real-time chunking ------------------------------------------------------------
+
+    def _guided(self, rtc, x_t, v_t, time, cond, s, cache_k, cache_v):
+        velocity = partial(self.velocity_autograd, cond=cond, s=s, cache_k=cache_k, cache_v=cache_v)
+        return rtc.step(x_t, v_t, time, velocity)
+
+    def velocity_autograd(self, x_t, cond, s: SuffixTables, cache_k, cache_v):
+        """The chunk's velocity at x_t over the cached prefix (+ Pi0 state) K/V, differentiable
+        in x_t: native torch ops whatever the op table (fused kernels and FlagGems have no
+        backward), nothing written into the cache, no in-place sums. Same math as
+        `denoise_step`; `cond`: this step's row of `step_conditions`."""
+        lin = lambda mod, x: native.linear(x, mod.weight, mod.bias)  # noqa: E731
+        b, chunk = x_t.shape[:2]
+        x = lin(self.action_in_proj, x_t.to(self.dtype))
+        mod = cond if self.config.pi05 else None
+        if mod is None:
+            h = torch.cat([x, cond[:, None].expand(b, chunk, -1)], dim=-1)
+            x = lin(self.action_time_mlp_out, native.silu(lin(self.action_time_mlp_in, h)))
+        past = s.mask.shape[-1] - chunk  # prefix (+ state) slots
+        for i, layer in enumerate(self.expert.layers):
+            m = None if mod is None else mod[:, 2 * i : 2 * i + 2]
+            kv = (cache_k[i, :, :past], cache_v[i, :, :past])
+            x = _layer_autograd(layer, x, s.cos, s.sin, s.mask, *kv, m)
+        return lin(self.action_out_proj, _norm_autograd(self.expert.norm, x, mod, -1)).float()
 
     # ---- uncached reference (tests) -----------------------------------------------------
 
@@ -594,6 +630,40 @@ class PI0Model(nn.Module):
                 layer.finish(x, a, mod=m) for layer, x, a, m in zip(layers, streams, attn, mods)
             ]
         return self.expert.final_norm(streams[1], mod)
+
+
+def _norm_autograd(norm, x, mod, row):
+    """RMSNorm, or with `mod` [B, R, 3W] Pi0.5's adaptive norm from mod[:, row]; native ops."""
+    if mod is None:
+        return native.rms_norm(x, norm.weight, norm.eps)
+    scale, shift, _ = mod[:, None, row].chunk(3, dim=-1)
+    return native.ada_rms_norm(x, scale, shift, norm.eps)
+
+
+def _layer_autograd(layer: GemmaLayer, x, cos, sin, mask, past_k, past_v, mod=None):
+    """`GemmaLayer.cached` for autograd: new tokens' K/V appended to the frozen past K/V
+    [B, P, Hkv*Dh] rather than written into the cache; native ops. `mod` [B, 2, 3W]: Pi0.5's
+    modulation of this layer's two norms (gated residuals)."""
+    d, (b, t, _) = layer.dims, x.shape
+    n_qk = d.heads + d.kv_heads
+    qkv = native.linear(_norm_autograd(layer.input_norm, x, mod, 0), layer.qkv_proj.weight)
+    q, k = native.rope(
+        qkv[..., : n_qk * d.head_dim].view(b, t, n_qk, d.head_dim), cos, sin, d.heads
+    )
+    v = qkv[..., n_qk * d.head_dim :].reshape(b, t, d.kv_heads, d.head_dim)
+    kv_shape = (b, -1, d.kv_heads, d.head_dim)
+    keys = torch.cat([past_k.view(kv_shape), k], dim=1)
+    values = torch.cat([past_v.view(kv_shape), v], dim=1)
+    gate1, gate2 = (
+        (1, 1) if mod is None else (mod[:, None, j].chunk(3, dim=-1)[2].to(x.dtype) for j in (0, 1))
+    )
+    attn = native.attention(q, keys, values, mask)
+    x = x + native.linear(attn, layer.o_proj.weight) * gate1
+    h = _norm_autograd(layer.ffw_norm, x, mod, 1)
+    up = native.linear(
+        native.geglu(native.linear(h, layer.gate_up_proj.weight)), layer.down_proj.weight
+    )
+    return x + up * gate2
 
 
 def _stack_cameras(images, img_masks):

@@ -21,7 +21,7 @@ import glob
 import json
 import os
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional
 
 import numpy as np
@@ -97,6 +97,15 @@ class Normalizer:
         if self.action is None:
             return a
         return self.action.unnormalize(a[..., : self.action.dim])
+
+    def normalize_actions(self, a: np.ndarray) -> np.ndarray:
+        """Actions [..., d] as the policy returned them (d <= the stats' dim) -> the model's
+        space: the action feature's `normalize` (as lerobot applies it to training actions)
+        with its first d stats."""
+        if self.action is None:
+            return np.asarray(a, dtype=np.float32)
+        d = np.asarray(a).shape[-1]
+        return replace(self.action, lo=self.action.lo[:d], hi=self.action.hi[:d]).normalize(a)
 
     @property
     def action_dim(self) -> Optional[int]:

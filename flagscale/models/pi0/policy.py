@@ -21,6 +21,7 @@ from flagscale.logger import get_logger
 from flagscale.models.pi0 import normalize as norm, processing as proc
 from flagscale.models.pi0.config import VARIANTS, PI0Config, read_config_json
 from flagscale.models.pi0.modeling_pi0 import PI0Model
+from flagscale.models.pi0.rtc import Guidance, RTCConfig, RTCRequest, build_guidance
 from flagscale.models.pi0.tokenizer import build_test_tokenizer
 from flagscale.models.pi0.weights import (
     CheckpointReader,
@@ -132,6 +133,7 @@ class PI0Policy:
         self.pad_mode = pad_mode
         self.source = source
         self.sampler = model.sample_actions  # the engine may replace this with a graphed runner
+        self.rtc_config = RTCConfig()  # real-time chunking settings of guided requests
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -326,20 +328,29 @@ class PI0Policy:
 
     # ---- inference -------------------------------------------------------------------------
 
-    def infer(self, obs: dict, num_steps=None, noise=None, seed=None) -> dict:
-        return self.infer_batch([obs], num_steps, [noise], [seed])[0]
+    def infer(self, obs: dict, num_steps=None, noise=None, seed=None, rtc=None) -> dict:
+        """`rtc`: an `RTCRequest` (real-time chunking: continue the previous chunk's leftover)."""
+        return self.infer_batch([obs], num_steps, [noise], [seed], [rtc])[0]
 
-    def infer_batch(self, observations: Sequence[dict], num_steps=None, noise=None, seeds=None):
+    def infer_batch(
+        self, observations: Sequence[dict], num_steps=None, noise=None, seeds=None, rtc=None
+    ):
         """One model call for all observations; result i equals infer(observations[i]) with the
-        same noise or seed."""
+        same noise or seed. `rtc`: one `RTCRequest` or None per observation; a batch with any
+        runs eagerly (not through CUDA graphs), rows without one unguided."""
         n = len(observations)
         noise = list(noise) if noise is not None else [None] * n
         seeds = list(seeds) if seeds is not None else [None] * n
         t0 = time.perf_counter()
+        guide = self.rtc_guidance(rtc if rtc is not None else [None] * n)
         inputs = self.preprocess(observations)
         inputs["noise"] = self.make_noise(noise, seeds)
         t1 = time.perf_counter()
-        actions = self.sampler(**inputs, num_steps=num_steps or self.config.num_steps)
+        num_steps = num_steps or self.config.num_steps
+        if guide is None:
+            actions = self.sampler(**inputs, num_steps=num_steps)
+        else:
+            actions = self.model.sample_actions(**inputs, num_steps=num_steps, rtc=guide)
         actions = actions.float().cpu().numpy()  # synchronises with the device
         t2 = time.perf_counter()
         outs = [self.postprocess(a) for a in actions]
@@ -351,6 +362,31 @@ class PI0Policy:
             "batch_size": n,
         }
         return [{"actions": a, "timing": dict(timing)} for a in outs]
+
+    def rtc_guidance(self, requests: Sequence[Optional[RTCRequest]]) -> Optional[Guidance]:
+        """Validated RTC guidance of a batch (None when no request asks for it): leftovers
+        mapped back into the model's action space and padded (ValueError on bad input)."""
+        return build_guidance(
+            self.rtc_config,
+            requests,
+            self._leftover_to_model,
+            self.config.chunk_size,
+            self.config.max_action_dim,
+        )
+
+    def _leftover_to_model(self, actions: np.ndarray) -> np.ndarray:
+        """The inverse of `postprocess`: actions [n, d] as returned (d <= action_dim: a server may
+        cut columns; the missing ones are guided towards 0 in model space, like lerobot's
+        padding) -> model space."""
+        low = 14 if self.config.adapt_to_pi_aloha else 1
+        if not low <= actions.shape[1] <= self.action_dim:
+            raise ValueError(
+                f"prev_chunk_left_over must have {low}..{self.action_dim} columns (action_dim), "
+                f"got {actions.shape[1]}"
+            )
+        if self.config.adapt_to_pi_aloha:
+            actions = proc.aloha_actions_to_pi(actions)
+        return self.normalizer.normalize_actions(actions)
 
     def preprocess(self, observations: Sequence[dict]) -> dict:
         c, device = self.config, self.model.device

@@ -188,6 +188,11 @@ def pi_actions_to_aloha(actions: np.ndarray) -> np.ndarray:
     return _aloha_convert(actions, aloha_gripper_from_angular)
 
 
+def aloha_actions_to_pi(actions: np.ndarray) -> np.ndarray:
+    """The inverse of `pi_actions_to_aloha` (the flips are their own inverse)."""
+    return _aloha_convert(actions, lambda v: _norm(_unnorm(v, -0.6213, 1.4910), 0.4, 1.5))
+
+
 def _aloha_convert(values: np.ndarray, gripper_fn) -> np.ndarray:
     """Flip the joints whose sign conventions differ and map both grippers with gripper_fn."""
     out = np.asarray(values, np.float32).copy()
