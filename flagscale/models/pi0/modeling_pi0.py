@@ -194,6 +194,8 @@ class GemmaLayer(nn.Module):
     def __init__(self, ops: Ops, dims: TowerDims, eps: float, adaptive: bool = False):
         super().__init__()
         self.ops, self.dims, self.adaptive = ops, dims, adaptive
+        # the whole layer in one launch (fused kernels, fixed norms only); chosen once, here
+        self.one_launch = None if adaptive else ops.decoder_layer
         qkv_out = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
         norm = AdaRMSNorm if adaptive else RMSNorm
         self.input_norm = norm(ops, dims.width, eps)
@@ -230,17 +232,16 @@ class GemmaLayer(nn.Module):
     def cached(self, x, start, cos, sin, mask, cache_k, cache_v, mod=None):
         """The layer over tokens at cache slots [start, start + T) that attend to
         cache[:, :start + T] (the expert's pass; cache_k / cache_v [B, S, Hkv*Dh]). One launch
-        where the op table has a fused `decoder_layer` for the shape, else qkv -> attention ->
-        finish. `mod`: the adaptive layer's modulation (Pi0.5; composed ops only)."""
+        where the table's `decoder_layer` covers the shape, else qkv -> attention -> finish. `mod`: the adaptive layer's modulation (Pi0.5; composed ops only).
+        """
         d = self.dims
-        fused = None if self.adaptive else getattr(self.ops, "decoder_layer", None)
-        if fused is not None:
+        if self.one_launch is not None:
             weights = (
                 self.input_norm.weight, self.qkv_proj.weight, self.o_proj.weight,
                 self.ffw_norm.weight, self.gate_up_proj.weight, self.down_proj.weight,
             )  # fmt: skip
             args = (x, weights, self.input_norm.eps, cos, sin, cache_k, cache_v, start, mask)
-            out = fused(*args, d.heads, d.head_dim)
+            out = self.one_launch(*args, d.heads, d.head_dim)
             if out is not None:
                 return out
         end = start + x.shape[1]
