@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from flagscale.logger import get_logger
+from flagscale.models.names import DTYPE_NAMES, TOKENIZER_FILES
 from flagscale.models.pi0 import normalize as norm, processing as proc
 from flagscale.models.pi0.config import VARIANTS, PI0Config, read_config_json
 from flagscale.models.pi0.modeling_pi0 import PI0Model
@@ -32,13 +33,7 @@ from flagscale.ops import build_ops, fp8
 
 logger = get_logger(__name__)
 
-DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
+DTYPES = {name: getattr(torch, value) for name, value in DTYPE_NAMES.items()}
 
 
 def resolve_device(device=None) -> torch.device:
@@ -82,8 +77,7 @@ def check_variant(wanted: Optional[str], found: str, model_path: str):
 
 
 def _has_tokenizer(path: Optional[str]) -> bool:
-    files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in files)
+    return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
 
 class PI0Policy:
