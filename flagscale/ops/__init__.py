@@ -32,7 +32,7 @@ FLAGGEMS_ENV = "USE_FLAGGEMS"
 
 
 def is_true(value) -> bool:
-    """The one reading of a "true" string (env vars, config switches): 1, true, yes, on; any case."""
+    """The one reading of a "true" string (env vars, switches): 1, true, yes, on; any case."""
     return str(value).strip().lower() in TRUE_STRINGS
 
 
@@ -156,7 +156,8 @@ def native_ops() -> Ops:
 
 
 def resolve_backend(backend: str = "auto", env=None) -> str:
-    """Backend "auto" (or None): "flaggems" when USE_FLAGGEMS is on, else "native"; others as given."""
+    """Backend "auto" (or None): "flaggems" when USE_FLAGGEMS is on, else "native"; others as
+    given."""
     backend = (backend or "auto").lower()
     if backend == "auto":
         return "flaggems" if flaggems_requested(env) else "native"

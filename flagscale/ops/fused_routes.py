@@ -58,7 +58,9 @@ class Routes:
     def __init__(self, ops):
         self.ops, self.base, self.native = ops, ops.composed, ops.backend == "native"
 
-    def qkv_rope(self, x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):  # fmt: skip
+    def qkv_rope(
+        self, x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out
+    ):
         args = (x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out)
         shapes_ok = kv_heads == 1 and head_dim % 32 == 0 and x.shape[-1] % 128 == 0
         if shapes_ok and supported(x, MAX_ROWS["qkv_rope"]):

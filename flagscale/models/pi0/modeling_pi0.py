@@ -233,8 +233,8 @@ class GemmaLayer(nn.Module):
     def cached(self, x, start, cos, sin, mask, cache_k, cache_v, mod=None):
         """The layer over tokens at cache slots [start, start + T) that attend to
         cache[:, :start + T] (the expert's pass; cache_k / cache_v [B, S, Hkv*Dh]). One launch
-        where the table's `decoder_layer` covers the shape, else qkv -> attention -> finish. `mod`: the adaptive layer's modulation (Pi0.5; composed ops only).
-        """
+        where the table's `decoder_layer` covers the shape, else qkv -> attention -> finish.
+        `mod`: the adaptive layer's modulation (Pi0.5; composed ops only)."""
         d = self.dims
         if self.one_launch is not None:
             weights = (
