@@ -96,7 +96,7 @@ def expert_cases(batch, prefix=816, chunk=50, tower="expert", copies=1):
 
     def layer(ops):  # one persistent launch where the table has decoder_layer for the shape
         w = nxt()
-        fused = getattr(ops, "decoder_layer", None)
+        fused = ops.decoder_layer
         weights = (norm_w, w["w_qkv"], w["w_o"], norm_w, w["w_gu"], w["w_down"])
         args = (x, weights, 1e-6, cos, sin, *w["cache"], prefix + 1, mask, d.heads, d.head_dim)
         out = fused(*args) if fused else None

@@ -2,16 +2,17 @@
 `Ops` table.
 
 Each op has a native (torch) implementation that is also the executable spec and the test oracle.
-A backend (FlagGems) may replace some ops; the route of every op is chosen once, when the table is
-built, and logged. Model code calls `ops.linear(...)` etc. and never branches on the backend.
+A backend (FlagGems) may replace some ops; fused Triton kernels may replace the composites. Every
+choice is made once, in `build_ops`, and logged; model code calls `ops.linear(...)` etc. and
+never branches on the backend. This module imports no torch: the server's config parser asks
+`flaggems_requested` without loading it.
 """
 
 import os
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
-from flagscale.ops import native
 from flagscale.ops.composite import COMPOSITE_NAMES, compose
 
 OP_NAMES = (
@@ -27,35 +28,62 @@ OP_NAMES = (
 )
 
 TRUE_STRINGS = ("1", "true", "yes", "on")
+FLAGGEMS_ENV = "USE_FLAGGEMS"
+
+
+def is_true(value) -> bool:
+    """The one reading of a "true" string (env vars, switches): 1, true, yes, on; any case."""
+    return str(value).strip().lower() in TRUE_STRINGS
 
 
 def flaggems_requested(env=None) -> bool:
-    """FlagScale's convention: USE_FLAGGEMS in {1, true, yes} (case-insensitive) turns FlagGems on."""
+    """FlagScale's convention: USE_FLAGGEMS in {1, true, yes, on} (any case) turns FlagGems on.
+    The only reader of USE_FLAGGEMS."""
     env = os.environ if env is None else env
-    return str(env.get("USE_FLAGGEMS", "false")).strip().lower() in TRUE_STRINGS
+    return is_true(env.get(FLAGGEMS_ENV, "false"))
+
+
+def _op():
+    return field(repr=False)
 
 
 @dataclass
 class Ops:
-    """A table of op implementations plus where each one is routed.
+    """The op table: one implementation per op, chosen when the table is built.
 
-    Besides the primitives (OP_NAMES) it offers the composites of `composite.py`, built from its
-    own primitives; `fused` may replace composites (and attention) with fused kernels.
+    `routes` says in words where each primitive goes. The composites are `composite.py`'s, built
+    from this table's primitives, unless a fused kernel replaces them (`fused` names those).
+    `decoder_layer` is a whole (non-adaptive) expert layer in one launch, or None; the kernel
+    itself returns None for shapes it does not cover.
     """
 
     backend: str
     routes: Dict[str, str]
-    impls: Dict[str, Callable] = field(repr=False)
+    # primitives (OP_NAMES)
+    linear: Callable = _op()
+    rms_norm: Callable = _op()
+    ada_rms_norm: Callable = _op()
+    layer_norm: Callable = _op()
+    rope: Callable = _op()
+    gelu_tanh: Callable = _op()
+    geglu: Callable = _op()
+    silu: Callable = _op()
+    attention: Callable = _op()
+    # composites (COMPOSITE_NAMES)
+    qkv_rope: Callable = _op()
+    norm_geglu: Callable = _op()
+    linear_residual: Callable = _op()
+    add_layer_norm: Callable = _op()
+    linear_gelu: Callable = _op()
+    ada_qkv_rope: Callable = _op()
+    ada_norm_geglu: Callable = _op()
+    linear_gated_residual: Callable = _op()
+    decoder_layer: Optional[Callable] = field(default=None, repr=False)
+    # the backend's primitives, the composites built from this table's primitives (the fused
+    # kernels' fallback and reference) and the fused replacements, by name
+    impls: Dict[str, Callable] = field(default_factory=dict, repr=False)
+    composed: Dict[str, Callable] = field(default_factory=dict, repr=False)
     fused: Dict[str, Callable] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        for name in OP_NAMES:
-            setattr(self, name, self.impls[name])
-        self.composed = compose(self)
-        for name in COMPOSITE_NAMES:
-            setattr(self, name, self.composed[name])
-        for name, fn in self.fused.items():
-            setattr(self, name, fn)
 
     def describe(self) -> str:
         text = ", ".join(f"{name}={self.routes[name]}" for name in OP_NAMES)
@@ -65,16 +93,15 @@ class Ops:
 
     def with_fused_kernels(self, persistent_layers: bool = True) -> "Ops":
         """This table plus the fused Triton kernels (CUDA): each replaces a composite (or
-        attention) for the shapes it covers and falls back to it elsewhere. With a backend other
-        than native, only the action expert's short inputs take them; long (prefix) inputs keep
-        the backend's own ops instead of the cuBLAS-based long path. `persistent_layers` adds
-        `decoder_layer`: a whole expert layer (short inputs) in one persistent launch."""
+        attention) for the shapes it covers and falls back to it elsewhere (`fused_routes`).
+        `persistent_layers` adds `decoder_layer`: a whole expert layer (short inputs) in one
+        persistent launch."""
         try:
-            from flagscale.ops import triton_fused
+            from flagscale.ops import fused_routes
         except ImportError as err:
             raise RuntimeError(f"fused kernels need Triton (pip install triton): {err}") from err
-        fused = triton_fused.dispatchers(self, persistent_layers)
-        return Ops(self.backend, dict(self.routes), self.impls, fused)
+        fused = fused_routes.dispatchers(self, persistent_layers)
+        return make_ops(self.backend, self.routes, self.impls, fused)
 
     def with_fp8(self) -> "Ops":
         """This table with `linear` taking the FP8 GEMM (`fp8.linear`) for long inputs whose
@@ -88,33 +115,117 @@ class Ops:
                 return fp8.linear(x, weight, bias)
             return base(x, weight, bias)
 
-        return Ops(self.backend, dict(self.routes), self.impls, {**self.fused, "linear": linear})
+        return make_ops(self.backend, self.routes, self.impls, {**self.fused, "linear": linear})
+
+
+class _Primitives:
+    """What the composites call: the table's primitives (a fused replacement where there is one)."""
+
+    def __init__(self, primitives: Dict[str, Callable]):
+        self.__dict__.update(primitives)
+
+
+def make_ops(
+    backend: str,
+    routes: Dict[str, str],
+    impls: Dict[str, Callable],
+    fused: Optional[Dict[str, Callable]] = None,
+) -> Ops:
+    """A table from a backend's primitives `impls` (one per OP_NAMES) and fused replacements."""
+    fused = dict(fused or {})
+    primitives = {name: fused.get(name, impls[name]) for name in OP_NAMES}
+    composed = compose(_Primitives(primitives))
+    composites = {name: fused.get(name, composed[name]) for name in COMPOSITE_NAMES}
+    return Ops(
+        backend,
+        dict(routes),
+        **primitives,
+        **composites,
+        decoder_layer=fused.get("decoder_layer"),
+        impls=dict(impls),
+        composed=composed,
+        fused=fused,
+    )
 
 
 def native_ops() -> Ops:
+    from flagscale.ops import native
+
     impls = {name: getattr(native, name) for name in OP_NAMES}
-    return Ops("native", {name: "native" for name in OP_NAMES}, impls)
+    return make_ops("native", {name: "native" for name in OP_NAMES}, impls)
 
 
 def resolve_backend(backend: str = "auto", env=None) -> str:
-    """Backend "auto" (or None): "flaggems" when USE_FLAGGEMS is on, else "native"; others as given."""
+    """Backend "auto" (or None): "flaggems" when USE_FLAGGEMS is on, else "native"; others as
+    given."""
     backend = (backend or "auto").lower()
     if backend == "auto":
         return "flaggems" if flaggems_requested(env) else "native"
     return backend
 
 
-def build_ops(backend: str = "native", **kwargs) -> Ops:
-    """Build the op table for `backend` ("native", "flaggems" or "auto": USE_FLAGGEMS decides).
-
-    FlagGems kwargs (flagscale.ops.flaggems.flaggems_ops): routes={"linear": "native", ...} keeps
-    chosen ops native; cache_dir sets FLAGGEMS_CACHE_DIR before flag_gems is imported.
-    """
+def backend_ops(backend: str = "native", routes=None, cache_dir=None) -> Ops:
+    """The backend's table, no fused kernels: "native", "flaggems" or "auto" (USE_FLAGGEMS).
+    FlagGems: routes={"linear": "native", ...} keeps chosen ops native; cache_dir sets
+    FLAGGEMS_CACHE_DIR before flag_gems is imported."""
     backend = resolve_backend(backend or "native")
     if backend == "native":
         return native_ops()
     if backend == "flaggems":
         from flagscale.ops.flaggems import flaggems_ops
 
-        return flaggems_ops(**kwargs)
+        return flaggems_ops(routes=routes, cache_dir=cache_dir)
     raise ValueError(f"unknown op backend {backend!r}; choose 'native', 'flaggems' or 'auto'")
+
+
+def build_ops(
+    backend="native",
+    device="cpu",
+    fused=False,
+    persistent=True,
+    cache_dir=None,
+    precision="bf16",
+    routes=None,
+) -> Ops:
+    """The one place the op table is decided: the backend (a name, see `backend_ops`, or a table
+    built already), then the fused Triton kernels: `fused` true (any backend, CUDA only), or
+    "auto": with native ops on a CUDA device where Triton is installed (FlagGems keeps every op
+    on FlagGems unless they are asked for). `persistent`: with the fused kernels, each expert
+    layer at batch 1 in one launch. `precision` "fp8": the prefix GEMMs in e4m3 (`fp8`)."""
+    table = backend if isinstance(backend, Ops) else backend_ops(backend, routes, cache_dir)
+    table = _with_fused(table, str(device), fused, persistent)
+    if precision in (None, "bf16"):  # the common case imports no torch here
+        return table
+    from flagscale.ops import fp8
+
+    if fp8.check_precision(precision, _device(device), bool(table.fused)) == "fp8":
+        return table.with_fp8()
+    return table
+
+
+def _with_fused(table: Ops, device: str, fused, persistent) -> Ops:
+    if table.fused:
+        return table
+    on_cuda = device.startswith("cuda")
+    wanted = str(fused).lower()
+    if wanted == "auto":
+        if on_cuda and table.backend == "native" and _has_triton():
+            return table.with_fused_kernels(persistent)
+        return table
+    if not is_true(wanted):
+        return table
+    if not on_cuda:
+        raise ValueError(f"fused_kernels=true needs a CUDA device, not {device}")
+    return table.with_fused_kernels(persistent)
+
+
+def _device(device):
+    import torch
+
+    return torch.device(device)
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

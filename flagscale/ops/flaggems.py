@@ -33,7 +33,7 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 
 from flagscale.logger import get_logger
-from flagscale.ops import OP_NAMES, Ops, native
+from flagscale.ops import OP_NAMES, Ops, make_ops, native
 
 logger = get_logger(__name__)
 
@@ -275,6 +275,6 @@ def flaggems_ops(
         else:
             impls[name], described[name] = getattr(native, name), "native (override)"
     version = getattr(fg, "__version__", "?") if wanted else "not imported"
-    ops = Ops("flaggems", described, impls)
+    ops = make_ops("flaggems", described, impls)
     logger.info("FlagGems %s op routes: %s", version, ops.describe())
     return ops

@@ -3,8 +3,6 @@
 Shapes: x [..., D]; attention q [B, Lq, H, Dh], k/v [B, Lk, Hkv, Dh], mask [B, 1 | Lq, Lk] additive.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -132,20 +130,4 @@ def mqa_math(q, k, v, mask, scale):
     return torch.bmm(probs, v)
 
 
-def attention_reference(q, k, v, mask=None, scale=None):
-    """Plain eager attention (fp32 logits and softmax, probabilities cast back), for tests."""
-    b, lq, h, dh = q.shape
-    scale = dh**-0.5 if scale is None else scale
-    rep = h // k.shape[2]
-    k = k.repeat_interleave(rep, dim=2)
-    v = v.repeat_interleave(rep, dim=2)
-    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    if mask is not None:
-        logits = logits + mask[:, None].float()
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
-    return out.reshape(b, lq, h * dh)
-
-
 MASK_VALUE = -2.3819763e38
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -23,7 +23,7 @@ kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU), one `addmm` for li
 (in place where the model owns the residual), one cuBLASLt GEMM with a GELU epilogue for SigLIP's
 fc1 (`linear_gelu`), the same MQA kernel with a long-sequence configuration for the padded prefix
 attention, and one row kernel for SigLIP's residual add + LayerNorm (`add_layer_norm`). Which
-path an op takes depends on its row count (`CONFIG[...]["max_rows"]`, measured). The long path is
+path an op takes depends on its row count (`fused_routes.MAX_ROWS`, measured). The long path is
 for the native table only: with another backend (FlagGems) only the expert's short inputs take
 these kernels.
 
@@ -35,13 +35,13 @@ activations are bf16 before the next op); tests bound their error against an fp3
 the composed ops' own. fp32 and CPU tensors take the composed ops. The split reductions use a
 per-tile arrival counter that the last CTA resets, so the kernels are safe to replay in CUDA
 graphs; on the CPU they run in Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests
-them. The ops are opaque to torch.compile (see `dispatchers`).
+them. Which kernel takes a call is decided in `fused_routes.py`.
 """
 
 import functools
 import os
 
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import torch
 import triton
@@ -730,39 +730,29 @@ def _geglu_kernel(x_ptr, out_ptr, stride_x, stride_o, F, BLOCK: tl.constexpr):
 # benchmarks/bench_kernels.py --sweep on an H200 at B=1 (the `*_batch` entries, which the
 # dispatcher takes for batches of 2+, and the prefix attention: on an H100); split 0 = chosen from
 # the shape.
-# max_rows (batch x tokens): above it cuBLAS + separate kernels measured faster (H200; the expert
-# has 50 rows per robot, the prefix 816): qkv_rope wins up to 8 robots, norm_geglu up to 4,
-# linear_residual at 1 robot only.
 CONFIG = {
-    "qkv_rope": dict(bn=16, bk=64, warps=4, stages=4, max_rows=512),
+    "qkv_rope": dict(bn=16, bk=64, warps=4, stages=4),
     # batches of 2+ (H100, us per layer): B=2 13.5 -> 8.9, B=4 19.3 -> 12.0, B=8 25.0 -> 15.9
-    "qkv_rope_batch": dict(bm=64, bn=32, bk=64, warps=4, stages=3, max_rows=512),
-    "norm_geglu": dict(bn=32, bk=64, warps=4, stages=4, max_rows=256),
-    "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3, max_rows=64),
-    # max_rows here: query rows (tokens x heads) per sample. merge: "last" (the last key split
+    "qkv_rope_batch": dict(bm=64, bn=32, bk=64, warps=4, stages=3),
+    "norm_geglu": dict(bn=32, bk=64, warps=4, stages=4),
+    "linear_residual": dict(bn=32, bk=128, split=4, warps=4, stages=3),
+    # merge: "last" (the last key split
     # to finish merges the tile) or "kernel" (a second, wider kernel merges).
-    "mqa_attention": dict(
-        br=16, bkv=128, split=4, warps=8, stages=2, merge="kernel", max_rows=1024
-    ),
+    "mqa_attention": dict(br=16, bkv=128, split=4, warps=8, stages=2, merge="kernel"),
     # the same for batches of 2+ (the five-kernel expert path), H100, us per layer: B=2 19.5 ->
     # 15.1, B=4 34.5 -> 22.0, B=8 60.4 -> 40.9 (at B=1 these tiles measured 13.7 vs 11.2)
-    "mqa_attention_batch": dict(
-        br=32, bkv=64, split=4, warps=8, stages=2, merge="kernel", max_rows=1024
-    ),
+    "mqa_attention_batch": dict(br=32, bkv=64, split=4, warps=8, stages=2, merge="kernel"),
     # the prefix (816 x 8 rows; native ops only): 26.2 us per layer on an H100 (41.0 with 32-key
     # blocks and a mask tile per block; SDPA 63.2)
-    "mqa_attention_long": dict(
-        br=64, bkv=64, split=1, warps=4, stages=2, merge="last", max_rows=1 << 20
-    ),
+    "mqa_attention_long": dict(br=64, bkv=64, split=1, warps=4, stages=2, merge="last"),
 }
 # One persistent launch per expert layer (`decoder_layer`): the ops' tile sizes above, one warp
 # count and pipeline depth for all phases (shared memory: the attention's key block is smaller).
 CONFIG["decoder_layer"] = dict(
     qkv_bn=16, qkv_bk=64, geglu_bn=32, geglu_bk=64, lin_bn=32, lin_bk=128, o_split=4, d_split=4,
-    br=16, bkv=32, a_split=4, rows=4, warps=4, stages=5, max_rows=64,
+    br=16, bkv=32, a_split=4, rows=4, warps=4, stages=5,
 )  # fmt: skip
 ALL_PHASES = 63  # the layer kernel's six phases (CONFIG["decoder_layer"]["phases"]: time some)
-LONG_ROWS = 1 << 20  # beyond the fused GEMMs: row-wise kernels around cuBLAS (the prefix)
 MERGE_ROWS = 4  # rows per program of the merge kernel
 _SCRATCH: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 _RETIRED = []  # outgrown buffers stay alive: CUDA graphs captured earlier still point at them
@@ -807,14 +797,6 @@ def folded_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tens
         folded = weight.float() * (1.0 + norm_weight.float())[None, :]
         cached = weight._flagscale_folded = (key, folded.to(weight.dtype))
     return cached[1]
-
-
-def supported(x: torch.Tensor, max_rows: int) -> bool:
-    """x has 1..max_rows rows (all but the last dim) and is bf16/fp16 on a GPU (or on any device
-    under the Triton interpreter)."""
-    rows = x.numel() // x.shape[-1]
-    device_ok = x.is_cuda or _INTERPRET
-    return device_ok and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= max_rows
 
 
 def qkv_rope(
@@ -1100,97 +1082,3 @@ def decoder_layer(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, head
         PHASES=cfg.get("phases", ALL_PHASES), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out.view(b, t, width)
-
-
-# ----------------------------------------------------------------------------------------------
-# dispatch: fused where the shape is covered, the table's composite otherwise
-# ----------------------------------------------------------------------------------------------
-
-
-def dispatchers(ops, persistent_layers: bool = True) -> Dict[str, Callable]:
-    """Fused replacements for `ops`' composites and attention, falling back to them. The
-    long-input path (cuBLAS + row-wise kernels) is for the native table only: another backend
-    (FlagGems) keeps its own ops for the prefix. With `persistent_layers`, `decoder_layer` runs
-    a whole expert layer in one launch where the shape is covered (None elsewhere)."""
-    base = ops.composed
-    native = ops.backend == "native"
-
-    def qkv_rope_op(x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out):
-        args = (x, norm_weight, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out)
-        shapes_ok = kv_heads == 1 and head_dim % 32 == 0 and x.shape[-1] % 128 == 0
-        if shapes_ok and supported(x, CONFIG["qkv_rope"]["max_rows"]):
-            batch_tiles = (head_dim // 2) % CONFIG["qkv_rope_batch"]["bn"] == 0
-            config = "qkv_rope_batch" if x.shape[0] > 1 and batch_tiles else "qkv_rope"
-            return qkv_rope(*args, config=config)
-        long_ok = native and shapes_ok and cos.is_contiguous() and sin.is_contiguous()
-        if long_ok and supported(x, LONG_ROWS):
-            return long_qkv_rope(*args)
-        return base["qkv_rope"](*args)
-
-    def norm_geglu_op(x, norm_weight, eps, weight):
-        shapes_ok = weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0
-        if shapes_ok and supported(x, CONFIG["norm_geglu"]["max_rows"]):
-            return norm_geglu(x, norm_weight, eps, weight)
-        if native and shapes_ok and supported(x, LONG_ROWS):
-            return long_norm_geglu(x, norm_weight, eps, weight)
-        return base["norm_geglu"](x, norm_weight, eps, weight)
-
-    def linear_residual_op(x, weight, residual, inplace=False):
-        shapes_ok = weight.shape[0] % 64 == 0 and x.shape[-1] % 128 == 0
-        if shapes_ok and supported(x, CONFIG["linear_residual"]["max_rows"]):
-            return linear_residual(x, weight, residual, inplace=inplace)
-        if native and supported(x, LONG_ROWS) and residual.dtype == x.dtype:
-            return long_linear_residual(x, weight, residual, inplace)
-        return base["linear_residual"](x, weight, residual, inplace)
-
-    def attention_op(q, k, v, mask=None, scale=None):
-        b, lq, h, dh = q.shape
-        ok = supported(q, max_rows=1 << 30) and k.shape[2] == 1 and h > 1 and dh in (64, 128, 256)
-        ok = ok and q.stride(-1) == 1 and (mask is None or mask.dim() == 3)
-        if ok and lq * h <= CONFIG["mqa_attention"]["max_rows"]:
-            config = "mqa_attention" if b == 1 else "mqa_attention_batch"
-            return mqa_attention(q, k, v, mask, scale, config=config)
-        if ok and native and lq * h <= CONFIG["mqa_attention_long"]["max_rows"]:
-            return mqa_attention(q, k, v, mask, scale, config="mqa_attention_long")
-        return ops.attention(q, k, v, mask, scale)
-
-    def decoder_layer_op(x, weights, eps, cos, sin, cache_k, cache_v, start, mask, heads, dh):
-        """The whole layer in one launch, or None where the shape is not covered."""
-        f, qd = weights[4].shape[0] // 2, heads * dh
-        ok = weights[1].shape[0] == qd + 2 * dh and dh in (64, 128, 256) and x.is_contiguous()
-        ok = ok and x.shape[-1] % 128 == 0 and qd % 128 == 0 and f % 128 == 0
-        ok = ok and mask.dim() == 3 and mask.stride(-1) == 1 and cache_k.stride(-1) == 1
-        ok = ok and cache_k.stride() == cache_v.stride()
-        ok = ok and cos.is_contiguous() and sin.is_contiguous()
-        if ok and supported(x, CONFIG["decoder_layer"]["max_rows"]):
-            args = (x, weights, eps, cos, sin, cache_k, cache_v, start, mask, heads, dh)
-            return decoder_layer(*args)
-        return None
-
-    def linear_gelu_op(x, weight, bias):
-        ok = native and bias is not None and bias.dim() == 1 and bias.dtype == x.dtype
-        # CUDA only, also under the interpreter: on the CPU the epilogue is the erf GELU, not tanh
-        if ok and x.is_cuda and supported(x, LONG_ROWS):
-            return long_linear_gelu(x, weight, bias)
-        return base["linear_gelu"](x, weight, bias)
-
-    def add_layer_norm_op(x, y, weight, bias, eps):
-        same = y.shape == x.shape and y.dtype == x.dtype and x.stride(-1) == y.stride(-1) == 1
-        if native and same and supported(x, LONG_ROWS):
-            return add_layer_norm(x, y, weight, bias, eps)
-        return base["add_layer_norm"](x, y, weight, bias, eps)
-
-    ops_by_name = {
-        "add_layer_norm": add_layer_norm_op,
-        "linear_gelu": linear_gelu_op,
-        "qkv_rope": qkv_rope_op,
-        "norm_geglu": norm_geglu_op,
-        "linear_residual": linear_residual_op,
-        "attention": attention_op,
-    }
-    if persistent_layers:
-        ops_by_name["decoder_layer"] = decoder_layer_op
-    # torch.compile (engine.compile) must not trace into these: the kernels write through
-    # pointers it cannot follow (KV-cache slices chosen per program); an H200 run that let it
-    # ended in an illegal memory access. Compiled passes call them as opaque eager ops.
-    return {name: torch.compiler.disable(fn) for name, fn in ops_by_name.items()}

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from flagscale.logger import get_logger
+from flagscale.models.names import DTYPE_NAMES, TOKENIZER_FILES
+from flagscale.ops import TRUE_STRINGS, flaggems_requested
 
 logger = get_logger("flagscale.serve.config")
 
@@ -80,15 +82,7 @@ RTC_DEFAULTS = {
 RTC_SCHEDULES = ("LINEAR", "EXP", "ONES", "ZEROS")
 RTC_GRADIENTS = ("lerobot", "vjp")
 
-_DTYPES = {
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
 _REFUSED_DTYPES = ("float16", "fp16", "half", "float64", "fp64", "double")
-_TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -247,10 +241,6 @@ def parse_serve_section(serve, env: Mapping[str, str]) -> ServeConfig:
     return cfg
 
 
-def use_flaggems_env(env: Mapping[str, str]) -> bool:
-    return str(env.get("USE_FLAGGEMS", "false")).strip().lower() in ("1", "true", "yes")
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -320,7 +310,7 @@ def _engine_values(engine: dict, generate: Mapping, env: Mapping[str, str]) -> d
     for name in ENGINE_KEYS:
         if engine.get(name) is not None and name in _PARSERS:
             out[name] = _PARSERS[name](f"serve.engine.{name}", out[name])
-    if use_flaggems_env(env):
+    if flaggems_requested(env):
         out["ops"] = "flaggems"
     return out
 
@@ -330,8 +320,8 @@ def _as_bool(key: str, value) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-        return value.strip().lower() in _TRUE
+    if isinstance(value, str) and value.strip().lower() in TRUE_STRINGS + _FALSE:
+        return value.strip().lower() in TRUE_STRINGS
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
 
 
@@ -400,9 +390,9 @@ def _as_dtype(key: str, value) -> str:
     text = _as_str(key, str(value)).lower().removeprefix("torch.")
     if text in _REFUSED_DTYPES:
         raise ConfigError(f"{key}: {value!r} is not supported (use bfloat16 or float32)")
-    if text not in _DTYPES:
+    if text not in DTYPE_NAMES:
         raise ConfigError(f"{key}: unknown dtype {value!r} (use bfloat16 or float32)")
-    return _DTYPES[text]
+    return DTYPE_NAMES[text]
 
 
 def _as_device(key: str, value) -> str:
@@ -670,7 +660,6 @@ def _as_buckets(key: str, value) -> tuple:
     return tuple(sorted({_as_int(f"{key}[{i}]", v, 1, 256) for i, v in enumerate(value)}))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 

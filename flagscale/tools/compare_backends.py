@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flagscale.ops import FLAGGEMS_ENV
+
 MAPE_TARGET = 1.4152  # %, FlagRelease's reported FlagGems-vs-native MAPE for Pi0
 REL_L2_TARGET = 1.0  # %
 REF_RATIO_TARGET = 1.5
@@ -335,7 +337,7 @@ def compare_local(args) -> dict:
     out = Path(args.out or tempfile.mkdtemp(prefix="compare-backends-"))
     out.mkdir(parents=True, exist_ok=True)
     base_env = dict(os.environ, PYTHONUNBUFFERED="1")
-    base_env.pop("USE_FLAGGEMS", None)  # every child names its backend explicitly
+    base_env.pop(FLAGGEMS_ENV, None)  # every child names its backend explicitly
     for label, cmd, env in plan_runs(args, out):
         spawn(label, cmd, dict(base_env, **env), args.timeout)
     runs = {

@@ -12,7 +12,7 @@ from flagscale.models.pi0.config import PI0Config, TowerDims  # noqa: E402
 from flagscale.models.pi0.modeling_pi0 import PI0Model  # noqa: E402
 from flagscale.models.pi0.weights import init_random_weights  # noqa: E402
 from flagscale.ops import native_ops  # noqa: E402
-from flagscale.ops import triton_fused  # noqa: E402
+from flagscale.ops import fused_routes, triton_fused  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOWER = TowerDims(width=128, depth=2, mlp=128, heads=2, kv_heads=1, head_dim=64)
@@ -70,8 +70,8 @@ def test_fused_model_matches_composed(batch, monkeypatch):
     assert torch.isfinite(out).all()
     assert err_fused <= 1.5 * err_composed + 1e-3, (err_fused, err_composed)
     # the expert passes (3 steps, the first with the state token; 2 layers each) used the kernels:
-    # one launch per layer up to decoder_layer's max_rows (batch 1), five kernels above
-    if batch * 51 <= triton_fused.CONFIG["decoder_layer"]["max_rows"]:
+    # one launch per layer up to MAX_ROWS["decoder_layer"] (batch 1), five kernels above
+    if batch * 51 <= fused_routes.MAX_ROWS["decoder_layer"]:
         assert calls["decoder_layer"] == 2 * 3
     else:
         assert calls["qkv_rope"] >= 2 * 3 and calls["mqa_attention"] >= 2 * 3

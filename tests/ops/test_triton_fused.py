@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from flagscale.ops import native_ops  # noqa: E402
-from flagscale.ops import triton_fused as tf  # noqa: E402
+from flagscale.ops import fused_routes as fr, triton_fused as tf  # noqa: E402
 from flagscale.ops.native import MASK_VALUE, rope_cos_sin  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -180,11 +180,11 @@ def test_long_attention_config_for_the_prefix(monkeypatch):
     b, h, dh, lk = 1, 8, 64, 140
     _, k, v, mask = attention_inputs(b, 1, h, dh, lk, False)
     q = rand(b, lk, h, dh, seed=12)  # 1120 query rows: above the short limit
-    assert lk * h > tf.CONFIG["mqa_attention"]["max_rows"]
+    assert lk * h > fr.MAX_ROWS["mqa_attention"]
     calls = []
     real = tf.mqa_attention
     monkeypatch.setattr(tf, "mqa_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    out = tf.dispatchers(OPS)["attention"](q, k, v, mask)
+    out = fr.dispatchers(OPS)["attention"](q, k, v, mask)
     assert calls == [{"config": "mqa_attention_long"}]
     check(out, OPS.attention(q, k, v, mask), OPS.attention(*f32(q, k, v), mask.float()))
 
@@ -196,7 +196,7 @@ def test_short_attention_config_by_batch(monkeypatch):
     real = tf.mqa_attention
     spy = lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw)  # noqa: E731
     monkeypatch.setattr(tf, "mqa_attention", spy)
-    attention = tf.dispatchers(OPS)["attention"]
+    attention = fr.dispatchers(OPS)["attention"]
     for b in (1, 2):
         q, k, v, mask = attention_inputs(b, 7, 4, 64, 90, False)
         expect = OPS.attention(q, k, v, mask)
@@ -210,7 +210,7 @@ def test_qkv_rope_config_by_batch(monkeypatch):
     real = tf.qkv_rope
     spy = lambda *a, **kw: calls.append(kw["config"]) or real(*a, **kw)  # noqa: E731
     monkeypatch.setattr(tf, "qkv_rope", spy)
-    fused = tf.dispatchers(OPS)["qkv_rope"]
+    fused = fr.dispatchers(OPS)["qkv_rope"]
     for b, head_dim in ((1, 64), (2, 64), (2, 32)):  # 32: a half head narrower than the tile
         x, norm_w, w, cos, sin, cache_len, start = qkv_case(b, 5, 128, 2, head_dim, 20, 3)
         k_out = torch.zeros(b, 5, head_dim, dtype=BF16, device=DEVICE)
@@ -225,11 +225,11 @@ def test_attention_with_strided_queries_and_long_fallback():
     _, k, v, mask = attention_inputs(b, 1, h, dh, lk, False)
     out = FUSED.attention(q, k, v, mask)
     check(out, OPS.attention(q, k, v, mask), OPS.attention(*f32(q, k, v), mask.float()))
-    long_q = rand(b, tf.CONFIG["mqa_attention"]["max_rows"] // h + 1, h, dh, seed=11)
+    long_q = rand(b, fr.MAX_ROWS["mqa_attention"] // h + 1, h, dh, seed=11)
     other = native_ops()
     other.backend = "flaggems"  # another backend keeps its own attention for the prefix
     expect = OPS.attention(long_q, k, v, mask)
-    assert torch.equal(tf.dispatchers(other)["attention"](long_q, k, v, mask), expect)
+    assert torch.equal(fr.dispatchers(other)["attention"](long_q, k, v, mask), expect)
 
 
 @pytest.mark.parametrize("op", ["qkv_rope", "norm_geglu", "linear_residual"])
@@ -237,7 +237,7 @@ def test_long_inputs_take_the_row_kernels_around_cublas(op):
     """Prefix-sized inputs (more rows than the fused GEMMs take): RMSNorm / RoPE+scatter / GeGLU
     row kernels around cuBLAS, and one addmm for linear + residual."""
     rows = {"qkv_rope": 520, "norm_geglu": 260, "linear_residual": 65}[op]
-    assert rows > tf.CONFIG[op]["max_rows"]
+    assert rows > fr.MAX_ROWS[op]
     if op == "qkv_rope":
         b, t, width, heads, head_dim = 1, rows, 128, 2, 64
         x, norm_w, w, cos, sin, cache_len, start = qkv_case(b, t, width, heads, head_dim, 540, 4)
@@ -366,8 +366,8 @@ def test_decoder_layer_equals_the_five_fused_ops(b, t, width, heads, head_dim, f
         for name in ("mqa_attention", "mqa_attention_batch"):  # one sample / batches
             mp.setitem(tf.CONFIG, name, dict(attn_cfg, split=cfg["a_split"]))
         mp.setitem(tf.CONFIG, "qkv_rope_batch", dict(tf.CONFIG["qkv_rope"]))  # the layer's tiles
-        mp.setitem(tf.CONFIG, "linear_residual", dict(tf.CONFIG["linear_residual"], max_rows=1024))
-        mp.setitem(tf.CONFIG, "norm_geglu", dict(tf.CONFIG["norm_geglu"], max_rows=1024))
+        mp.setitem(fr.MAX_ROWS, "linear_residual", 1024)
+        mp.setitem(fr.MAX_ROWS, "norm_geglu", 1024)
         by_ops = layer_by_ops(FUSED, x, weights, *args, k_ops, v_ops, start, mask, heads, head_dim)
     torch.testing.assert_close(out, by_ops, rtol=0, atol=0)
     torch.testing.assert_close(k_layer, k_ops, rtol=0, atol=0)

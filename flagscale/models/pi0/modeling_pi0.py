@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from flagscale.logger import get_logger
+from flagscale.models.names import check_num_steps
 from flagscale.models.pi0.config import PI0Config, TowerDims, VisionDims
 from flagscale.models.pi0.rtc import Guidance
 from flagscale.ops import Ops, native, native_ops
@@ -199,6 +200,8 @@ class GemmaLayer(nn.Module):
     def __init__(self, ops: Ops, dims: TowerDims, eps: float, adaptive: bool = False):
         super().__init__()
         self.ops, self.dims, self.adaptive = ops, dims, adaptive
+        # the whole layer in one launch (fused kernels, fixed norms only); chosen once, here
+        self.one_launch = None if adaptive else ops.decoder_layer
         qkv_out = (dims.heads + 2 * dims.kv_heads) * dims.head_dim
         norm = AdaRMSNorm if adaptive else RMSNorm
         self.input_norm = norm(ops, dims.width, eps)
@@ -235,17 +238,16 @@ class GemmaLayer(nn.Module):
     def cached(self, x, start, cos, sin, mask, cache_k, cache_v, mod=None):
         """The layer over tokens at cache slots [start, start + T) that attend to
         cache[:, :start + T] (the expert's pass; cache_k / cache_v [B, S, Hkv*Dh]). One launch
-        where the op table has a fused `decoder_layer` for the shape, else qkv -> attention ->
-        finish. `mod`: the adaptive layer's modulation (Pi0.5; composed ops only)."""
+        where the table's `decoder_layer` covers the shape, else qkv -> attention -> finish.
+        `mod`: the adaptive layer's modulation (Pi0.5; composed ops only)."""
         d = self.dims
-        fused = None if self.adaptive else getattr(self.ops, "decoder_layer", None)
-        if fused is not None:
+        if self.one_launch is not None:
             weights = (
                 self.input_norm.weight, self.qkv_proj.weight, self.o_proj.weight,
                 self.ffw_norm.weight, self.gate_up_proj.weight, self.down_proj.weight,
             )  # fmt: skip
             args = (x, weights, self.input_norm.eps, cos, sin, cache_k, cache_v, start, mask)
-            out = fused(*args, d.heads, d.head_dim)
+            out = self.one_launch(*args, d.heads, d.head_dim)
             if out is not None:
                 return out
         end = start + x.shape[1]
@@ -272,6 +274,46 @@ class GemmaLayer(nn.Module):
         x = ops.linear_gated_residual(attn, self.o_proj.weight, x, gate1.to(x.dtype), own_x)
         act = ops.ada_norm_geglu(x, scale2, shift2, self.ffw_norm.eps, self.gate_up_proj.weight)
         return ops.linear_gated_residual(act, self.down_proj.weight, x, gate2.to(x.dtype), True)
+
+    # ---- the same layer in plain primitives (the uncached reference path) --------------------
+
+    def forward_reference(self, x, cos, sin, mask, mod=None):
+        """The layer as the papers write it, over its own tokens: x [B, T, W] -> [B, T, W]
+        (RoPE tables [B, T, 1, Dh], additive mask [B, T | 1, T]). Pi0.5 (`mod` [B, 2, 3W]): both
+        norms are adaRMS and both residual branches are gated. The uncached path runs the two
+        halves with one attention over both towers' tokens."""
+        q, k, v = self.reference_qkv(x, cos, sin, mod)
+        return self.reference_finish(x, self.ops.attention(q, k, v, mask), mod)
+
+    def reference_qkv(self, x, cos, sin, mod=None):
+        """norm -> q|k|v projection -> RoPE on q and k: q [B, T, H, Dh], k / v [B, T, Hkv, Dh]."""
+        (b, t, _), d = x.shape, self.dims
+        qkv = self.ops.linear(self._norm(self.input_norm, x, mod, 0), self.qkv_proj.weight)
+        n_qk = d.heads + d.kv_heads
+        qk = qkv[..., : n_qk * d.head_dim].view(b, t, n_qk, d.head_dim)
+        q, k = self.ops.rope(qk, cos, sin, d.heads)
+        return q, k, qkv[..., n_qk * d.head_dim :].reshape(b, t, d.kv_heads, d.head_dim)
+
+    def reference_finish(self, x, attn, mod=None):
+        """x + o_proj(attn), then x + down_proj(GeGLU(gate_up_proj(norm(x))))."""
+        ops = self.ops
+        x = x + self._gated(ops.linear(attn, self.o_proj.weight), mod, 0)
+        h = ops.geglu(ops.linear(self._norm(self.ffw_norm, x, mod, 1), self.gate_up_proj.weight))
+        return x + self._gated(ops.linear(h, self.down_proj.weight), mod, 1)
+
+    def _norm(self, norm, x, mod, row):
+        """RMSNorm(1 + w); Pi0.5: rms(x) * (1 + scale) + shift from row `row` of `mod`."""
+        if mod is None:
+            return self.ops.rms_norm(x, norm.weight, norm.eps)
+        scale, shift, _ = mod[:, None, row].chunk(3, dim=-1)
+        return self.ops.ada_rms_norm(x, scale, shift, norm.eps)
+
+    @staticmethod
+    def _gated(branch, mod, row):
+        """Pi0.5 scales a residual branch by the gate of row `row` of `mod` (in x's dtype)."""
+        if mod is None:
+            return branch
+        return branch * mod[:, None, row].chunk(3, dim=-1)[2].to(branch.dtype)
 
 
 class GemmaTower(nn.Module):
@@ -499,9 +541,7 @@ class PI0Model(nn.Module):
         c = self.config
         if state is None and not c.pi05:
             raise ValueError("Pi0 needs the state: sample_actions(..., state=[B, max_state_dim])")
-        num_steps = c.num_steps if num_steps is None else int(num_steps)
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        num_steps = check_num_steps(c.num_steps if num_steps is None else num_steps)
         b = images.shape[0]
         images = images.to(device=self.device)
         if noise is None:
@@ -611,8 +651,9 @@ class PI0Model(nn.Module):
         return self.action_out_proj(out[:, -chunk:]).float()
 
     def _joint_layers(self, streams, mask, positions, mod=None):
-        """Both towers, one joint attention per layer (streams concatenated along T); `mod`:
-        the expert's norm modulation (Pi0.5)."""
+        """Both towers, one joint attention per layer (streams concatenated along T), each
+        layer in plain primitives (`GemmaLayer.forward_reference`'s halves); `mod`: the
+        expert's norm modulation (Pi0.5)."""
         towers = (self.llm, self.expert)
         cos, sin = rope_cos_sin(positions, self.config.llm.head_dim, self.config.rope_theta)
         lengths = [s.shape[1] for s in streams]
@@ -621,13 +662,14 @@ class PI0Model(nn.Module):
             layers = [tower.layers[i] for tower in towers]
             mods = (None, None if mod is None else mod[:, 2 * i : 2 * i + 2])
             parts = [
-                layer.qkv(x, cos[:, s : s + n], sin[:, s : s + n], mod=m)
+                layer.reference_qkv(x, cos[:, s : s + n], sin[:, s : s + n], m)
                 for layer, x, s, n, m in zip(layers, streams, starts, lengths, mods)
             ]
             q, k, v = (torch.cat([p[j] for p in parts], dim=1) for j in range(3))
             attn = self.ops.attention(q, k, v, mask).split(lengths, dim=1)
             streams = [
-                layer.finish(x, a, mod=m) for layer, x, a, m in zip(layers, streams, attn, mods)
+                layer.reference_finish(x, a, m)
+                for layer, x, a, m in zip(layers, streams, attn, mods)
             ]
         return self.expert.final_norm(streams[1], mod)
 

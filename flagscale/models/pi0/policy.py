@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from flagscale.logger import get_logger
+from flagscale.models.names import DTYPE_NAMES, TOKENIZER_FILES
 from flagscale.models.pi0 import normalize as norm, processing as proc
 from flagscale.models.pi0.config import VARIANTS, PI0Config, read_config_json
 from flagscale.models.pi0.modeling_pi0 import PI0Model
@@ -29,17 +30,11 @@ from flagscale.models.pi0.weights import (
     init_random_weights,
     load_weights,
 )
-from flagscale.ops import TRUE_STRINGS, Ops, build_ops, fp8
+from flagscale.ops import build_ops, fp8
 
 logger = get_logger(__name__)
 
-DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-}
+DTYPES = {name: getattr(torch, value) for name, value in DTYPE_NAMES.items()}
 
 
 def resolve_device(device=None) -> torch.device:
@@ -63,46 +58,10 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def op_table(
-    ops, device: torch.device, fused_kernels="auto", persistent_layers=True, precision="bf16"
-) -> Ops:
-    """An op backend name ("native", "flaggems", "auto") or a built `Ops` table, plus the fused
-    Triton kernels when `fused_kernels` is true (any backend), or "auto" with native ops on a
-    CUDA device (FlagGems keeps every op on FlagGems unless they are asked for).
-    `persistent_layers`: with the fused kernels, each expert layer at batch 1 in one launch.
-    `precision` "fp8": the prefix GEMMs in e4m3 (`flagscale.ops.fp8`; weights via `fp8.enable`)."""
-    table = _fused_table(ops, device, fused_kernels, persistent_layers)
-    if fp8.check_precision(precision, device, bool(table.fused)) == "fp8":
-        return table.with_fp8()
-    return table
-
-
-def _fused_table(ops, device, fused_kernels, persistent_layers) -> Ops:
-    table = ops if isinstance(ops, Ops) else build_ops(ops)
-    if table.fused:
-        return table
-    wanted = str(fused_kernels).lower()
-    if wanted == "auto":
-        if device.type == "cuda" and table.backend == "native" and _has_triton():
-            return table.with_fused_kernels(persistent_layers)
-        return table
-    if wanted not in TRUE_STRINGS:
-        return table
-    if device.type != "cuda":
-        raise ValueError(f"fused_kernels=true needs a CUDA device, not {device}")
-    return table.with_fused_kernels(persistent_layers)
-
-
 def _quantize(model, precision):
     if str(precision).lower() == "fp8":
         added = fp8.enable(model)
         logger.info("precision fp8: e4m3 copies of the prefix weights, %.2f GB", added / 1e9)
-
-
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def check_variant(wanted: Optional[str], found: str, model_path: str):
@@ -119,8 +78,7 @@ def check_variant(wanted: Optional[str], found: str, model_path: str):
 
 
 def _has_tokenizer(path: Optional[str]) -> bool:
-    files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in files)
+    return bool(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
 
 class PI0Policy:
@@ -168,7 +126,7 @@ class PI0Policy:
             config = dataclasses.replace(config, normalization_mapping=mapping)
         check_variant(variant, config.variant, model_path)
         with torch.device("meta"):
-            table = op_table(ops, device, fused_kernels, persistent_layers, precision)
+            table = build_ops(ops, device, fused_kernels, persistent_layers, precision=precision)
             model = PI0Model(config, table)
         start = time.perf_counter()
         info = load_weights(model, model_path, device, dtype, progress=progress, reader=reader)
@@ -205,7 +163,7 @@ class PI0Policy:
         dtype = resolve_dtype(dtype, device)
         config = PI0Config.from_preset(preset, **config_overrides)
         with torch.device("meta"):
-            table = op_table(ops, device, fused_kernels, persistent_layers, precision)
+            table = build_ops(ops, device, fused_kernels, persistent_layers, precision=precision)
             model = PI0Model(config, table)
         model = model.to_empty(device=device)
         init_random_weights(model, seed)

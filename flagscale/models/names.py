@@ -1,0 +1,27 @@
+"""What the model layer accepts, without torch (the server's config parser shares these): dtype
+spellings, the files that make a tokenizer directory, the num_steps range."""
+
+from typing import Optional
+
+# dtype spelling -> torch dtype name
+DTYPE_NAMES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
+
+# any one of these makes a directory a tokenizer (the PaliGemma one, or lerobot's beside weights)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def check_num_steps(value: int, most: Optional[int] = None, key: str = "num_steps") -> int:
+    """The denoising step count: 1..most (no upper bound when `most` is None); a ValueError
+    naming `key` otherwise."""
+    value = int(value)
+    if most is None and value < 1:
+        raise ValueError(f"{key}: must be >= 1, got {value}")
+    if most is not None and not 1 <= value <= most:
+        raise ValueError(f"{key}: must be in 1..{most}, got {value}")
+    return value
