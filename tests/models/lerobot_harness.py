@@ -86,7 +86,7 @@ def build_small(module, cfg, build):
         )
 
     sizes = {"gemma_2b": gemma(cfg.llm), "gemma_300m": gemma(cfg.expert)}
-    real_paligemma = module.PaliGemmaForConditionalGeneration
+    real_paligemma, real_expert = module.PaliGemmaForConditionalGeneration, module.GemmaForCausalLM
 
     def small_paligemma(config):
         v = config.vision_config
@@ -95,11 +95,17 @@ def build_small(module, cfg, build):
         v.patch_size = cfg.vision.patch
         v.projection_dim = config.projection_dim = cfg.llm.width
         config.hidden_size = cfg.llm.width
+        config.text_config.vocab_size = cfg.vocab_size  # lerobot hard-codes 257152
         return real_paligemma(config=config)
+
+    def small_expert(config):
+        config.vocab_size = cfg.vocab_size  # its lm_head is unused; the shape must load
+        return real_expert(config=config)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(module, "get_gemma_config", sizes.__getitem__)
     mp.setattr(module, "PaliGemmaForConditionalGeneration", small_paligemma)
+    mp.setattr(module, "GemmaForCausalLM", small_expert)
     try:
         return build()
     finally:

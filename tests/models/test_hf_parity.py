@@ -90,3 +90,51 @@ def test_gemma_tower_matches_transformers(model):
             x = layer.finish(x, model.ops.attention(q, k, v, mask))
         ours = model.llm.norm(x)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def _paligemma(model):
+    """transformers' PaliGemma with our weights (openpi layout, `vision_model.` dropped by 5.x)."""
+    c = model.config
+    v, t = c.vision, c.llm
+    vision = dict(model_type="siglip_vision_model", hidden_size=v.width, intermediate_size=v.mlp,
+                  num_hidden_layers=v.depth, num_attention_heads=v.heads, image_size=v.image_size,
+                  patch_size=v.patch, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                  projection_dim=t.width, vision_use_head=False)  # fmt: skip
+    text = dict(model_type="gemma", vocab_size=c.vocab_size, hidden_size=t.width,
+                intermediate_size=t.mlp, num_hidden_layers=t.depth, num_attention_heads=t.heads,
+                num_key_value_heads=t.kv_heads, head_dim=t.head_dim,
+                hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6)  # fmt: skip
+    cfg = transformers.PaliGemmaConfig(
+        vision_config=vision, text_config=text, projection_dim=t.width, vocab_size=c.vocab_size
+    )
+    hf = transformers.PaliGemmaForConditionalGeneration(cfg).eval()
+    prefix = "paligemma_with_expert.paligemma."
+    state = {k[len(prefix) :]: v for k, v in _sub_state(model, "").items() if k.startswith(prefix)}
+    if not any(".vision_model." in k for k in hf.state_dict()):
+        state = {
+            k.replace("vision_tower.vision_model.", "vision_tower."): v for k, v in state.items()
+        }
+    state["model.language_model.embed_tokens.weight"] = state["lm_head.weight"]  # tied
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def test_embed_prefix_matches_transformers_paligemma(model):
+    """The whole prefix embedding: each camera through PaliGemma's image features (SigLIP +
+    projector, no 1/sqrt(width) on image features), then the prompt through its Gemma token
+    embedding (scaled by sqrt(width)); masks: a masked camera's tokens and prompt padding."""
+    hf = _paligemma(model)
+    g = torch.Generator().manual_seed(5)
+    s, n = model.config.image_size, 12
+    images = torch.rand(2, 3, 3, s, s, generator=g) * 2 - 1
+    img_masks = torch.tensor([[True, False, True], [True, True, True]])
+    tokens = torch.randint(1, model.config.vocab_size, (2, n), generator=g)
+    lang_masks = torch.arange(n)[None] < torch.tensor([[5], [n]])
+    with torch.no_grad():
+        embs, pad = model.embed_prefix(images, img_masks, tokens * lang_masks, lang_masks)
+        cams = [hf.model.get_image_features(images[:, i]).pooler_output for i in range(3)]
+        lang = hf.model.language_model.embed_tokens(tokens * lang_masks)
+    per_cam = cams[0].shape[1]
+    torch.testing.assert_close(embs, torch.cat([*cams, lang], 1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(pad, torch.cat([img_masks.repeat_interleave(per_cam, 1), lang_masks], 1))

@@ -7,8 +7,11 @@ including the openpi `transformers_replace` patch lerobot's PI0 needs). Skipped 
 Test-harness adaptations: see lerobot_harness.py (dimensions only).
 """
 
+import importlib.metadata
 import types
 
+import golden_cases  # tests/models/ (on sys.path under pytest)
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +33,10 @@ CAMS, LANG, B = 3, 48, 2
 # LeRobot's own parity tests: forward 1e-4, sample_actions rtol 1e-2 / atol 5e-3 (lerobot #3610).
 ATOL, RTOL = 1e-4, 1e-4
 R = "paligemma_with_expert.paligemma"
+_SOURCE = (
+    f"lerobot {importlib.metadata.version('lerobot')} PI0Pytorch, float32, CPU, "
+    f"torch {torch.__version__}, tests/models/test_lerobot_parity.py::test_golden_actions_are_lerobots"
+)
 EMBED_KEY = f"{R}.model.language_model.embed_tokens.weight"
 LM_HEAD_KEY = f"{R}.lm_head.weight"
 
@@ -62,17 +69,20 @@ def models():
     return ours, ref
 
 
-@pytest.fixture(scope="module")
-def loaded(models):
-    ours, ref = models
+def _load_into(ref, ours):
+    """lerobot's own loader path: _fix_pytorch_state_dict_keys (a PI0Policy method that only
+    reads `self.model` for adaRMS keys), then load_state_dict(strict=True)."""
     state = export_state(ours, layout="openpi")
-    # lerobot's own loader path: _fix_pytorch_state_dict_keys (it is a PI0Policy method that only
-    # reads `self.model` for adaRMS keys), then load_state_dict(strict=True).
     policy_like = types.SimpleNamespace(model=ref)
     fixed = lr_pi0.PI0Policy._fix_pytorch_state_dict_keys(policy_like, state, ref.config)
     fixed.setdefault(EMBED_KEY, fixed[LM_HEAD_KEY])  # tied: one tensor, two names
-    result = ref.load_state_dict(fixed, strict=True)
-    return ours, ref, result
+    return ref.load_state_dict(fixed, strict=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(models):
+    ours, ref = models
+    return ours, ref, _load_into(ref, ours)
 
 
 def _inputs(cfg, seed=0):
@@ -193,3 +203,35 @@ def test_comparison_is_sensitive(loaded):
         norm.copy_(saved)
     acts = ours.sample_actions(images, img_masks, lang, lang_masks, state, noise=noise)
     assert not torch.allclose(acts, r_acts, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("case", sorted(golden_cases.CASES))
+@torch.no_grad()
+def test_golden_actions_are_lerobots(case):
+    """The golden actions CI checks our model against (tests/models/test_pi0_golden.py) are
+    LeRobot's: recomputed here from the same portable weights and inputs and compared with the
+    committed arrays; `PI0_WRITE_GOLDEN=1` rewrites them from LeRobot's output."""
+    ours = golden_cases.model(case)
+    torch.manual_seed(0)
+    ref = _small_lerobot(ours.config)
+    result = _load_into(ref, ours)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = golden_cases.inputs(case)
+    images, img_masks = _ref_args(x["images"], x["img_masks"])
+    args = (images, img_masks, x["lang_tokens"], x["lang_masks"], x["state"])
+    ref_actions = {
+        f"actions_{n}": ref.sample_actions(*args, noise=x["noise"].clone(), num_steps=n).numpy()
+        for n in golden_cases.STEPS
+    }
+    for name, value in ref_actions.items():  # and ours agrees with the reference
+        ours_actions = ours.sample_actions(**x, num_steps=int(name.split("_")[1]))
+        _close(ours_actions, torch.from_numpy(value), f"{case} {name} vs lerobot")
+    path = golden_cases.golden_path(case)
+    if os.environ.get("PI0_WRITE_GOLDEN") == "1":
+        os.makedirs(golden_cases.GOLDEN_DIR, exist_ok=True)
+        np.savez_compressed(path, **ref_actions, source=np.array(_SOURCE))
+    golden = np.load(path)
+    for name, value in ref_actions.items():
+        diff = np.abs(value - golden[name]).max()
+        print(f"{case} {name}: lerobot now vs committed golden max abs {diff:.3e}")
+        assert diff <= golden_cases.tolerance(golden[name]), (case, name, diff)

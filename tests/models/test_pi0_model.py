@@ -1,5 +1,7 @@
 """Whole-model behaviour on the tiny preset (CPU, float32)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,33 @@ def test_compiled_passes_match_eager():
     policy.model.compile_passes()
     compiled = policy.infer(obs, num_steps=3, seed=1)["actions"]
     np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_model_inputs_own_aligned_storage(tiny_policy):
+    """preprocess hands the model tensors in allocator-aligned storage of their own (not numpy's
+    16-byte aligned buffers): CPU GEMM kernels are chosen by operand alignment."""
+    inputs = tiny_policy.preprocess([tiny_policy.example_observation(seed=13)])
+    inputs["noise"] = tiny_policy.make_noise([np.zeros((50, 32), np.float32)], [None])
+    for name, tensor in inputs.items():
+        assert tensor.data_ptr() % 64 == 0, name
+
+
+@pytest.mark.parametrize("source", ["preset", "config.json"])
+def test_time_embedding_through_the_models_config(source):
+    """The model's own time embedding (periods from its config) against openpi's constants:
+    sin first, periods 4e-3 .. 4.0 over the expert width, computed in float64."""
+    import math
+
+    config = PI0Config.from_preset("tiny")
+    if source == "config.json":  # as a lerobot checkpoint's config.json is read
+        config = PI0Config.from_json_dict(json.loads(json.dumps(config.to_json_dict())))
+    with torch.device("meta"):
+        model = PI0Model(config)
+    t = torch.tensor([1.0, 0.55, 0.1, 0.0])
+    emb = model.time_embedding(t)
+    half = config.expert.width // 2
+    period = 4e-3 * (4.0 / 4e-3) ** torch.linspace(0, 1, half, dtype=torch.float64)
+    arg = t.double()[:, None] * 2 * math.pi / period
+    ref = torch.cat([arg.sin(), arg.cos()], -1).float()
+    assert emb.shape == (4, config.expert.width) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb, ref, rtol=0, atol=1e-6)

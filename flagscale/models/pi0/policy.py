@@ -362,7 +362,9 @@ class PI0Policy:
         prompts = [str(o.get("prompt") or "") for o in observations]
         tokens, lang_masks = self._tokens(prompts, states)
         padded = [proc.pad_vector(s, c.max_state_dim) for s in states]
-        state = torch.from_numpy(np.stack(padded))  # Pi0.5: not used by the model
+        # torch.tensor copies into allocator-aligned storage: numpy's buffers are only 16-byte
+        # aligned and CPU GEMMs pick their kernels by operand alignment (bits vary per request)
+        state = torch.tensor(np.stack(padded))  # Pi0.5: not used by the model
         # no host sync on the way in: small pageable copies are staged by CUDA before returning
         return {
             "images": images,
