@@ -687,6 +687,32 @@ def _check_checkpoint(cfg: ServeConfig) -> None:
         )
 
 
+def _check_stats(cfg: ServeConfig) -> None:
+    """Read engine.stat_path as the server will; every stat of the state must have state_dim
+    values, of the action at least action_dim (whatever normalization mode the model uses)."""
+    from flagscale.models.pi0.normalize import StatsError, read_stats_file
+
+    try:
+        raw = read_stats_file(cfg.stat_path)
+    except (OSError, StatsError) as e:
+        raise ConfigError(f"serve.engine.stat_path: {e}") from None
+    checks = (("state", raw.state, cfg.state_dim), ("action", raw.action, cfg.action_dim))
+    for (what, stats, want), feature in zip(checks, raw.features):
+        for key, values in stats.items():
+            n = values.shape[0]
+            if n != want if what == "state" else n < want:
+                raise ConfigError(
+                    f"serve.engine.stat_path: stats file {cfg.stat_path}, feature {feature!r}, "
+                    f"key {key!r}: {n} values, but serve.engine.{what}_dim is {want}"
+                )
+        lengths = {k: v.shape[0] for k, v in stats.items()}
+        if len(set(lengths.values())) > 1:
+            raise ConfigError(
+                f"serve.engine.stat_path: stats file {cfg.stat_path}, feature {feature!r}: "
+                f"its stats differ in length {lengths}"
+            )
+
+
 def demo_preset(cfg: ServeConfig) -> str:
     """The preset of a random_init server: engine.preset, else the variant's tiny demo preset."""
     return cfg.preset or DEMO_PRESETS[cfg.model_variant or "pi0"]
@@ -727,6 +753,8 @@ def _check_cross_fields(cfg: ServeConfig) -> None:
     if not cfg.random_init:
         _check_checkpoint(cfg)
     _check_variant(cfg)
+    if cfg.stat_path is not None:
+        _check_stats(cfg)
     if cfg.random_init and cfg.model is not None:
         logger.warning("serve.engine.model is ignored because random_init is true")
     if not 1 <= cfg.num_steps <= cfg.max_num_steps:

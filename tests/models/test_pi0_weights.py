@@ -227,3 +227,35 @@ def test_tokenizer_json_only_directory(tmp_path, tokenizer_dir):
     a, _ = tokenize_prompts(bare, ["pick up the cube"], 48)
     b, _ = tokenize_prompts(full, ["pick up the cube"], 48)
     assert torch.equal(a, b) and a[0, 0] == 2
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) * 2 // 3])
+    else:  # a header length far beyond the file
+        path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "header"])
+def test_damaged_file_is_named(tmp_path, source, tokenizer_dir, how):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path))
+    _damage(tmp_path / "model.safetensors", how)
+    with pytest.raises(CheckpointError) as err:
+        PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+    text = str(err.value)
+    assert str(tmp_path / "model.safetensors") in text and "damaged or truncated" in text
+    assert "shard" not in text
+
+
+def test_damaged_shard_is_named(tmp_path, source, tokenizer_dir):
+    from flagscale.models.pi0.weights import save_pretrained
+
+    save_pretrained(source.model, str(tmp_path), max_shard_bytes=200_000)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    _damage(shards[1], "truncated")
+    with pytest.raises(CheckpointError) as err:
+        PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
+    assert f"{shards[1]} (shard 2 of {len(shards)}) is damaged or truncated" in str(err.value)

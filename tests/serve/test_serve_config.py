@@ -1,5 +1,7 @@
 """load_serve_config: every file form, v1 compatibility, and one clear error per bad key."""
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -58,6 +60,16 @@ def test_batch_buckets(values, expected):
     assert batch_buckets(load_serve_config(engine(**values), env={})) == expected
 
 
+def write_stats(path, state=14, action=14, edits=()):
+    stats = {
+        "observation.state": {"mean": [0.0] * state, "std": [1.0] * state},
+        "action": {"mean": [0.0] * action, "std": [1.0] * action},
+    }
+    stats.update(edits)
+    path.write_text(json.dumps(stats))
+    return path
+
+
 def fake_checkpoint(tmp_path, files=("config.json", "model.safetensors")):
     model, tok = tmp_path / "pi0", tmp_path / "tok"
     model.mkdir(), tok.mkdir()
@@ -70,8 +82,7 @@ def fake_checkpoint(tmp_path, files=("config.json", "model.safetensors")):
 def test_resolved_full_config_file_with_real_dirs(tmp_path):
     """What the launcher writes: experiment + serve + action; the production task file's keys."""
     model, tok = fake_checkpoint(tmp_path)
-    stats = tmp_path / "stats.json"
-    stats.write_text("{}")
+    stats = write_stats(tmp_path / "stats.json")
     serve = yaml.safe_load((CONF / "serve" / "pi0.yaml").read_text())
     serve["engine"].update(model=str(model), tokenizer=str(tok), stat_path=str(stats))
     serve["engine"]["results_path"] = "outputs/pi0/results"
@@ -332,3 +343,38 @@ def test_precision_choice():
     assert load_serve_config(engine(precision="fp8"), env={}).precision == "fp8"
     message = error_of(engine(precision="fp16"))
     assert "precision" in message and "fp8" in message
+
+
+@pytest.mark.parametrize(
+    "stats,message",
+    [
+        (
+            dict(state=7),
+            "feature 'observation.state', key 'mean': 7 values, but serve.engine.state_dim is 14",
+        ),
+        (
+            dict(action=7),
+            "feature 'action', key 'mean': 7 values, but serve.engine.action_dim is 14",
+        ),
+        (
+            dict(edits={"action": {"mean": [0.0] * 14, "std": [1.0] * 5}}),
+            "feature 'action', key 'std': 5 values, but serve.engine.action_dim is 14",
+        ),
+        (
+            dict(edits={"action": {"mean": [0.0] * 14, "std": "x"}}),
+            "feature 'action', key 'std': expected a list of numbers",
+        ),
+        (dict(edits={"action": [1, 2]}), "feature 'action': expected a mapping of stats"),
+    ],
+)
+def test_stats_file_is_checked_before_start(tmp_path, stats, message):
+    """stats.json problems name the file, the feature and the key, at config load (pre-flight)."""
+    path = write_stats(tmp_path / "stats.json", **stats)
+    error = error_of(engine(stat_path=str(path)))
+    assert error.startswith(f"serve.engine.stat_path: stats file {path}") and message in error
+
+
+def test_stats_file_that_is_not_json(tmp_path):
+    path = tmp_path / "stats.json"
+    path.write_text("{'a': 1}")
+    assert f"stats file {path}: not valid JSON" in error_of(engine(stat_path=str(path)))

@@ -47,6 +47,7 @@ class FeatureNorm:
     lo: np.ndarray  # mean / min / q01 / q10
     hi: np.ndarray  # std / max / q99 / q90
     eps: str = "lerobot"
+    source: str = ""  # where the stats came from, for messages
 
     @property
     def dim(self) -> int:
@@ -90,7 +91,7 @@ class Normalizer:
     def normalize_state(self, x: np.ndarray) -> np.ndarray:
         if self.state is None:
             return np.asarray(x, dtype=np.float32)
-        _check_len(x, self.state.dim, "state")
+        _check_len(x, self.state, "state")
         return self.state.normalize(x)
 
     def unnormalize_actions(self, a: np.ndarray) -> np.ndarray:
@@ -122,9 +123,12 @@ class Normalizer:
         }
 
 
-def _check_len(x, dim, what):
-    if np.asarray(x).shape[-1] != dim:
-        raise ValueError(f"{what} has {np.asarray(x).shape[-1]} values, stats expect {dim}")
+def _check_len(x, stats: FeatureNorm, what):
+    if np.asarray(x).shape[-1] != stats.dim:
+        raise ValueError(
+            f"{what} has {np.asarray(x).shape[-1]} values, stats expect {stats.dim}"
+            + (f" ({stats.source})" if stats.source else "")
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +145,7 @@ class RawStats:
     action: Dict[str, np.ndarray] = field(default_factory=dict)
     source: str = ""
     eps: Optional[str] = None
+    features: tuple = ("state", "action")  # their names in the source (observation.state, ...)
 
     def normalizer(
         self, state_mode="MEAN_STD", action_mode="MEAN_STD", eps: Optional[str] = None
@@ -170,11 +175,11 @@ class RawStats:
             )
         lo, hi = (np.asarray(stats[k], np.float32).reshape(-1) for k in keys)
         if lo.shape != hi.shape:
-            raise ValueError(
+            raise StatsError(
                 f"{self.source}: {what} normalization stats: {keys[0]} has {lo.shape[0]} values "
                 f"but {keys[1]} has {hi.shape[0]}"
             )
-        return FeatureNorm(mode, lo, hi, eps)
+        return FeatureNorm(mode, lo, hi, eps, self.source)
 
 
 def _arrays(entry: dict) -> Dict[str, np.ndarray]:
@@ -185,19 +190,47 @@ def _arrays(entry: dict) -> Dict[str, np.ndarray]:
     }
 
 
+class StatsError(ValueError):
+    """A stats file that cannot be used; the message names the file, the feature and the key."""
+
+
+def _feature_arrays(path: str, raw: dict, feature: str) -> Dict[str, np.ndarray]:
+    """raw[feature] -> its stats arrays, every problem named by file, feature and key."""
+    where = f"stats file {path}, feature {feature!r}"
+    entry = raw.get(feature)
+    if not isinstance(entry, dict):
+        raise StatsError(f"{where}: expected a mapping of stats (mean, std, ...)")
+    for key, value in entry.items():
+        if key == "count":
+            continue
+        try:
+            array = np.asarray(value, np.float32)
+        except (TypeError, ValueError):
+            raise StatsError(f"{where}, key {key!r}: expected a list of numbers") from None
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise StatsError(f"{where}, key {key!r}: contains NaN or infinite values")
+    return _arrays(entry)
+
+
 def read_stats_file(path: str, state_key="observation.state", action_key="action") -> RawStats:
     """lerobot dataset `meta/stats.json` or openpi `norm_stats.json` -> RawStats."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"stats file not found: {path!r}")
-    with open(path) as f:
-        raw = json.load(f)
-    if "norm_stats" in raw:  # openpi assets/<id>/norm_stats.json
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise StatsError(f"stats file {path}: not valid JSON ({e})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("norm_stats"), dict):  # openpi norm_stats.json
         ns = raw["norm_stats"]
-        return RawStats(_arrays(ns["state"]), _arrays(ns["actions"]), path, "openpi")
-    missing = [k for k in (state_key, action_key) if k not in raw]
+        state, action = _feature_arrays(path, ns, "state"), _feature_arrays(path, ns, "actions")
+        return RawStats(state, action, path, "openpi", ("norm_stats.state", "norm_stats.actions"))
+    found = sorted(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
+    missing = [k for k in (state_key, action_key) if not isinstance(raw, dict) or k not in raw]
     if missing:
-        raise ValueError(f"{path}: stats file has no {missing} entries (found {sorted(raw)[:8]})")
-    return RawStats(_arrays(raw[state_key]), _arrays(raw[action_key]), path)
+        raise StatsError(f"{path}: stats file has no {missing} entries (found {found})")
+    state, action = _feature_arrays(path, raw, state_key), _feature_arrays(path, raw, action_key)
+    return RawStats(state, action, path, None, (state_key, action_key))
 
 
 def load_stats(

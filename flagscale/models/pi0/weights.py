@@ -18,7 +18,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -199,7 +199,7 @@ class CheckpointReader:
 
     def __init__(self, model_dir: str):
         self.files = checkpoint_files(model_dir)
-        self.handles = [safe_open(f, framework="pt", device="cpu") for f in self.files]
+        self.handles = [self._open(i) for i in range(len(self.files))]
         self.where: Dict[str, Tuple[int, str]] = {}
         for i, handle in enumerate(self.handles):
             for key in handle.keys():
@@ -210,6 +210,19 @@ class CheckpointReader:
         raw = [k for _, k in self.where.values()]
         self.layout = "lerobot" if any(k.startswith("model.") for k in raw) else "openpi"
         self.g1 = any(k.startswith(_G1_RENAMES[2][0], len("model.")) for k in raw)
+
+    def _open(self, i: int):
+        try:
+            return safe_open(self.files[i], framework="pt", device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise self._damaged(i, e) from None
+
+    def _damaged(self, i: int, error: Exception) -> CheckpointError:
+        shard = f" (shard {i + 1} of {len(self.files)})" if len(self.files) > 1 else ""
+        return CheckpointError(
+            f"checkpoint file {self.files[i]}{shard} is damaged or truncated, not a readable "
+            f"safetensors file ({error}); download or copy it again"
+        )
 
     def raw_name(self, canon: str) -> str:
         if canon in self.where:
@@ -222,7 +235,10 @@ class CheckpointReader:
 
     def get(self, canon: str) -> torch.Tensor:
         i, key = self.where[canon]
-        return self.handles[i].get_tensor(key)
+        try:
+            return self.handles[i].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise self._damaged(i, e) from None
 
     def stats_tensors(self) -> Dict[str, torch.Tensor]:
         return {
