@@ -25,6 +25,7 @@ from flagscale.logger import get_logger
 from flagscale.runner import redact
 from flagscale.runner.launch import build_env, exec_foreground, parse_cmds, run_cmds
 from flagscale.runner.lock import exp_dir_lock
+from flagscale.runner.preflight import check_device, check_use_flaggems
 from flagscale.runner.probe import base_url, check_port_free, health, http_json, is_ready
 from flagscale.runner.process import (
     PidRecord,
@@ -125,6 +126,7 @@ class ServeRunner(RunnerBase):
             self._refuse_if_running()
             entrypoint = self._check_supported()
             resolved = self._write_resolved_config()
+            check_use_flaggems(plain(self.cfg.experiment.get("envs")) or {}, os.environ)
             env = redact.with_keys(self._env(), redact.api_keys(resolved))
             env[START_TOKEN_ENV] = self.start_token
             self.serve_cfg = self._preflight(resolved, env)
@@ -243,6 +245,7 @@ class ServeRunner(RunnerBase):
             resolve_keys(serve_cfg.api_keys, env)  # PI0_API_KEYS too
         except ConfigError as err:
             raise RunnerError(f"invalid serve config: {err}") from err
+        check_device(serve_cfg, env)
         check_port_free(serve_cfg.host, serve_cfg.port)
         grpc = serve_cfg.lerobot_grpc
         if grpc.enabled and grpc.port:

@@ -296,12 +296,31 @@ def _warn_unused(engine: Mapping, generate: Mapping) -> None:
 # ---------------------------------------------------------------- field parsing
 
 
+PATH_KEYS = {"model": "directory", "tokenizer": "directory", "stat_path": "file",
+             "fixed_noise": "file"}  # fmt: skip
+
+
+def _check_paths_exist(engine: Mapping) -> None:
+    """Every missing directory or file in one message, not one per start."""
+    missing = []
+    for key, kind in PATH_KEYS.items():
+        value = engine.get(key)
+        if value is None or (key == "model" and str(engine.get("random_init")).lower() in _TRUE):
+            continue
+        path = Path(str(value)).expanduser()
+        if not (path.is_dir() if kind == "directory" else path.is_file()):
+            missing.append(f"serve.engine.{key}: {kind} not found: {path}")
+    if missing:
+        raise ConfigError("; ".join(missing))
+
+
 def _engine_values(engine: dict, generate: Mapping, env: Mapping[str, str]) -> dict:
     for key in ("action_dim", "action_horizon"):
         if engine.get(key) is None and generate.get(key) is not None:
             engine[key] = generate[key]
     if engine.get("state_dim") is None and generate.get("action_dim") is not None:
         engine["state_dim"] = generate["action_dim"]  # v1: generate.action_dim is the state dim too
+    _check_paths_exist(engine)
     defaults = ServeConfig()
     out = {}
     for name in ENGINE_KEYS:

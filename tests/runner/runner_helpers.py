@@ -16,11 +16,16 @@ CONF_DIR = "./examples/pi0/conf"
 SAMPLE_IMAGES = [REPO_ROOT / "examples" / "pi0" / f"orbbec_{i}_latest.jpg" for i in range(3)]
 
 
-def run_cli(*overrides, config="serve_demo", timeout=600, conf_dir=CONF_DIR):
+def run_cli(*overrides, config="serve_demo", timeout=600, conf_dir=CONF_DIR, env=None):
     """``python run.py --config-path <conf_dir> --config-name <config> <overrides>``."""
     argv = [sys.executable, "run.py", "--config-path", conf_dir, "--config-name", config]
     return subprocess.run(
-        argv + list(overrides), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+        argv + list(overrides),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 

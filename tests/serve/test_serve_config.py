@@ -378,3 +378,14 @@ def test_stats_file_that_is_not_json(tmp_path):
     path = tmp_path / "stats.json"
     path.write_text("{'a': 1}")
     assert f"stats file {path}: not valid JSON" in error_of(engine(stat_path=str(path)))
+
+
+def test_every_missing_path_is_reported_at_once():
+    serve = {"engine": {"model": "/no/m", "tokenizer": "/no/t", "stat_path": "/no/s.json"}}
+    error = error_of(serve)
+    for part in (
+        "serve.engine.model: directory not found: /no/m",
+        "serve.engine.tokenizer: directory not found: /no/t",
+        "serve.engine.stat_path: file not found: /no/s.json",
+    ):
+        assert part in error, error

@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from flagscale.engine.device import cuda_missing_reason
 from flagscale.logger import get_logger
 from flagscale.models.names import DTYPE_NAMES, TOKENIZER_FILES
 from flagscale.models.pi0 import normalize as norm, processing as proc
@@ -41,8 +42,12 @@ def resolve_device(device=None) -> torch.device:
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use device=cpu")
+    why = cuda_missing_reason(device.index) if device.type == "cuda" else None
+    if why:
+        raise RuntimeError(
+            f"device {str(device)!r} requested, but {why}; or run on the CPU: device='cpu' "
+            "(server: serve.engine.device=cpu)"
+        )
     return device
 
 
