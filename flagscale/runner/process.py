@@ -213,13 +213,22 @@ def exit_status(proc: subprocess.Popen) -> Optional[int]:
     return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
-def tail(path: Path, lines: int = 40) -> List[str]:
-    """Last ``lines`` lines of a text file (reads at most the last 64 KiB)."""
+def tail(path: Path, lines: int = 40, start: int = 0, skip=None) -> List[str]:
+    """Last ``lines`` non-empty lines of a text file after byte offset ``start`` (at most the last
+    64 KiB), leaving out those for which ``skip(line)`` is true."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
+            f.seek(max(start, f.tell() - 65536))
             data = f.read().decode(errors="replace")
     except OSError:
         return []
-    return [line for line in data.splitlines() if line.strip()][-lines:]
+    kept = [line for line in data.splitlines() if line.strip() and not (skip and skip(line))]
+    return kept[-lines:]
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -30,6 +30,7 @@ from flagscale.runner.probe import base_url, check_port_free, health, http_json,
 from flagscale.runner.process import (
     PidRecord,
     exit_status,
+    file_size,
     live_process,
     read_pid_record,
     remove_pid_record,
@@ -52,6 +53,7 @@ DEFAULT_ENTRYPOINT = "flagscale/serve/run_serve_pi0.py"
 START_TOKEN_ENV = "PI0_START_TOKEN"
 POLL_S = 0.5
 REPORT_EVERY_S = 5.0
+HEALTH_PROBE = '"path": "/health"'  # the server's access-log line for a /health request
 
 
 def seconds(key: str, value) -> float:
@@ -86,6 +88,7 @@ class ServeRunner(RunnerBase):
         self.after_stop = parse_cmds(cmds.get("after_stop"), "after_stop")
         self.serve_cfg = None  # ServeConfig once run() validated it
         self.start_token = secrets.token_hex(16)  # echoed by our child's /health
+        self.log_start = 0  # offset of this start's lines in the (appended) server log
         deploy = plain(self.runner_cfg.get("deploy")) or {}
         self.use_ray = bool(deploy.get("use_fs_serve", False))
         self.requires_token = not self.use_ray  # and the entry point is ours (see _check_token)
@@ -262,6 +265,7 @@ class ServeRunner(RunnerBase):
         return build_env(plain(self.cfg.experiment.get("envs")), os.environ, self.repo_root)
 
     def _start(self, argv: List[str], env: Dict[str, str]) -> subprocess.Popen:
+        self.log_start = file_size(self.log_path)  # this start's lines follow (log is appended)
         proc = start_background(argv, self.repo_root, env, self.log_path)
         write_pid_record(self.pid_file, proc.pid)
         logger.info("server started: pid %d, log %s", proc.pid, self.log_path)
@@ -297,7 +301,7 @@ class ServeRunner(RunnerBase):
                     f"(experiment.runner.ready_timeout); last /health: {status} {body}"
                 )
             if time.monotonic() >= next_report:
-                last = (tail(self.log_path, 1) or ["(empty)"])[0]
+                last = (self._log_tail(1) or ["(empty)"])[0]
                 logger.info("waiting for %s/health: %.0fs elapsed; log: %s", url, elapsed, last)
                 next_report += REPORT_EVERY_S
             time.sleep(POLL_S)
@@ -317,12 +321,16 @@ class ServeRunner(RunnerBase):
                 "another serve.engine.port"
             )
 
+    def _log_tail(self, lines: int = 40) -> List[str]:
+        """This start's last log lines, without the access-log lines of our own /health probes."""
+        return tail(self.log_path, lines, self.log_start, lambda line: HEALTH_PROBE in line)
+
     def _abort(self, proc: subprocess.Popen) -> None:
         """Show the log tail; stop the child we started and anything left in its session.
 
         The child is reaped only at the end, so its pid (= session id) cannot be reused meanwhile.
         """
-        lines = tail(self.log_path)
+        lines = self._log_tail()
         logger.error("last %d lines of %s:\n%s", len(lines), self.log_path, "\n".join(lines))
         stop_tree(psutil.Process(proc.pid), self.stop_timeout)
         proc.wait()
@@ -382,6 +390,7 @@ class ServeRunner(RunnerBase):
             logger.info(
                 "no server running for exp_dir %s (no pid file %s)", self.exp_dir, self.pid_file
             )
+            rc = self._report_server_elsewhere()
         elif leader is None:
             logger.info(
                 "no server running for exp_dir %s: %s; removing the stale pid file",
@@ -395,6 +404,28 @@ class ServeRunner(RunnerBase):
             rc = self._stop_leader(leader)
         run_cmds(self.after_stop, "after_stop", self.repo_root, self._env())
         return rc
+
+    def _report_server_elsewhere(self) -> int:
+        """A server answering on the configured host:port was started for another exp_dir (its
+        /info says which): name it and return 1, rather than report that nothing runs."""
+        engine = (plain(self.cfg.get("serve")) or {}).get("engine") or {}
+        url = base_url(str(engine.get("host") or "127.0.0.1"), int(engine.get("port") or 9010))
+        try:
+            status, info = http_json(url + "/info")
+        except OSError:  # nothing answers: nothing to stop
+            return 0
+        log_dir = info.get("log_dir") if isinstance(info, dict) else None
+        started = f"exp_dir {Path(log_dir).parent}" if log_dir else "an unknown exp_dir"
+        hint = f"experiment.exp_dir={Path(log_dir).parent}" if log_dir else "the same overrides"
+        logger.error(
+            "but a server answers on %s (HTTP %s on /info), started for %s: stop it with the "
+            "config it was started with (%s, action=stop)",
+            url,
+            status,
+            started,
+            hint,
+        )
+        return 1
 
     def _stop_leader(self, leader) -> int:
         procs, survivors = stop_tree(leader, self.stop_timeout)

@@ -305,7 +305,9 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/info")
     async def info():
-        return JSONResponse(_jsonable(_info(app.state.worker, app.state.cfg)))
+        info = _info(app.state.worker, app.state.cfg)
+        info["log_dir"] = getattr(app.state, "log_dir", None)  # <exp_dir>/serve_logs (run.py)
+        return JSONResponse(_jsonable(info))
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():

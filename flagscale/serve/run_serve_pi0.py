@@ -174,7 +174,7 @@ def write_effective_config(cfg: ServeConfig, log_dir: str | None) -> None:
     target.chmod(0o600)
 
 
-def serve(cfg: ServeConfig) -> int:
+def serve(cfg: ServeConfig, log_dir: str | None = None) -> int:
     from flagscale.serve.app import create_app
     from flagscale.serve.protocol import uvicorn_config
 
@@ -187,6 +187,7 @@ def serve(cfg: ServeConfig) -> int:
             server.should_exit = True
 
     app = create_app(None, cfg, load_policy=lambda: build_policy(cfg), on_failure=on_failure)
+    app.state.log_dir = log_dir  # in /info: action=stop with another exp_dir can name this one
     config = uvicorn_config(
         app,
         cfg,
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
     ensure_file_limit(cfg)
     write_effective_config(cfg, args.log_dir)
     try:
-        return serve(cfg)
+        return serve(cfg, args.log_dir)
     except ConfigError as e:  # e.g. a malformed key in PI0_API_KEYS
         logger.error("invalid serve config: %s", e)
         return 2

@@ -59,7 +59,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # local server: no proxy
 
 
-def get_health(port: int):
+def get_health(port: int, path: str = "/health"):
     """(status, parsed JSON) of GET /health on 127.0.0.1:port; raises OSError if nothing answers."""
-    with _OPENER.open(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+    with _OPENER.open(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
         return response.status, json.loads(response.read())

@@ -24,7 +24,10 @@ def test_unknown_task_type(exp_dir):
 
 
 def test_stop_with_nothing_running_is_ok(exp_dir):
-    result = run_cli(f"experiment.exp_dir={exp_dir}", "action=stop")
+    # a free port: a server on the default port (another exp_dir's) would make stop exit 1
+    result = run_cli(
+        f"experiment.exp_dir={exp_dir}", f"serve.engine.port={free_port()}", "action=stop"
+    )
     assert result.returncode == 0, output(result)
     assert f"no server running for exp_dir {exp_dir}" in output(result)
 

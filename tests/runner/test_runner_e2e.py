@@ -37,6 +37,7 @@ def test_demo_run_client_stop(exp_dir):
     result = run_cli(*args, "action=run")
     assert result.returncode == 0, output(result)
     assert get_health(port)[1]["status"] == "healthy"
+    assert get_health(port, "/info")[1]["log_dir"] == str(exp_dir / "serve_logs")
 
     pid = int((exp_dir / "serve_logs" / "pids" / "host_0_localhost.pid").read_text())
     tree = [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]

@@ -67,3 +67,75 @@ def test_help_prints_usage(args):
     assert "usage: python run.py --config-path ./examples/pi0/conf" in result.stdout
     assert "action=run|test|stop" in result.stdout and "serve.engine.device=cpu" in result.stdout
     assert "Traceback" not in output(result)
+
+
+FAILING_SERVER = """
+import sys, time
+print("loading step one", flush=True)
+print('{"path": "/health", "status": 503}', flush=True)  # an access-log line of a probe
+time.sleep(float(sys.argv[sys.argv.index("--sleep") + 1]) if "--sleep" in sys.argv else 0)
+print("error: %s", flush=True)
+sys.exit(1)
+"""
+
+
+def test_failure_output_shows_only_this_start(exp_dir, tmp_path):
+    """The server log is appended across starts: a failed run shows only its own lines."""
+    for attempt in ("first-failure", "second-failure"):
+        entry = tmp_path / f"{attempt}.py"
+        entry.write_text(FAILING_SERVER % attempt)
+        result = run_cli(
+            f"experiment.exp_dir={exp_dir}",
+            f"experiment.task.entrypoint={entry}",
+            f"serve.engine.port={free_port()}",
+            "action=run",
+        )
+        assert result.returncode != 0
+    text = output(result)
+    assert "error: second-failure" in text and "loading step one" in text
+    assert "first-failure" not in text
+    assert '"path": "/health"' not in text  # our own probes are not the server's news
+    log = (exp_dir / "serve_logs" / "host_0_localhost.output").read_text()
+    assert "error: first-failure" in log  # still kept in the file
+
+
+INFO_SERVER = """
+import argparse, http.server, json, yaml
+parser = argparse.ArgumentParser()
+parser.add_argument("--config-path")
+parser.add_argument("--log-dir")
+args = parser.parse_args()
+engine = yaml.safe_load(open(args.config_path))["serve"]["engine"]
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"status": "healthy", "model_loaded": True, "log_dir": args.log_dir})
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer((engine["host"], engine["port"]), Handler).serve_forever()
+"""
+
+
+def test_stop_with_another_exp_dir_names_the_running_server(tmp_path):
+    entry, port = tmp_path / "info_server.py", free_port()
+    entry.write_text(INFO_SERVER)
+    started, other = tmp_path / "started", tmp_path / "other"
+    args = [f"experiment.task.entrypoint={entry}", f"serve.engine.port={port}"]
+    assert run_cli(f"experiment.exp_dir={started}", *args, "action=run").returncode == 0
+    try:
+        wrong = run_cli(f"experiment.exp_dir={other}", *args, "action=stop")
+        text = output(wrong)
+        assert wrong.returncode == 1, text
+        assert f"no server running for exp_dir {other}" in text
+        assert f"but a server answers on http://127.0.0.1:{port}" in text
+        assert f"started for exp_dir {started}" in text
+        assert f"experiment.exp_dir={started}" in text
+    finally:
+        right = run_cli(f"experiment.exp_dir={started}", *args, "action=stop")
+    assert right.returncode == 0, output(right)

@@ -84,7 +84,9 @@ def test_info_describes_model_and_limits(http):
     assert body["metadata"]["preset"] == "tiny"
     assert body["metadata"]["chunk_size"] == 50
     assert body["cameras"]["cam_high"] == "base_0_rgb"
-    assert body["action_shape"] == [50, 14]
+    assert body["action_shape"] == [50, 14]  # served: [:action_horizon, :action_dim]
+    assert body["metadata"]["output_action_dim"] == 32  # the policy's, before the cut
+    assert body["log_dir"] is None  # set by run_serve_pi0 (run.py's <exp_dir>/serve_logs)
     assert body["state_dim"] == 14
     assert body["ops"] == "native"
     assert body["metadata"]["op_routes"]["linear"] == "native"

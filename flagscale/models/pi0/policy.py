@@ -271,7 +271,9 @@ class PI0Policy:
             "chunk_size": c.chunk_size,
             "max_state_dim": c.max_state_dim,
             "max_action_dim": c.max_action_dim,
-            "action_dim": self.action_dim,
+            # the policy's per-step action width (stats' action dim, else max_action_dim), before
+            # the server cuts actions to [:engine.action_horizon, :engine.action_dim]
+            "output_action_dim": self.action_dim,
             "num_steps": c.num_steps,
             "tokenizer_max_length": c.tokenizer_max_length,
             "has_stats": self.normalizer.action is not None,
