@@ -11,9 +11,9 @@ FlagScale's current client flags work too (`--img1 --img2 --img3` for the three 
 
 Sends the JPEG files as base64 under the model's image names (`observation.images.base_0_rgb`,
 `..left_wrist_0_rgb`, `..right_wrist_0_rgb`, which every server config accepts), the state as
-`eef_pose` (the model's state in v1), `state` and `qpos`. A missing image file is left out (the
-server masks that camera). Prints the action shape, a few values, server timing and round-trip
-latency. With `--rtc-delay D --repeat N`, every request after the first asks for real-time chunking
+`eef_pose` (the model's state in v1), `state` and `qpos`. A missing image file is an error; to
+send a camera masked, say so with `--mask <camera>`. Prints the action shape, a few values, server
+timing and round-trip latency. With `--rtc-delay D --repeat N`, every request after the first asks for real-time chunking
 (`rtc`): it sends the previous chunk's actions after the first `--rtc-executed` (the leftover) and
 inference_delay D, and prints how close the first D new actions are to the leftover. Exit codes:
 0 ok, 1 the server answered an error, 2 bad arguments, 3 server unreachable, 4 timeout. Needs only
@@ -86,13 +86,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=10,
         help="with --rtc-delay: actions of the previous chunk taken as executed (default 10)",
     )
+    p.add_argument(
+        "--mask",
+        action="append",
+        default=[],
+        choices=[camera for camera, _, _ in CAMERAS],
+        help="send this camera masked, without an image (repeatable)",
+    )
     # FlagScale v1 leftovers: accepted and sent as v1 did; the server ignores them
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--do-sample", action="store_true")
-    p.add_argument("--high-level-instruction", default=DEFAULT_INSTRUCTION)
-    p.add_argument("--fine-grained-instruction", default=None)
+    v1 = "FlagScale v1 field, sent as v1 did; the Pi0 server ignores it"
+    p.add_argument("--temperature", type=float, default=0.8, help=f"{v1} (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help=f"{v1} (default 0.95)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help=f"{v1} (default 64)")
+    p.add_argument("--do-sample", action="store_true", help=v1)
+    p.add_argument("--high-level-instruction", default=DEFAULT_INSTRUCTION, help=v1)
+    p.add_argument("--fine-grained-instruction", default=None, help=v1)
     return p.parse_args(argv)
 
 
@@ -135,14 +143,20 @@ def load_state_file(path: str) -> list:
 
 
 def read_images(args) -> tuple:
-    """-> ({image key: base64 text}, {slot: bool}); missing files are left out with a warning."""
+    """-> ({image key: base64 text}, {slot: bool}); a missing file is an error, not a masked
+    camera (that takes --mask)."""
     images, masks = {}, {}
     for camera, attr, slot in CAMERAS:
         path, key = getattr(args, attr), IMAGE_PREFIX + slot
-        if path and Path(path).is_file():
+        option = "--" + attr.replace("_", "-")
+        if path and camera in args.mask:
+            raise ClientError(f"{option} and --mask {camera}: give one or the other", 2)
+        if path and not Path(path).is_file():
+            raise ClientError(
+                f"{option}: file not found: {path} (to send {camera} masked: --mask {camera})", 2
+            )
+        if path:
             images[key] = base64.b64encode(Path(path).read_bytes()).decode("utf-8")
-        elif path:
-            print(f"warning: {path} not found; {camera} is sent masked", file=sys.stderr)
         masks[slot] = key in images
     if not images:
         raise ClientError(

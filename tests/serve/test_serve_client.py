@@ -57,19 +57,23 @@ def test_readme_command_works_and_saves_actions(live, tmp_path):
     np.testing.assert_allclose(np.asarray(reply["qpos"], np.float32), actions, atol=1e-6)
 
 
-def test_missing_image_file_is_sent_masked(live):
-    proc = run_client(
-        "--port",
-        port_of(live),
-        "--base-img",
-        "nope.jpg",
-        "--left-wrist-img",
-        SAMPLE_IMAGES[1],
-        "--num-steps",
-        1,
+def test_missing_image_file_is_an_error_unless_masked_explicitly(live):
+    args = ["--port", port_of(live), "--left-wrist-img", SAMPLE_IMAGES[1], "--num-steps", 1]
+    proc = run_client(*args, "--base-img", "nope.jpg")
+    assert proc.returncode == 2
+    assert "--base-img: file not found: nope.jpg (to send cam_high masked: --mask cam_high)" in (
+        proc.stderr
     )
+    proc = run_client(*args, "--mask", "cam_high", "--mask", "cam_right_wrist")
     assert proc.returncode == 0, proc.stderr
-    assert "nope.jpg not found; cam_high is sent masked" in proc.stderr
+    assert "actions shape: [1, 50, 14]" in proc.stdout
+
+
+def test_v1_leftover_options_have_help():
+    text = run_client("--help").stdout
+    for option in ("--temperature", "--top-p", "--max-new-tokens", "--do-sample", "--mask"):
+        assert option in text
+    assert text.count("ignores it") >= 6  # FlagScale v1 field, ... the Pi0 server ignores it
 
 
 def test_server_error_is_reported_with_exit_1(live):
