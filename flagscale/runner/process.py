@@ -141,9 +141,16 @@ def session_orphans(record: PidRecord) -> List[psutil.Process]:
 def stop_tree(
     leader: psutil.Process, timeout: float
 ) -> Tuple[List[psutil.Process], List[psutil.Process]]:
-    """Stop ``process_tree(leader)``. Returns (processes hit, survivors)."""
+    """Stop ``process_tree(leader)``, the leader first: a driver (Ray Serve) shuts down what it
+    started while those processes still run; then the rest. Returns (processes hit, survivors)."""
     procs = process_tree(leader)
-    return procs, stop_procs(procs, timeout)
+    deadline = time.monotonic() + timeout
+    _signal_all([leader], signal.SIGTERM)
+    wait_gone([leader], timeout)
+    return procs, stop_procs(procs, max(LAST_GRACE_S, deadline - time.monotonic()))
+
+
+LAST_GRACE_S = 2.0  # SIGTERM -> SIGKILL for what the leader left behind after its own wait
 
 
 def stop_procs(procs: Sequence[psutil.Process], timeout: float) -> List[psutil.Process]:

@@ -140,8 +140,7 @@ def serve_forever(config: dict) -> int:
     options = deploy_options(dict(runner.get("deploy") or {}), cfg.device)
     warn_if_exposed(cfg.host, resolve_keys(cfg.api_keys, os.environ))
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    _handle_stop_signals(stop)
     logger.info("ray: %s; %s", options.ray_address or "starting a local instance", options)
     ray.init(
         address=options.ray_address,
@@ -149,6 +148,7 @@ def serve_forever(config: dict) -> int:
         include_dashboard=False,
         log_to_driver=True,
     )
+    _handle_stop_signals(stop)  # again: ray.init installs its own crash handler for SIGTERM
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         app = build_deployment(config["serve"], options, cfg.drain_timeout_s)
@@ -161,7 +161,13 @@ def serve_forever(config: dict) -> int:
         _stop_serve(serve, owned=options.ray_address is None)
     finally:
         ray.shutdown()
+    logger.info("Ray Serve stopped")
     return 0
+
+
+def _handle_stop_signals(stop: threading.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
 
 
 def _stop_serve(serve, owned: bool) -> None:

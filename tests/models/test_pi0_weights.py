@@ -259,3 +259,19 @@ def test_damaged_shard_is_named(tmp_path, source, tokenizer_dir):
     with pytest.raises(CheckpointError) as err:
         PI0Policy.from_pretrained(str(tmp_path), tokenizer_dir, device="cpu", progress=False)
     assert f"{shards[1]} (shard 2 of {len(shards)}) is damaged or truncated" in str(err.value)
+
+
+def test_saved_files_follow_the_umask(tmp_path, source):
+    """Not safetensors' private 0600: a server running as another user must read them."""
+    from flagscale.models.pi0.weights import save_pretrained
+
+    old = os.umask(0o022)
+    try:
+        save_pretrained(source.model, str(tmp_path / "one"))
+        save_pretrained(source.model, str(tmp_path / "shards"), max_shard_bytes=200_000)
+    finally:
+        os.umask(old)
+    files = list(tmp_path.glob("*/*.safetensors")) + list(tmp_path.glob("*/*.json"))
+    assert len(files) > 4
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o644, path

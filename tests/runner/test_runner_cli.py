@@ -134,5 +134,4 @@ def test_resolved_config_is_written_with_absolute_exp_dir(exp_dir):
     assert result.returncode != 0
     text = (exp_dir / "serve_logs" / "scripts" / "serve.yaml").read_text()
     assert f"exp_dir: {exp_dir}\n" in text
-    assert f"results_path: {exp_dir}/results\n" in text
     assert "action: run" in text and "${" not in text

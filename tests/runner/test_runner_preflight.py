@@ -139,3 +139,31 @@ def test_stop_with_another_exp_dir_names_the_running_server(tmp_path):
     finally:
         right = run_cli(f"experiment.exp_dir={started}", *args, "action=stop")
     assert right.returncode == 0, output(right)
+
+
+@pytest.mark.slow
+def test_generated_checkpoint_serves_through_the_real_config(exp_dir, tmp_path):
+    """README's CPU path for the real-checkpoint config: make_random_checkpoint, then action=test
+    with the `serve` config pointed at it (model, tokenizer, stats.json)."""
+    ckpt = tmp_path / "pi0_tiny"
+    made = subprocess.run(
+        [sys.executable, "-m", "flagscale.tools.make_random_checkpoint", str(ckpt)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, output(made)
+    result = run_cli(
+        f"experiment.exp_dir={exp_dir}",
+        f"serve.engine.model={ckpt}",
+        f"serve.engine.tokenizer={ckpt / 'tokenizer'}",
+        f"serve.engine.stat_path={ckpt / 'stats.json'}",
+        "serve.engine.device=cpu",
+        "serve.engine.torch_dtype=float32",
+        f"serve.engine.port={free_port()}",
+        "action=test",
+        config="serve",
+    )
+    assert result.returncode == 0, output(result)
+    assert "test /infer: HTTP 200" in output(result)
+    assert "serve config: accepted for FlagScale v1 compatibility" not in output(result)

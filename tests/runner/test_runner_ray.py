@@ -66,5 +66,9 @@ def test_ray_serve_two_replicas_run_and_stop(exp_dir):
         stopped = run_cli(*args, "action=stop", timeout=200)
     assert stopped.returncode == 0, output(stopped)
     assert all(gone(p.pid) for p in tree), [p.pid for p in tree if not gone(p.pid)]
+    log = (exp_dir / "serve_logs" / "host_0_localhost.output").read_text()
+    assert "stopping Ray Serve" in log and "Ray Serve stopped" in log  # the documented path
+    assert "SIGTERM received" not in log  # no crash-handler dump from the driver
+    assert "SIGKILL" not in output(stopped)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)

@@ -330,6 +330,8 @@ def test_shipped_serve_variants_compose_and_validate(variant, ops):
         cfg = compose(config_name="serve", overrides=overrides)
     serve = load_serve_config(OmegaConf.to_container(cfg, resolve=True), env={})
     assert serve.ops == ops and serve.port == 9010 and serve.device == "cuda"
+    shipped = set(cfg.serve.engine) - {"random_init", "model", "tokenizer"}
+    assert not shipped & set(config_module.V1_UNUSED_ENGINE_KEYS)  # we warn about those
 
 
 def test_persistent_layers_switch():

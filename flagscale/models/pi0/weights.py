@@ -385,7 +385,7 @@ def save_pretrained(
         json.dump(model.config.to_json_dict(layout), f, indent=2)
     state = export_state(model, layout, dtype, include_unused)
     if not max_shard_bytes:
-        save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        _save_readable(state, os.path.join(out_dir, "model.safetensors"))
         return
     shards, current, size = [], {}, 0
     for key, tensor in state.items():
@@ -399,10 +399,19 @@ def save_pretrained(
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        _save_readable(shard, os.path.join(out_dir, fname))
         weight_map.update({k: fname for k in shard})
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+
+
+def _save_readable(state: dict, path: str) -> None:
+    """save_file writes through a private temporary file (mode 0600): give the checkpoint the
+    umask's usual mode, so a server running as another user (the container's uid 1000) reads it."""
+    save_file(state, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # --------------------------------------------------------------------------------------------
