@@ -409,10 +409,10 @@ class ServeRunner(RunnerBase):
         """A server answering on the configured host:port was started for another exp_dir (its
         /info says which): name it and return 1, rather than report that nothing runs."""
         engine = (plain(self.cfg.get("serve")) or {}).get("engine") or {}
-        url = base_url(str(engine.get("host") or "127.0.0.1"), int(engine.get("port") or 9010))
         try:
+            url = base_url(str(engine.get("host") or "127.0.0.1"), int(engine.get("port") or 9010))
             status, info = http_json(url + "/info")
-        except OSError:  # nothing answers: nothing to stop
+        except (OSError, TypeError, ValueError):  # nothing answers (or no usable port): no server
             return 0
         log_dir = info.get("log_dir") if isinstance(info, dict) else None
         started = f"exp_dir {Path(log_dir).parent}" if log_dir else "an unknown exp_dir"
