@@ -71,13 +71,13 @@ def locked() -> dict:
 def test_image_and_ci_install_the_same_lock_on_the_same_python():
     docker = DOCKERFILE.read_text()
     python = re.search(r"(python3\.\d+) -m venv /opt/venv", docker).group(1)
-    assert "--requirement docker/requirements.lock" in docker
+    assert "--constraint docker/requirements.lock ." in docker
     lock_python = re.search(r"on Python (\d+\.\d+)", LOCK.read_text()).group(1)
     assert python == f"python{lock_python}"
     ci = (REPO / ".ci" / "run").read_text()
     readme = (REPO / "README.md").read_text()
     command = re.search(
-        r"^python -m pip install torch==\S+ -r docker/requirements.lock .*$", ci, re.M
+        r"^python -m pip install torch==\S+ -c docker/requirements.lock .*$", ci, re.M
     )
     assert command and command.group(0) in readme  # README's Quick start is CI's install
     if os.environ.get("CI") == "true":  # CI tests the image's Python
