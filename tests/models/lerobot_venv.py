@@ -43,7 +43,7 @@ REQUIREMENTS = [
     "pytest",
 ]
 LEROBOT = "lerobot==0.4.4"
-VENV_NAME = f"lerobot-0.4.4-py{sys.version_info[0]}{sys.version_info[1]}-{TORCH}"
+VENV_NAME = f"lerobot-0.4.4-py{sys.version_info[0]}{sys.version_info[1]}-{TORCH.replace('==', '')}"
 BUILD_TIMEOUT_S = 1200
 RUNNER = "test_reference_venv.py"
 _NEEDS_LEROBOT = re.compile(r"""find_spec\(["']lerobot["']\)|importorskip\(["']lerobot["']\)""")
