@@ -391,3 +391,9 @@ def test_every_missing_path_is_reported_at_once():
         "serve.engine.stat_path: file not found: /no/s.json",
     ):
         assert part in error, error
+
+
+def test_shipped_task_files_carry_no_key_we_warn_about():
+    for path in sorted(REPO.glob("examples/*/conf/serve/*.yaml")):
+        engine = yaml.safe_load(path.read_text()).get("engine") or {}
+        assert not set(engine) & set(config_module.V1_UNUSED_ENGINE_KEYS), path
