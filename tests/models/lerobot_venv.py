@@ -9,8 +9,8 @@ a patched transformers). `reference_python()` returns an interpreter that has it
 - else None. Build failures (no network, a PyPI hiccup) give None and a reason: the tests that
   need it skip with that reason, they never fail for it.
 
-Test files that need lerobot (they import it behind `importlib.util.find_spec("lerobot")` or
-`pytest.importorskip("lerobot")`) are found by `reference_test_files()` and run in it by
+Test files that need lerobot (they call lerobot_harness.require_lerobot() at module level, or
+import it behind `importlib.util.find_spec("lerobot")` / `pytest.importorskip("lerobot")`) are found by `reference_test_files()` and run in it by
 tests/models/test_reference_venv.py.
 """
 
@@ -46,7 +46,9 @@ LEROBOT = "lerobot==0.4.4"
 VENV_NAME = f"lerobot-0.4.4-py{sys.version_info[0]}{sys.version_info[1]}-{TORCH.replace('==', '')}"
 BUILD_TIMEOUT_S = 1200
 RUNNER = "test_reference_venv.py"
-_NEEDS_LEROBOT = re.compile(r"""find_spec\(["']lerobot["']\)|importorskip\(["']lerobot["']\)""")
+_NEEDS_LEROBOT = re.compile(
+    r"""find_spec\(["']lerobot["']\)|importorskip\(["']lerobot["']\)|^require_lerobot\(\)""", re.M
+)
 
 
 def reference_test_files() -> list:

@@ -8,6 +8,7 @@ Test-harness adaptations: see lerobot_harness.py (dimensions only).
 """
 
 import importlib.metadata
+import os
 import types
 
 import golden_cases  # tests/models/ (on sys.path under pytest)
