@@ -16,13 +16,13 @@ FLAGGEMS_INSTALL = (
 
 def check_use_flaggems(envs: Mapping[str, Any], shell: Mapping[str, str]) -> None:
     """USE_FLAGGEMS set in the shell and, to another value, in experiment.envs: refuse to guess."""
+    from flagscale.ops import flaggems_requested
     from flagscale.runner.launch import env_value
-    from flagscale.serve.config import use_flaggems_env
 
     if "USE_FLAGGEMS" not in shell or envs.get("USE_FLAGGEMS") is None:
         return
     configured = env_value("USE_FLAGGEMS", envs["USE_FLAGGEMS"])
-    if use_flaggems_env(shell) != use_flaggems_env({"USE_FLAGGEMS": configured}):
+    if flaggems_requested(shell) != flaggems_requested({"USE_FLAGGEMS": configured}):
         raise RunnerError(
             f"USE_FLAGGEMS={shell['USE_FLAGGEMS']} in the environment, but the config exports "
             f"experiment.envs.USE_FLAGGEMS={configured} to the server (the config would win): "

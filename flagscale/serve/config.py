@@ -305,7 +305,9 @@ def _check_paths_exist(engine: Mapping) -> None:
     missing = []
     for key, kind in PATH_KEYS.items():
         value = engine.get(key)
-        if value is None or (key == "model" and str(engine.get("random_init")).lower() in _TRUE):
+        if value is None or (
+            key == "model" and str(engine.get("random_init")).strip().lower() in TRUE_STRINGS
+        ):
             continue
         path = Path(str(value)).expanduser()
         if not (path.is_dir() if kind == "directory" else path.is_file()):
