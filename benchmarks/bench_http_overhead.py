@@ -33,7 +33,7 @@ import uvicorn
 from PIL import Image
 
 from flagscale.models.pi0 import PI0Policy
-from flagscale.serve import app as app_module
+from flagscale.serve import app as app_module, engine as engine_module
 from flagscale.serve.codec import GpuJpegDecoder
 from flagscale.serve.config import load_serve_config
 from flagscale.serve.protocol import uvicorn_config
@@ -70,12 +70,12 @@ def serve_and_measure(model_ms: float, clients: list, requests: int, decoder="cp
     cfg = load_serve_config({"engine": engine}, env={})
     if decoder == "deferred":  # image_decoder: gpu without a GPU (the config would refuse it)
         cfg = dataclasses.replace(cfg, image_decoder="gpu")
-        app_module.GpuJpegDecoder = lambda device: GpuJpegDecoder("cpu", blank_frames)
+        engine_module.GpuJpegDecoder = lambda device: GpuJpegDecoder("cpu", blank_frames)
     try:  # the decoder is built once the policy is up (in the inference thread)
         app = app_module.create_app(SleepingPolicy(model_ms / 1e3), cfg)
         return _measure(app, clients, requests, model_ms)
     finally:
-        app_module.GpuJpegDecoder = GpuJpegDecoder
+        engine_module.GpuJpegDecoder = GpuJpegDecoder
 
 
 def _measure(app, clients: list, requests: int, model_ms: float) -> list:

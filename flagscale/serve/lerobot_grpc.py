@@ -27,11 +27,13 @@ from types import SimpleNamespace
 import numpy as np
 
 from flagscale.logger import get_logger
-from flagscale.serve import lerobot_pickle
+from flagscale.serve import lerobot_pickle, wire
 from flagscale.serve.auth import UNAUTHORIZED, authorized
 from flagscale.serve.config import IMAGE_SLOTS, ServeConfig
 from flagscale.serve.errors import RequestError
 from flagscale.serve.lerobot_pickle import PayloadError, RemotePolicyConfig, TimedObservation
+from flagscale.serve.service import infer_blocking
+from flagscale.serve.worker import NotReady, QueueFull
 
 logger = get_logger("flagscale.serve.lerobot_grpc")
 
@@ -196,8 +198,6 @@ def _invalid(message: str) -> Refusal:
 
 def to_observation(timed: TimedObservation, setup: Setup, cfg: ServeConfig) -> dict:
     """A TimedObservation's raw robot observation -> the policy's {"images", "state", "prompt"}."""
-    from flagscale.serve.openpi_ws import to_hwc_uint8
-
     _expect(isinstance(timed.observation, dict), "observation: expected a mapping")
     _expect(type(timed.timestep) is int and timed.timestep >= 0, "timestep: expected an int >= 0")
     _expect(_finite_number(timed.timestamp), "timestamp: expected a finite number")
@@ -212,7 +212,7 @@ def to_observation(timed: TimedObservation, setup: Setup, cfg: ServeConfig) -> d
     for camera, slot in setup.cameras.items():
         _expect(camera in raw, f"observation.{camera}: missing camera frame")
         try:
-            images[slot] = to_hwc_uint8(camera, _as_array(raw[camera]), cfg.max_image_side)
+            images[slot] = wire.to_hwc_uint8(camera, _as_array(raw[camera]), cfg.max_image_side)
         except RequestError as e:
             raise _invalid(f"observation.{e.message}") from None
     task = raw.get("task", cfg.instruction)
@@ -386,30 +386,22 @@ class LerobotService:
         return self.msg.Actions(data=lerobot_pickle.dumps_actions(self._timed(timed, actions)))
 
     def _infer(self, obs: dict) -> np.ndarray:
-        from flagscale.serve.app import cut_actions
-        from flagscale.serve.worker import NotReady, QueueFull
-
-        noise = self.state.fixed_noise  # same precedence as HTTP: fixed_noise > seed
-        seed = self.cfg.seed if noise is None else None
+        batch = wire.one_observation(
+            obs, self.cfg.num_steps, None, self.cfg, self.state.fixed_noise
+        )
         try:
-            future = self.state.worker.submit([obs], [noise], [seed], self.cfg.num_steps)
-        except (NotReady, QueueFull) as e:
+            result = infer_blocking(self.state, batch)
+        except (NotReady, QueueFull) as e:  # not loaded, busy, or shutting down
             raise Refusal("UNAVAILABLE", str(e)) from None
-        try:
-            result = future.result(timeout=self.cfg.infer_timeout_s)
         except TimeoutError:
-            future.cancel()
             raise Refusal(
                 "DEADLINE_EXCEEDED", f"no result after {self.cfg.infer_timeout_s:g} s"
             ) from None
-        except NotReady as e:  # shutting down
-            raise Refusal("UNAVAILABLE", str(e)) from None
+        except RequestError as e:  # the model's output cannot be cut
+            raise Refusal("INTERNAL", e.message) from None
         except Exception as e:  # as POST /infer words it
             raise Refusal("INTERNAL", f"inference failed: {type(e).__name__}: {e}") from None
-        try:
-            return cut_actions(result.outputs, self.cfg)[0].astype(np.float32)
-        except RequestError as e:
-            raise Refusal("INTERNAL", e.message) from None
+        return result.actions[0].astype(np.float32)
 
     def _timed(self, timed: TimedObservation, actions: np.ndarray) -> list:
         import torch

@@ -87,7 +87,7 @@ def build_policy(cfg: ServeConfig):
     """Runs in the inference thread: build or load the policy, then turn on CUDA graphs."""
     policy = _construct_policy(cfg)
     if cfg.cuda_graphs and cfg.device.startswith("cuda"):
-        from flagscale.serve.app import batch_buckets, warmup_steps
+        from flagscale.serve.engine import batch_buckets, warmup_steps
 
         buckets = batch_buckets(cfg)
         policy.enable_cuda_graphs(buckets, compile=cfg.compile, max_graphs=cfg.max_graphs)

@@ -11,7 +11,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_http_overhead  # noqa: E402
 
-from flagscale.serve import app as app_module  # noqa: E402
+from flagscale.serve import engine as app_module  # noqa: E402
 from flagscale.serve.codec import GpuJpegDecoder  # noqa: E402
 
 

@@ -55,7 +55,7 @@ def test_demo_task_file_loads():
     ],
 )
 def test_batch_buckets(values, expected):
-    from flagscale.serve.app import batch_buckets
+    from flagscale.serve.engine import batch_buckets
 
     assert batch_buckets(load_serve_config(engine(**values), env={})) == expected
 

@@ -122,7 +122,7 @@ def test_v1_body_as_the_flagscale_client_sends_it(http):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_actions_render_the_same_with_and_without_orjson(fast, monkeypatch):
-    from flagscale.serve import app as app_module
+    from flagscale.serve import wire as app_module
 
     if fast:
         pytest.importorskip("orjson")
@@ -158,7 +158,7 @@ REQUEST_BODIES = [
 @pytest.mark.parametrize("body", REQUEST_BODIES)
 def test_request_json_parses_as_the_standard_library_does(body):
     """orjson parses the bodies it takes; the rest fall back: same values, same errors."""
-    from flagscale.serve import app as app_module
+    from flagscale.serve import wire as app_module
 
     def outcome(parse):
         try:
@@ -171,7 +171,7 @@ def test_request_json_parses_as_the_standard_library_does(body):
 
 def test_request_json_takes_orjson_when_it_can(monkeypatch):
     orjson = pytest.importorskip("orjson")
-    from flagscale.serve import app as app_module
+    from flagscale.serve import wire as app_module
 
     calls = []
     real = json.loads
@@ -444,7 +444,7 @@ def test_very_thin_image_is_served(http):
 def test_body_is_parsed_off_the_event_loop(live, monkeypatch):
     # regression: json.loads + validation of a 32 MB body ran on the event loop thread and
     # stalled every other request (health probes included) for ~0.5 s
-    from flagscale.serve import app as app_module
+    from flagscale.serve import wire as app_module
 
     threads = []
     real = app_module.parse_request

@@ -20,7 +20,7 @@ from serve_helpers import (
 )
 
 from flagscale.models.pi0 import processing as proc
-from flagscale.serve import app as app_module
+from flagscale.serve import app as app_module, engine as engine_module
 from flagscale.serve.codec import GpuJpegDecoder, ImageDecodeError, decode_image
 from flagscale.serve.config import ConfigError
 
@@ -59,7 +59,7 @@ def test_server_with_frames_decoded_off_the_cpu_path_answers_the_same(live, poli
     Pillow's pixels as torch tensors: the same actions as the CPU path's server."""
     stand_in = PilDecodeJpeg()
     monkeypatch.setattr(
-        app_module, "GpuJpegDecoder", lambda device: GpuJpegDecoder("cpu", stand_in)
+        engine_module, "GpuJpegDecoder", lambda device: GpuJpegDecoder("cpu", stand_in)
     )
     cfg = dataclasses.replace(serve_cfg(max_wait_ms=50), image_decoder="gpu")  # no CUDA here
     body = body_with_samples()
@@ -88,7 +88,9 @@ def test_gpu_decoding_that_does_not_work_fails_start_up(policy, monkeypatch):
     """No torchvision (or one without nvJPEG): the server reports the failure on /health and
     exits through on_failure, as for a model that does not load."""
     monkeypatch.setattr(
-        app_module, "GpuJpegDecoder", lambda device: GpuJpegDecoder("cpu", PilDecodeJpeg(fail=True))
+        engine_module,
+        "GpuJpegDecoder",
+        lambda device: GpuJpegDecoder("cpu", PilDecodeJpeg(fail=True)),
     )
     cfg = dataclasses.replace(serve_cfg(), image_decoder="gpu")
     failures = []

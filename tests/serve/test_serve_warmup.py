@@ -6,7 +6,7 @@ import pytest
 
 from serve_helpers import serve_cfg
 
-from flagscale.serve.app import prepare_policy
+from flagscale.serve.engine import prepare_policy
 
 
 class RecordingPolicy:

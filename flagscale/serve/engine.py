@@ -1,0 +1,127 @@
+"""The Pi0 policy's server engine: from a config to a ready policy.
+
+`load_fixed_noise` reads engine.fixed_noise; `prepare_policy` runs in the inference thread once the
+policy is built: checks its dimensions against the config, sets its RTC config, warms up (and on a
+GPU captures CUDA graphs for every batch bucket and num_steps value) and probes one inference.
+`ImageCodecs` picks the image decoder (engine.image_decoder: the GPU decoder is made here).
+"""
+
+import time
+
+import numpy as np
+
+from flagscale.logger import get_logger
+from flagscale.serve.codec import GpuJpegDecoder, decode_images, set_decode_threads
+from flagscale.serve.config import ConfigError, ServeConfig
+
+logger = get_logger("flagscale.serve.engine")
+
+
+def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> None:
+    """Runs in the inference thread after load: check dims, warm up, probe one inference."""
+    meta = policy.metadata
+    _check_dims(policy, meta, cfg, fixed_noise)
+    if hasattr(policy, "rtc_config"):
+        from flagscale.models.pi0.rtc import RTCConfig
+
+        policy.rtc_config = RTCConfig(**{k: v for k, v in cfg.rtc.items() if k != "enabled"})
+    if cfg.warmup and hasattr(policy, "warmup"):
+        start = time.perf_counter()
+        # on a GPU every bucket (graph capture, Triton / FlagGems compilation per shape); on the
+        # CPU nothing is captured or compiled: one batch size warms the code paths
+        on_gpu = str(cfg.device).startswith("cuda")
+        policy.warmup(
+            batch_sizes=batch_buckets(cfg) if on_gpu else [1], num_steps_list=warmup_steps(cfg)
+        )
+        logger.info("warm-up done in %.1f s", time.perf_counter() - start)
+    probe = {
+        "images": {slot: np.zeros((224, 224, 3), np.uint8) for slot in cfg.cameras.values()},
+        "state": np.zeros(cfg.state_dim, np.float32),
+        "prompt": cfg.instruction,
+    }
+    out = policy.infer_batch([probe], num_steps=cfg.num_steps, noise=[None], seeds=[0])[0]
+    actions = np.asarray(out["actions"])
+    if (
+        actions.ndim != 2
+        or actions.shape[0] < cfg.action_horizon
+        or actions.shape[1] < cfg.action_dim
+    ):
+        raise ConfigError(
+            f"serve.engine.action_horizon/action_dim: the model returns actions of shape "
+            f"{list(actions.shape)}, cannot cut [:{cfg.action_horizon}, :{cfg.action_dim}]"
+        )
+
+
+def warmup_steps(cfg: ServeConfig) -> list:
+    """The num_steps values warmed up (and captured): the default and engine.warmup_num_steps."""
+    return sorted({cfg.num_steps, *cfg.warmup_num_steps})
+
+
+def batch_buckets(cfg: ServeConfig) -> list:
+    """Batch sizes to warm up / capture (CUDA graphs pad a batch up to the next bucket), always
+    ending at max_batch_size. `engine.batch_buckets` if set; else every size up to 8 (a batch of
+    5 then runs as 5, not padded to 8: the model's time grows with the batch) and powers of two
+    above 8."""
+    top = cfg.max_batch_size
+    if cfg.batch_buckets:
+        sizes = set(cfg.batch_buckets)
+    else:
+        sizes = set(range(1, min(8, top) + 1)) | {b for b in (16, 32, 64, 128) if b < top}
+    return sorted(sizes | {top})
+
+
+def _check_dims(policy, meta, cfg: ServeConfig, fixed_noise) -> None:
+    if cfg.state_dim > meta["max_state_dim"]:
+        raise ConfigError(
+            f"serve.engine.state_dim: {cfg.state_dim} exceeds the model's max_state_dim "
+            f"{meta['max_state_dim']}"
+        )
+    if cfg.action_horizon > meta["chunk_size"]:
+        raise ConfigError(
+            f"serve.engine.action_horizon: {cfg.action_horizon} exceeds the model's chunk_size "
+            f"{meta['chunk_size']}"
+        )
+    missing = [s for s in cfg.cameras.values() if s not in tuple(policy.image_keys)]
+    if missing:
+        raise ConfigError(f"serve.engine.cameras: the model has no image slot {missing}")
+    expected = (meta["chunk_size"], meta["max_action_dim"])
+    if fixed_noise is not None and fixed_noise.shape != expected:
+        raise ConfigError(
+            f"serve.engine.fixed_noise: expected shape {list(expected)} "
+            f"(chunk_size x max_action_dim), got {list(fixed_noise.shape)}"
+        )
+
+
+def load_fixed_noise(path: str | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    noise = np.load(path, allow_pickle=False).astype(np.float32)
+    if not np.isfinite(noise).all():
+        raise ConfigError(f"serve.engine.fixed_noise: {path} contains NaN or infinite values")
+    noise.setflags(write=False)
+    return noise
+
+
+class Engine:
+    """A config's start-up: fixed noise and decode threads now; `prepare` (the worker's, in the
+    inference thread) checks and warms the policy and makes the image decoders. `codecs`: the
+    request thread's decoders (base64 text -> images, prompts -> tokens, cached by the policy)
+    and the inference thread's (a batch's deferred JPEGs -> pixels)."""
+
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        self.fixed_noise = load_fixed_noise(cfg.fixed_noise)
+        if cfg.decode_threads is not None:
+            set_decode_threads(cfg.decode_threads)
+        self.codecs = {"images": decode_images, "frames": None, "prompts": None}
+
+    def prepare(self, policy) -> None:
+        prepare_policy(policy, self.cfg, self.fixed_noise)
+        self.codecs["prompts"] = getattr(policy, "warm_prompts", None)
+        if self.cfg.image_decoder == "gpu":  # in the inference thread: a failure fails start-up
+            gpu = GpuJpegDecoder(self.cfg.device)
+            self.codecs.update(images=gpu, frames=gpu.decode_frames)
+
+    def before_batch(self, observations: list) -> list:
+        frames = self.codecs["frames"]
+        return frames(observations) if frames else observations
