@@ -87,7 +87,7 @@ def build_deployment(serve_section: dict, options: DeployOptions, drain_s: float
         def __serve_build_asgi_app__(self):
             from flagscale.serve.app import create_app
             from flagscale.serve.config import load_serve_config
-            from flagscale.serve.run_serve_pi0 import build_policy, set_environment
+            from flagscale.serve.engine import build_policy, set_environment
 
             cfg = load_serve_config(self._section)
             set_environment(cfg)

@@ -1,20 +1,116 @@
 """The Pi0 policy's server engine: from a config to a ready policy.
 
+`set_environment` (before torch is imported) and `build_policy` (in the inference thread: build or
+load the policy, turn on CUDA graphs) are what the CLI (run_serve_pi0.py) and Ray Serve
+(runner/ray_serve.py) hand the app as `load_policy`.
+
 `load_fixed_noise` reads engine.fixed_noise; `prepare_policy` runs in the inference thread once the
 policy is built: checks its dimensions against the config, sets its RTC config, warms up (and on a
 GPU captures CUDA graphs for every batch bucket and num_steps value) and probes one inference.
-`ImageCodecs` picks the image decoder (engine.image_decoder: the GPU decoder is made here).
+`Engine` holds one app's start-up: the fixed noise, the image decoders (engine.image_decoder:
+the GPU decoder is made here) and the worker's `prepare` / `before_batch`.
 """
 
+import os
+import random
 import time
+
+from pathlib import Path
 
 import numpy as np
 
 from flagscale.logger import get_logger
 from flagscale.serve.codec import GpuJpegDecoder, decode_images, set_decode_threads
-from flagscale.serve.config import ConfigError, ServeConfig
+from flagscale.serve.config import ConfigError, ServeConfig, demo_preset
 
 logger = get_logger("flagscale.serve.engine")
+
+RANDOM_BANNER = """
+############################################################################
+#  engine.random_init=true: the policy has RANDOM WEIGHTS.                 #
+#  Its actions are MEANINGLESS. Never send them to a real robot.           #
+############################################################################"""
+
+
+def set_environment(cfg: ServeConfig) -> None:
+    """Env vars that must be set before torch / flag_gems are imported."""
+    if cfg.flaggems_cache_dir:
+        os.environ["FLAGGEMS_CACHE_DIR"] = str(Path(cfg.flaggems_cache_dir).expanduser())
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def set_determinism(cfg: ServeConfig) -> None:
+    import numpy as np
+    import torch
+
+    if cfg.seed is not None:
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def build_policy(cfg: ServeConfig):
+    """Runs in the inference thread: build or load the policy, then turn on CUDA graphs."""
+    policy = _construct_policy(cfg)
+    if cfg.cuda_graphs and cfg.device.startswith("cuda"):
+        buckets = batch_buckets(cfg)
+        policy.enable_cuda_graphs(buckets, compile=cfg.compile, max_graphs=cfg.max_graphs)
+        warm = len(buckets) * len(warmup_steps(cfg)) if cfg.warmup else 0
+        if warm > cfg.max_graphs:
+            logger.warning(
+                "engine.max_graphs=%d is below the %d graphs warm-up captures (batch buckets x "
+                "num_steps values): the rest run eagerly",
+                cfg.max_graphs,
+                warm,
+            )
+    elif cfg.cuda_graphs:
+        logger.info("engine.cuda_graphs ignored on device %s", cfg.device)
+    return policy
+
+
+def _construct_policy(cfg: ServeConfig):
+    from flagscale.models.pi0 import PI0Policy
+    from flagscale.ops import build_ops
+
+    ops = build_ops(cfg.ops, cache_dir=cfg.flaggems_cache_dir) if cfg.ops == "flaggems" else cfg.ops
+
+    set_determinism(cfg)
+    if cfg.random_init:
+        logger.warning(RANDOM_BANNER)
+        return PI0Policy.random(
+            preset=demo_preset(cfg),
+            device=cfg.device,
+            dtype=cfg.torch_dtype,
+            seed=cfg.seed or 0,
+            tokenizer_path=cfg.tokenizer,
+            ops=ops,
+            stat_path=cfg.stat_path,
+            pad_mode=cfg.image_pad,
+            fused_kernels=cfg.fused_kernels,
+            persistent_layers=cfg.persistent_layers,
+            precision=cfg.precision,
+            normalization_mapping=dict(cfg.normalization_mapping),  # a PI0Config field
+        )
+    return PI0Policy.from_pretrained(
+        cfg.model,
+        tokenizer_path=cfg.tokenizer,
+        stat_path=cfg.stat_path,
+        device=cfg.device,
+        dtype=cfg.torch_dtype,
+        ops=ops,
+        preset=cfg.preset,
+        pad_mode=cfg.image_pad,
+        fused_kernels=cfg.fused_kernels,
+        persistent_layers=cfg.persistent_layers,
+        variant=cfg.model_variant,
+        precision=cfg.precision,
+        normalization_mapping=dict(cfg.normalization_mapping),
+    )
 
 
 def prepare_policy(policy, cfg: ServeConfig, fixed_noise: np.ndarray | None) -> None:

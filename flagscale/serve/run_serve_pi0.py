@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import signal
 import sys
 import threading
@@ -27,24 +26,14 @@ if __package__ in (None, ""):  # run as a script path: make the repo root import
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from flagscale.logger import get_logger  # noqa: E402
-from flagscale.serve.config import (  # noqa: E402
-    ConfigError,
-    ServeConfig,
-    demo_preset,
-    load_serve_config,
-)
+from flagscale.serve.config import ConfigError, ServeConfig, load_serve_config  # noqa: E402
+from flagscale.serve.engine import build_policy, set_environment  # noqa: E402
 
 logger = get_logger("flagscale.serve.run_serve_pi0")
 
 # after the drain: uvicorn's graceful shutdown (SHUTDOWN_S) and the inference thread's join
 # (app.STOP_JOIN_S); the launcher's default stop_timeout leaves config.DRAIN_MARGIN_S for them
 SHUTDOWN_S = 2.0
-
-RANDOM_BANNER = """
-############################################################################
-#  engine.random_init=true: the policy has RANDOM WEIGHTS.                 #
-#  Its actions are MEANINGLESS. Never send them to a real robot.           #
-############################################################################"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,89 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--log-dir", default=None, help="directory for serve_pi0_config.json (effective config)"
     )
     return parser.parse_args(argv)
-
-
-def set_environment(cfg: ServeConfig) -> None:
-    """Env vars that must be set before torch / flag_gems are imported."""
-    if cfg.flaggems_cache_dir:
-        os.environ["FLAGGEMS_CACHE_DIR"] = str(Path(cfg.flaggems_cache_dir).expanduser())
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def set_determinism(cfg: ServeConfig) -> None:
-    import numpy as np
-    import torch
-
-    if cfg.seed is not None:
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        torch.manual_seed(cfg.seed)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def build_policy(cfg: ServeConfig):
-    """Runs in the inference thread: build or load the policy, then turn on CUDA graphs."""
-    policy = _construct_policy(cfg)
-    if cfg.cuda_graphs and cfg.device.startswith("cuda"):
-        from flagscale.serve.engine import batch_buckets, warmup_steps
-
-        buckets = batch_buckets(cfg)
-        policy.enable_cuda_graphs(buckets, compile=cfg.compile, max_graphs=cfg.max_graphs)
-        warm = len(buckets) * len(warmup_steps(cfg)) if cfg.warmup else 0
-        if warm > cfg.max_graphs:
-            logger.warning(
-                "engine.max_graphs=%d is below the %d graphs warm-up captures (batch buckets x "
-                "num_steps values): the rest run eagerly",
-                cfg.max_graphs,
-                warm,
-            )
-    elif cfg.cuda_graphs:
-        logger.info("engine.cuda_graphs ignored on device %s", cfg.device)
-    return policy
-
-
-def _construct_policy(cfg: ServeConfig):
-    from flagscale.models.pi0 import PI0Policy
-    from flagscale.ops import build_ops
-
-    ops = build_ops(cfg.ops, cache_dir=cfg.flaggems_cache_dir) if cfg.ops == "flaggems" else cfg.ops
-
-    set_determinism(cfg)
-    if cfg.random_init:
-        logger.warning(RANDOM_BANNER)
-        return PI0Policy.random(
-            preset=demo_preset(cfg),
-            device=cfg.device,
-            dtype=cfg.torch_dtype,
-            seed=cfg.seed or 0,
-            tokenizer_path=cfg.tokenizer,
-            ops=ops,
-            stat_path=cfg.stat_path,
-            pad_mode=cfg.image_pad,
-            fused_kernels=cfg.fused_kernels,
-            persistent_layers=cfg.persistent_layers,
-            precision=cfg.precision,
-            normalization_mapping=dict(cfg.normalization_mapping),  # a PI0Config field
-        )
-    return PI0Policy.from_pretrained(
-        cfg.model,
-        tokenizer_path=cfg.tokenizer,
-        stat_path=cfg.stat_path,
-        device=cfg.device,
-        dtype=cfg.torch_dtype,
-        ops=ops,
-        preset=cfg.preset,
-        pad_mode=cfg.image_pad,
-        fused_kernels=cfg.fused_kernels,
-        persistent_layers=cfg.persistent_layers,
-        variant=cfg.model_variant,
-        precision=cfg.precision,
-        normalization_mapping=dict(cfg.normalization_mapping),
-    )
 
 
 def ensure_file_limit(cfg: ServeConfig) -> None:

@@ -23,7 +23,7 @@ from serve_helpers import CLIENT, SAMPLE_IMAGES, LiveServer
 
 from flagscale.serve.app import create_app
 from flagscale.serve.config import ConfigError, load_serve_config
-from flagscale.serve.run_serve_pi0 import build_policy
+from flagscale.serve.engine import build_policy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "flagscale"
 SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
