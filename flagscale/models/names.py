@@ -16,12 +16,16 @@ DTYPE_NAMES = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def check_num_steps(value: int, most: Optional[int] = None, key: str = "num_steps") -> int:
+def check_num_steps(
+    value: int, most: Optional[int] = None, key: str = "num_steps", most_key: str = ""
+) -> int:
     """The denoising step count: 1..most (no upper bound when `most` is None); a ValueError
-    naming `key` otherwise."""
+    naming `key` (and `most_key`, the setting that bounds it) otherwise. The one range check:
+    the model, the server config and every transport's request use it."""
     value = int(value)
     if most is None and value < 1:
         raise ValueError(f"{key}: must be >= 1, got {value}")
     if most is not None and not 1 <= value <= most:
-        raise ValueError(f"{key}: must be in 1..{most}, got {value}")
+        bound = f" ({most_key})" if most_key else ""
+        raise ValueError(f"{key}: must be in 1..{most}{bound}, got {value}")
     return value

@@ -220,7 +220,7 @@ async def _answer_infer(request: Request, state: ServeState):
     start = time.perf_counter()
     policy = state.worker.policy
     if policy is None:
-        raise RequestError(503, service.not_ready(state.worker))
+        raise RequestError(503, state.worker.not_ready_message())
     body = await wire.read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
     args = (body, cfg, service.noise_shape(policy), state.fixed_noise, state.codecs)
     if state.codecs["frames"] is not None and len(body) <= INLINE_PARSE_BYTES:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from flagscale.logger import get_logger
-from flagscale.models.names import DTYPE_NAMES, TOKENIZER_FILES
+from flagscale.models.names import DTYPE_NAMES, TOKENIZER_FILES, check_num_steps
 from flagscale.ops import TRUE_STRINGS, flaggems_requested
 
 logger = get_logger("flagscale.serve.config")
@@ -778,11 +778,12 @@ def _check_cross_fields(cfg: ServeConfig) -> None:
         _check_stats(cfg)
     if cfg.random_init and cfg.model is not None:
         logger.warning("serve.engine.model is ignored because random_init is true")
-    if not 1 <= cfg.num_steps <= cfg.max_num_steps:
-        raise ConfigError(
-            f"serve.engine.num_steps: must be in 1..{cfg.max_num_steps} "
-            f"(serve.engine.max_num_steps), got {cfg.num_steps}"
+    try:
+        check_num_steps(
+            cfg.num_steps, cfg.max_num_steps, "serve.engine.num_steps", "serve.engine.max_num_steps"
         )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     too_big = [b for b in cfg.batch_buckets if b > cfg.max_batch_size]
     if too_big:
         raise ConfigError(

@@ -20,15 +20,6 @@ import numpy as np
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
-LLM_LEFTOVER_KEYS = (
-    "temperature",
-    "top_p",
-    "max_new_tokens",
-    "do_sample",
-    "high_level_instruction",
-    "fine_grained_instruction",
-)
-
 
 def _to_array(value):
     """Nested list of numbers -> float64 array (shape checks happen in the app)."""

@@ -56,7 +56,7 @@ async def infer(state: ServeState, batch: Batch, preprocess_ms: float) -> InferR
     RequestErrors (400 for a JPEG the inference thread could not decode)."""
     worker, cfg = state.worker, state.cfg
     if worker.policy is None:
-        raise RequestError(503, not_ready(worker))
+        raise RequestError(503, worker.not_ready_message())
     problem = worker.problem(cfg.infer_timeout_s)
     if problem:
         raise RequestError(503, problem)
@@ -92,12 +92,6 @@ def infer_blocking(state: ServeState, batch: Batch) -> InferResult:
         future.cancel()
         raise
     return InferResult(cut_actions(job.outputs, state.cfg), job)
-
-
-def not_ready(worker: InferenceWorker) -> str:
-    if worker.state == "failed":
-        return f"model failed to load: {worker.error}"
-    return f"model not loaded yet (status: {worker.state}); poll GET /health until it is healthy"
 
 
 def noise_shape(policy) -> tuple:

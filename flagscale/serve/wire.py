@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 
+from flagscale.models import names
 from flagscale.serve import msgpack_codec
 from flagscale.serve.codec import ImageDecodeError, PixelBudget, decode_images, reduce_large
 from flagscale.serve.config import ServeConfig
@@ -187,13 +188,16 @@ def build_batch(
     return Batch(observations, noises, seeds, num_steps, echo, rtc)
 
 
+def check_num_steps(steps: int, cfg: ServeConfig) -> int:
+    """A request's num_steps: 1..engine.max_num_steps, else 400 naming both."""
+    try:
+        return names.check_num_steps(steps, cfg.max_num_steps, "num_steps", "engine.max_num_steps")
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
+
+
 def _num_steps(req: InferRequest, cfg: ServeConfig) -> int:
-    steps = cfg.num_steps if req.num_steps is None else req.num_steps
-    if not 1 <= steps <= cfg.max_num_steps:
-        raise RequestError(
-            400, f"num_steps: must be in 1..{cfg.max_num_steps} (engine.max_num_steps), got {steps}"
-        )
-    return steps
+    return check_num_steps(cfg.num_steps if req.num_steps is None else req.num_steps, cfg)
 
 
 def _prompts(req: InferRequest, cfg: ServeConfig) -> list:
@@ -540,6 +544,4 @@ def _obs_num_steps(flat: dict, cfg: ServeConfig) -> int:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, int):
         raise RequestError(400, "num_steps: expected an integer")
-    if not 1 <= value <= cfg.max_num_steps:
-        raise RequestError(400, f"num_steps: must be in 1..{cfg.max_num_steps}")
-    return value
+    return check_num_steps(value, cfg)

@@ -143,7 +143,7 @@ class InferenceWorker:
         job = Job(observations, noises, seeds, num_steps, concurrent.futures.Future(), 0.0, rtc)
         with self._cond:
             if self.state != READY or self._stopping:
-                raise NotReady(self._not_ready_message())
+                raise NotReady(self.not_ready_message())
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(
                     f"server busy: {len(self._queue)} requests already queued "
@@ -348,7 +348,8 @@ class InferenceWorker:
             offset += job.size
             _resolve(job, result)
 
-    def _not_ready_message(self) -> str:
+    def not_ready_message(self) -> str:
+        """Why requests are refused now (the one wording every transport sends)."""
         if self.state == FAILED:
             return f"model failed to load: {self.error}"
         if self.state == LOADING:
