@@ -1,7 +1,14 @@
 """What the model layer accepts, without torch (the server's config parser shares these): dtype
-spellings, the files that make a tokenizer directory, the num_steps range."""
+spellings, the files that make a tokenizer directory, the num_steps range, the variants, each
+preset's variant and the image slots (model/pi0/config.py builds its presets from these)."""
 
 from typing import Optional
+
+MODEL_VARIANTS = ("pi0", "pi0.5")
+# each preset of flagscale.models.pi0.config.PRESETS -> its variant
+PRESET_VARIANTS = {"pi0": "pi0", "tiny": "pi0", "pi05": "pi0.5", "pi05_tiny": "pi0.5"}
+# the model's camera slots, in its order (PI0Config.image_keys' default)
+IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 
 # dtype spelling -> torch dtype name
 DTYPE_NAMES = {

@@ -14,12 +14,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from flagscale.logger import get_logger
-from flagscale.models.names import DTYPE_NAMES, TOKENIZER_FILES, check_num_steps
+from flagscale.models.names import (
+    DTYPE_NAMES,
+    IMAGE_SLOTS,
+    MODEL_VARIANTS,
+    PRESET_VARIANTS,
+    TOKENIZER_FILES,
+    check_num_steps,
+)
 from flagscale.ops import TRUE_STRINGS, flaggems_requested
 
 logger = get_logger("flagscale.serve.config")
 
-IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 DEFAULT_CAMERAS = {
     "cam_high": "base_0_rgb",
     "cam_left_wrist": "left_wrist_0_rgb",
@@ -48,10 +54,7 @@ DEFAULT_OPENPI_STATE = (
     "observation/joint_position",
     "observation/gripper_position",
 )
-PRESETS = ("pi0", "tiny", "pi05", "pi05_tiny")
-MODEL_VARIANTS = ("pi0", "pi0.5")
-# each preset's variant (flagscale.models.pi0.config.PRESETS; kept here: this module imports no torch)
-PRESET_VARIANTS = {"pi0": "pi0", "tiny": "pi0", "pi05": "pi0.5", "pi05_tiny": "pi0.5"}
+PRESETS = tuple(PRESET_VARIANTS)
 DEMO_PRESETS = {"pi0": "tiny", "pi0.5": "pi05_tiny"}
 # config.json "type" / "model_variant" -> variant (lerobot writes "pi0" / "pi05")
 CHECKPOINT_TYPES = {"pi0": "pi0", "pi05": "pi0.5", "pi0.5": "pi0.5"}

@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from flagscale.models.names import IMAGE_SLOTS, MODEL_VARIANTS, PRESET_VARIANTS
+
 
 @dataclass(frozen=True)
 class VisionDims:
@@ -65,7 +67,7 @@ GEMMA_VARIANTS = {
     "dummy": TowerDims(width=64, depth=4, mlp=128, heads=8, kv_heads=1, head_dim=16),
 }
 
-VARIANTS = ("pi0", "pi0.5")
+VARIANTS = MODEL_VARIANTS
 REFERENCES = ("lerobot", "openpi")
 
 PRESETS = {
@@ -84,8 +86,8 @@ PRESETS = {
     ),
 }
 # Pi0.5: the same dimensions; adaptive expert norms, time MLP, state in the prompt (200 tokens).
-PRESETS["pi05"] = dict(PRESETS["pi0"], variant="pi0.5")
-PRESETS["pi05_tiny"] = dict(PRESETS["tiny"], variant="pi0.5")
+PRESETS["pi05"] = dict(PRESETS["pi0"], variant=PRESET_VARIANTS["pi05"])
+PRESETS["pi05_tiny"] = dict(PRESETS["tiny"], variant=PRESET_VARIANTS["pi05_tiny"])
 DEFAULT_TOKENS = {"pi0": 48, "pi0.5": 200}
 
 
@@ -109,7 +111,7 @@ class PI0Config:
     adapt_to_pi_aloha: bool = False
     # Camera slots in model order (openpi names). A lerobot fine-tune's image features map to these
     # slots in the order its config.json lists them; the server's `engine.cameras` says which.
-    image_keys: Tuple[str, ...] = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
+    image_keys: Tuple[str, ...] = IMAGE_SLOTS
     input_features: dict = field(default_factory=dict)
     output_features: dict = field(default_factory=dict)
     rms_norm_eps: float = 1e-6
