@@ -5,6 +5,8 @@ Every problem raises one `ConfigError` naming the key, e.g.
 "serve.engine.num_steps: must be in 1..100 (serve.engine.max_num_steps), got 200".
 """
 
+from __future__ import annotations
+
 import dataclasses
 import difflib
 import os
@@ -100,108 +102,13 @@ class ConfigError(ValueError):
     """A serve config value is missing, unknown or out of range (the message names the key)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class LerobotGrpcConfig:
-    """`engine.lerobot_grpc`: lerobot's async-inference gRPC service (see lerobot_grpc.py)."""
-
-    enabled: bool = False
-    host: str | None = None  # None: engine.host
-    port: int = 8080
-    cameras: Mapping[str, str] = dataclasses.field(default_factory=dict)  # robot camera -> slot
-    fps: float = 30.0  # returned action i is stamped observation timestamp + i / fps
-    obs_queue_timeout_s: float = 2.0  # GetActions waits this long for an observation
-    max_message_mb: float = 32.0  # one observation, all its chunks together
-    max_robots: int = 16  # robots (gRPC peers) with state kept; the least recent is dropped
-
-
-LEROBOT_GRPC_KEYS = tuple(f.name for f in dataclasses.fields(LerobotGrpcConfig))
-
-
-@dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 9010
-    model: str | None = None
-    tokenizer: str | None = None
-    stat_path: str | None = None
-    device: str = "cuda"
-    torch_dtype: str = "bfloat16"
-    preset: str | None = None
-    model_variant: str | None = None  # pi0 | pi0.5; None: from the checkpoint (or the preset)
-    # {STATE | ACTION: mode} over config.json's normalization_mapping; {} = the checkpoint's
-    normalization_mapping: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    random_init: bool = False
-    ops: str = "native"
-    num_steps: int = 10
-    max_num_steps: int = 100
-    cameras: Mapping[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CAMERAS))
-    state_dim: int = 14
-    action_dim: int = 14
-    action_horizon: int = 50
-    instruction: str = "Grab the orange and put it into the basket."
-    seed: int | None = None
-    deterministic: bool = False
-    fixed_noise: str | None = None
-    max_batch_size: int = 8
-    batch_buckets: tuple = ()
-    max_graphs: int = 64
-    max_wait_ms: float = 0.0
-    max_queue: int = 64
-    max_body_mb: float = 32.0
-    max_image_side: int = 4096
-    image_decoder: str = "cpu"
-    cuda_graphs: bool = True
-    compile: bool = False
-    fused_kernels: str = "auto"
-    persistent_layers: bool = True
-    precision: str = "bf16"
-    warmup: bool = True
-    warmup_num_steps: tuple = ()
-    image_pad: str = "center"
-    flaggems_cache_dir: str | None = None
-    uvicorn_log_level: str = "warning"
-    access_log: bool = True
-    openpi: bool = True
-    openpi_path: str = "/"
-    openpi_images: Mapping[str, str] = dataclasses.field(
-        default_factory=lambda: dict(DEFAULT_OPENPI_IMAGES)
+def _key(parse, default=dataclasses.MISSING, *, factory=dataclasses.MISSING, **kwargs):
+    """A config key, declared once: its parser `parse(key, value)` (type and range; returns what
+    the field holds) and its default (or default factory). The parser tables are read off the
+    fields."""
+    return dataclasses.field(
+        default=default, default_factory=factory, metadata={"parse": parse}, **kwargs
     )
-    openpi_state_keys: tuple = DEFAULT_OPENPI_STATE
-    openpi_prompt_key: str = "prompt"
-    api_keys: tuple = dataclasses.field(default=(), repr=False)
-    cors_allow_origins: tuple = ()
-    drain_timeout_s: float = 10.0
-    infer_timeout_s: float = 120.0
-    lerobot_grpc: LerobotGrpcConfig = dataclasses.field(default_factory=LerobotGrpcConfig)
-    max_prompt_chars: int = 2048
-    max_request_pixels: int = 4096 * 4096
-    decode_threads: int | None = None
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    max_connections: int = 512
-    max_header_kb: float = 64.0
-    max_json_values: int = 1_000_000
-    rtc: Mapping[str, Any] = dataclasses.field(default_factory=lambda: dict(RTC_DEFAULTS))
-    # v1 keys kept only so old YAMLs load
-    loader: str | None = None
-    results_path: str | None = None
-    output_format: str | None = None
-    transformations: Any = None
-
-    @property
-    def max_body_bytes(self) -> int:
-        return int(self.max_body_mb * 1024 * 1024)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["cameras"] = dict(self.cameras)
-        out["openpi_images"] = dict(self.openpi_images)
-        out["rtc"] = dict(self.rtc)
-        out["api_keys"] = ["<redacted>"] * len(self.api_keys)  # never written to logs or files
-        return out
-
-
-ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(ServeConfig))
 
 
 def load_serve_config(source, env: Mapping[str, str] | None = None) -> ServeConfig:
@@ -476,68 +383,124 @@ def _as_seed(key: str, value) -> int:
     return _as_int(key, value, 0, 2**63 - 1)
 
 
-_PARSERS = {
-    "host": _as_str,
-    "port": lambda k, v: _as_int(k, v, 1, 65535),
-    "model": _as_str,
-    "tokenizer": lambda k, v: _check_tokenizer_dir(k, _as_dir(k, v)),
-    "stat_path": _as_file,
-    "device": _as_device,
-    "torch_dtype": _as_dtype,
-    "preset": lambda k, v: _as_choice(k, v, PRESETS),
-    "model_variant": lambda k, v: _as_choice(k, v, MODEL_VARIANTS),
-    "normalization_mapping": lambda k, v: _as_norm_mapping(k, v),
-    "random_init": _as_bool,
-    "ops": lambda k, v: _as_choice(k, v, OPS_BACKENDS),
-    "num_steps": lambda k, v: _as_int(k, v, 1),
-    "max_num_steps": lambda k, v: _as_int(k, v, 1, 1000),
-    "cameras": _as_cameras,
-    "state_dim": lambda k, v: _as_int(k, v, 1, 1024),
-    "action_dim": lambda k, v: _as_int(k, v, 1, 1024),
-    "action_horizon": lambda k, v: _as_int(k, v, 1, 4096),
-    "instruction": _as_text,
-    "seed": _as_seed,
-    "deterministic": _as_bool,
-    "fixed_noise": _as_noise_file,
-    "max_batch_size": lambda k, v: _as_int(k, v, 1, 256),
-    "batch_buckets": lambda k, v: _as_buckets(k, v),
-    "max_graphs": lambda k, v: _as_int(k, v, 1, 4096),
-    "max_wait_ms": lambda k, v: _as_float(k, v, 0.0, 1000.0),
-    "max_queue": lambda k, v: _as_int(k, v, 1, 100000),
-    "max_body_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),
-    "max_image_side": lambda k, v: _as_int(k, v, 16, 65536),
-    "image_decoder": lambda k, v: _as_choice(k, v, ("cpu", "gpu")),
-    "cuda_graphs": _as_bool,
-    "compile": _as_bool,
-    "fused_kernels": lambda k, v: _as_auto_bool(k, v),
-    "persistent_layers": _as_bool,
-    "precision": lambda k, v: _as_choice(k, v, ("bf16", "fp8")),
-    "warmup": _as_bool,
-    "warmup_num_steps": lambda k, v: _as_steps_list(k, v),
-    "image_pad": lambda k, v: _as_choice(k, v, ("center", "top_left")),
-    "flaggems_cache_dir": _as_str,
-    "uvicorn_log_level": lambda k, v: _as_choice(k, v, LOG_LEVELS),
-    "access_log": _as_bool,
-    "openpi": _as_bool,
-    "openpi_path": lambda k, v: _as_route(k, v),
-    "openpi_images": lambda k, v: _as_openpi_images(k, v),
-    "openpi_state_keys": lambda k, v: _as_str_list(k, v, allow_empty=False),
-    "openpi_prompt_key": _as_str,
-    "api_keys": lambda k, v: _as_api_keys(k, v),
-    "cors_allow_origins": lambda k, v: _as_str_list(k, v, allow_empty=True),
-    "drain_timeout_s": lambda k, v: _as_float(k, v, 0.0, 3600.0),
-    "infer_timeout_s": lambda k, v: _as_float(k, v, 0.1, 86400.0),
-    "lerobot_grpc": lambda k, v: _as_lerobot_grpc(k, v),
-    "max_prompt_chars": lambda k, v: _as_int(k, v, 1, 1_000_000),
-    "max_request_pixels": lambda k, v: _as_int(k, v, 256, 2**40),
-    "decode_threads": lambda k, v: _as_int(k, v, 1, 256),
-    "header_timeout_s": lambda k, v: _as_float(k, v, 0.05, 3600.0),
-    "body_timeout_s": lambda k, v: _as_float(k, v, 0.05, 3600.0),
-    "max_connections": lambda k, v: _as_int(k, v, 1, 1_000_000),
-    "max_header_kb": lambda k, v: _as_float(k, v, 1.0, 65536.0),
-    "max_json_values": lambda k, v: _as_int(k, v, 1000, 2**31),
-    "rtc": lambda k, v: _as_rtc(k, v),
-}
+@dataclasses.dataclass(frozen=True)
+class LerobotGrpcConfig:
+    """`engine.lerobot_grpc`: lerobot's async-inference gRPC service (see lerobot_grpc.py)."""
+
+    enabled: bool = _key(_as_bool, False)
+    # None: engine.host
+    host: str | None = _key(_as_str, None)
+    port: int = _key(lambda k, v: _as_int(k, v, 0, 65535), 8080)
+    # robot camera -> slot
+    cameras: Mapping[str, str] = _key(lambda k, v: _as_cameras(k, v) if v else {}, factory=dict)
+    # returned action i is stamped observation timestamp + i / fps
+    fps: float = _key(lambda k, v: _as_float(k, v, 0.1, 10000.0), 30.0)
+    # GetActions waits this long for an observation
+    obs_queue_timeout_s: float = _key(lambda k, v: _as_float(k, v, 0.01, 60.0), 2.0)
+    # one observation, all its chunks together
+    max_message_mb: float = _key(lambda k, v: _as_float(k, v, 0.001, 4096.0), 32.0)
+    # robots (gRPC peers) with state kept; the least recent is dropped
+    max_robots: int = _key(lambda k, v: _as_int(k, v, 1, 1024), 16)
+
+
+LEROBOT_GRPC_KEYS = tuple(f.name for f in dataclasses.fields(LerobotGrpcConfig))
+_LEROBOT_GRPC_PARSERS = {f.name: f.metadata["parse"] for f in dataclasses.fields(LerobotGrpcConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    host: str = _key(_as_str, "127.0.0.1")
+    port: int = _key(lambda k, v: _as_int(k, v, 1, 65535), 9010)
+    model: str | None = _key(_as_str, None)
+    tokenizer: str | None = _key(lambda k, v: _check_tokenizer_dir(k, _as_dir(k, v)), None)
+    stat_path: str | None = _key(_as_file, None)
+    device: str = _key(_as_device, "cuda")
+    torch_dtype: str = _key(_as_dtype, "bfloat16")
+    preset: str | None = _key(lambda k, v: _as_choice(k, v, PRESETS), None)
+    # pi0 | pi0.5; None: from the checkpoint (or the preset)
+    model_variant: str | None = _key(lambda k, v: _as_choice(k, v, MODEL_VARIANTS), None)
+    # {STATE | ACTION: mode} over config.json's normalization_mapping; {} = the checkpoint's
+    normalization_mapping: Mapping[str, str] = _key(
+        lambda k, v: _as_norm_mapping(k, v), factory=dict
+    )
+    random_init: bool = _key(_as_bool, False)
+    ops: str = _key(lambda k, v: _as_choice(k, v, OPS_BACKENDS), "native")
+    num_steps: int = _key(lambda k, v: _as_int(k, v, 1), 10)
+    max_num_steps: int = _key(lambda k, v: _as_int(k, v, 1, 1000), 100)
+    cameras: Mapping[str, str] = _key(_as_cameras, factory=lambda: dict(DEFAULT_CAMERAS))
+    state_dim: int = _key(lambda k, v: _as_int(k, v, 1, 1024), 14)
+    action_dim: int = _key(lambda k, v: _as_int(k, v, 1, 1024), 14)
+    action_horizon: int = _key(lambda k, v: _as_int(k, v, 1, 4096), 50)
+    instruction: str = _key(_as_text, "Grab the orange and put it into the basket.")
+    seed: int | None = _key(_as_seed, None)
+    deterministic: bool = _key(_as_bool, False)
+    fixed_noise: str | None = _key(_as_noise_file, None)
+    max_batch_size: int = _key(lambda k, v: _as_int(k, v, 1, 256), 8)
+    batch_buckets: tuple = _key(lambda k, v: _as_buckets(k, v), ())
+    max_graphs: int = _key(lambda k, v: _as_int(k, v, 1, 4096), 64)
+    max_wait_ms: float = _key(lambda k, v: _as_float(k, v, 0.0, 1000.0), 0.0)
+    max_queue: int = _key(lambda k, v: _as_int(k, v, 1, 100000), 64)
+    max_body_mb: float = _key(lambda k, v: _as_float(k, v, 0.001, 4096.0), 32.0)
+    max_image_side: int = _key(lambda k, v: _as_int(k, v, 16, 65536), 4096)
+    image_decoder: str = _key(lambda k, v: _as_choice(k, v, ("cpu", "gpu")), "cpu")
+    cuda_graphs: bool = _key(_as_bool, True)
+    compile: bool = _key(_as_bool, False)
+    fused_kernels: str = _key(lambda k, v: _as_auto_bool(k, v), "auto")
+    persistent_layers: bool = _key(_as_bool, True)
+    precision: str = _key(lambda k, v: _as_choice(k, v, ("bf16", "fp8")), "bf16")
+    warmup: bool = _key(_as_bool, True)
+    warmup_num_steps: tuple = _key(lambda k, v: _as_steps_list(k, v), ())
+    image_pad: str = _key(lambda k, v: _as_choice(k, v, ("center", "top_left")), "center")
+    flaggems_cache_dir: str | None = _key(_as_str, None)
+    uvicorn_log_level: str = _key(lambda k, v: _as_choice(k, v, LOG_LEVELS), "warning")
+    access_log: bool = _key(_as_bool, True)
+    openpi: bool = _key(_as_bool, True)
+    openpi_path: str = _key(lambda k, v: _as_route(k, v), "/")
+    openpi_images: Mapping[str, str] = _key(
+        lambda k, v: _as_openpi_images(k, v), factory=lambda: dict(DEFAULT_OPENPI_IMAGES)
+    )
+    openpi_state_keys: tuple = _key(
+        lambda k, v: _as_str_list(k, v, allow_empty=False), DEFAULT_OPENPI_STATE
+    )
+    openpi_prompt_key: str = _key(_as_str, "prompt")
+    api_keys: tuple = _key(lambda k, v: _as_api_keys(k, v), default=(), repr=False)
+    cors_allow_origins: tuple = _key(lambda k, v: _as_str_list(k, v, allow_empty=True), ())
+    drain_timeout_s: float = _key(lambda k, v: _as_float(k, v, 0.0, 3600.0), 10.0)
+    infer_timeout_s: float = _key(lambda k, v: _as_float(k, v, 0.1, 86400.0), 120.0)
+    lerobot_grpc: LerobotGrpcConfig = _key(
+        lambda k, v: _as_lerobot_grpc(k, v), factory=LerobotGrpcConfig
+    )
+    max_prompt_chars: int = _key(lambda k, v: _as_int(k, v, 1, 1_000_000), 2048)
+    max_request_pixels: int = _key(lambda k, v: _as_int(k, v, 256, 2**40), 4096 * 4096)
+    decode_threads: int | None = _key(lambda k, v: _as_int(k, v, 1, 256), None)
+    header_timeout_s: float = _key(lambda k, v: _as_float(k, v, 0.05, 3600.0), 10.0)
+    body_timeout_s: float = _key(lambda k, v: _as_float(k, v, 0.05, 3600.0), 30.0)
+    max_connections: int = _key(lambda k, v: _as_int(k, v, 1, 1_000_000), 512)
+    max_header_kb: float = _key(lambda k, v: _as_float(k, v, 1.0, 65536.0), 64.0)
+    max_json_values: int = _key(lambda k, v: _as_int(k, v, 1000, 2**31), 1_000_000)
+    rtc: Mapping[str, Any] = _key(lambda k, v: _as_rtc(k, v), factory=lambda: dict(RTC_DEFAULTS))
+    # v1 keys kept only so old YAMLs load
+    loader: str | None = None
+    results_path: str | None = None
+    output_format: str | None = None
+    transformations: Any = None
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["cameras"] = dict(self.cameras)
+        out["openpi_images"] = dict(self.openpi_images)
+        out["rtc"] = dict(self.rtc)
+        out["api_keys"] = ["<redacted>"] * len(self.api_keys)  # never written to logs or files
+        return out
+
+
+ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(ServeConfig))
+# each key's parser (its type and range), from the fields
+_PARSERS = {f.name: f.metadata["parse"] for f in dataclasses.fields(ServeConfig) if f.metadata}
 
 
 def _as_rtc(key: str, value) -> dict:
@@ -567,17 +530,6 @@ _RTC_PARSERS = {
     "max_guidance_weight": _as_guidance_weight,
     "execution_horizon": lambda k, v: _as_int(k, v, 1, 4096),
     "gradient": lambda k, v: _as_choice(k, v, RTC_GRADIENTS),
-}
-
-_LEROBOT_GRPC_PARSERS = {
-    "enabled": _as_bool,
-    "host": _as_str,
-    "port": lambda k, v: _as_int(k, v, 0, 65535),  # 0: any free port (logged)
-    "cameras": lambda k, v: _as_cameras(k, v) if v else {},
-    "fps": lambda k, v: _as_float(k, v, 0.1, 10000.0),
-    "obs_queue_timeout_s": lambda k, v: _as_float(k, v, 0.01, 60.0),
-    "max_message_mb": lambda k, v: _as_float(k, v, 0.001, 4096.0),
-    "max_robots": lambda k, v: _as_int(k, v, 1, 1024),
 }
 
 
