@@ -327,7 +327,7 @@ class Robots:
 
 
 class LerobotService:
-    """transport.AsyncInference on the app's worker (cfg, worker, keys, metrics on app.state)."""
+    """transport.AsyncInference on the app's `service.ServeState` (cfg, worker, keys, metrics)."""
 
     def __init__(self, state):
         self.state = state
@@ -488,7 +488,7 @@ def _generic_handler(grpc, service: LerobotService):
 
 
 def start(state):
-    """Start the gRPC server for app.state `state`; returns it (call .stop(grace) at shutdown)."""
+    """Start the gRPC server on the app's ServeState; returns it (call .stop(grace) at shutdown)."""
     try:
         import grpc
     except ImportError:

@@ -7,15 +7,15 @@ metadata (msgpack), then per binary frame: msgpack-numpy observation -> the shar
 "policy_timing": {"infer_ms", "queue_ms", "batch_size"}}. On any error, as openpi's server does: a
 text frame with the error (the traceback for unexpected errors), then close code 1011.
 
-Observation mapping (config; wire.to_observation): nested dicts are flattened with "/" ({"images": {"cam_high": x}} ->
-"images/cam_high"); `openpi_images` maps those keys to model image slots (uint8 or [0, 1] float,
-HWC or CHW); the `openpi_state_keys` present are concatenated and zero-padded to state_dim;
-`openpi_prompt_key` (else `task`, FlagScale's and lerobot's name) is the instruction
-(engine.instruction when both are absent). FlagScale's websocket clients (run_serve_vla.py) send
-`observation.images.<slot>`, `observation.state` and `task`, and read `action`, sent next to
-`actions`. The key `rtc` asks for real-time chunking (flagscale/serve/rtc.py: an explicit
-leftover, or {"executed": k, "inference_delay": d} continuing this connection's last chunk); the
-reply then has "rtc_guided".
+Observation mapping (config; wire.to_observation): nested dicts are flattened with "/"
+({"images": {"cam_high": x}} -> "images/cam_high"); `openpi_images` maps those keys to model
+image slots (uint8 or [0, 1] float, HWC or CHW); the `openpi_state_keys` present are
+concatenated and zero-padded to state_dim; `openpi_prompt_key` (else `task`, FlagScale's and
+lerobot's name) is the instruction (engine.instruction when both are absent). FlagScale's
+websocket clients (run_serve_vla.py) send `observation.images.<slot>`, `observation.state` and
+`task`, and read `action`, sent next to `actions`. The key `rtc` asks for real-time chunking
+(flagscale/serve/rtc.py: an explicit leftover, or {"executed": k, "inference_delay": d}
+continuing this connection's last chunk); the reply then has "rtc_guided".
 """
 
 import asyncio
