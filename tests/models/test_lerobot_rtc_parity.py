@@ -8,11 +8,18 @@ importable (see docs/parity.md); skipped otherwise.
 import pytest
 import torch
 
-from lerobot_harness import RTC_CASES, lerobot_with_rtc, ours_with_rtc, rtc_leftover
+from lerobot_harness import (
+    RTC_CASES,
+    lerobot_with_rtc,
+    ours_with_rtc,
+    require_lerobot,
+    rtc_leftover,
+)
 
 from flagscale.models.pi0.rtc import RTCConfig
 
-lr_parity = pytest.importorskip("test_lerobot_parity")  # skips without lerobot
+require_lerobot()  # skips without lerobot (in CI: run in the reference venv)
+lr_parity = pytest.importorskip("test_lerobot_parity")
 models, loaded = lr_parity.models, lr_parity.loaded  # its module fixtures: the same weights
 
 

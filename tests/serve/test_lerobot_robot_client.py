@@ -1,6 +1,7 @@
 """lerobot's own RobotClient (lerobot 0.4.x, unchanged) driving two stand-in robots (one process
 each) from this server over gRPC. Needs a Python with lerobot and grpcio, given as
-LEROBOT_PYTHON (skipped without it), e.g.
+LEROBOT_PYTHON, else the parity tests' reference venv (tests/models/lerobot_venv.py: built in
+CI, PI0_LEROBOT_PYTHON elsewhere); skipped without either, e.g.
 
     LEROBOT_PYTHON=/path/to/lerobot-venv/bin/python \\
         python -m pytest -q tests/serve/test_lerobot_robot_client.py
@@ -8,6 +9,7 @@ LEROBOT_PYTHON (skipped without it), e.g.
 The robots run in that Python (tests/serve/lerobot_robots.py); the server runs here, so its
 actions can be compared with policy.infer on each robot's observation."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,10 +23,27 @@ pytest.importorskip("grpc")
 wire = pytest.importorskip("lerobot_wire")
 robots = pytest.importorskip("lerobot_robots")
 
-LEROBOT_PYTHON = os.environ.get("LEROBOT_PYTHON")
-pytestmark = pytest.mark.skipif(
-    not LEROBOT_PYTHON, reason="LEROBOT_PYTHON (a Python with lerobot 0.4.x and grpcio) not set"
-)
+
+def _lerobot_python():
+    """LEROBOT_PYTHON, else the reference venv the lerobot parity tests use (None: neither)."""
+    if os.environ.get("LEROBOT_PYTHON"):
+        return os.environ["LEROBOT_PYTHON"]
+    spec = importlib.util.spec_from_file_location(
+        "lerobot_venv", Path(__file__).parents[1] / "models" / "lerobot_venv.py"
+    )
+    venv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(venv)
+    return venv.reference_python()[0]
+
+
+@pytest.fixture(scope="module")
+def lerobot_python():
+    python = _lerobot_python()
+    if not python:
+        pytest.skip("no Python with lerobot 0.4.x and grpcio (LEROBOT_PYTHON / PI0_LEROBOT_PYTHON)")
+    return python
+
+
 SCRIPT = Path(__file__).with_name("lerobot_robots.py")
 SLOTS = {"front": "base_0_rgb", "wrist": "left_wrist_0_rgb"}
 CHUNK = 10
@@ -48,7 +67,9 @@ def pi05():
 
 
 @pytest.mark.parametrize("policy_type", ["pi0", "pi05"])
-def test_stock_robot_clients_get_policy_actions(policy, pi05, tmp_path, policy_type):
+def test_stock_robot_clients_get_policy_actions(
+    lerobot_python, policy, pi05, tmp_path, policy_type
+):
     """Two robots, one process each (as deployed): every chunk each receives is the policy's
     actions on that robot's own observation, and the two share model calls."""
     if policy_type == "pi05":
@@ -60,7 +81,7 @@ def test_stock_robot_clients_get_policy_actions(policy, pi05, tmp_path, policy_t
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         procs = []
         for index, fps in enumerate((30, 25)):
-            argv = [LEROBOT_PYTHON, str(SCRIPT), "--address", server.address, "--index", str(index)]
+            argv = [lerobot_python, str(SCRIPT), "--address", server.address, "--index", str(index)]
             argv += ["--fps", str(fps), "--seconds", "8", "--actions-per-chunk", str(CHUNK)]
             argv += ["--policy-type", policy_type]
             argv += ["--out", str(tmp_path / f"robot{index}.json")]
