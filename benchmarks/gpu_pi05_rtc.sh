@@ -26,8 +26,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
   | tee -a "$O/device.txt"
 
-step "GPU tests"
-python -m pytest -q -m gpu tests 2>&1 | tail -5 | tee "$O/pytest_gpu.txt"
+step "GPU tests (the model, op and engine layers; tests/serve needs the server packages)"
+python -m pytest -q -m gpu tests/models tests/ops tests/engine 2>&1 | tail -5 | tee "$O/pytest_gpu.txt"
 
 for preset in pi0 pi05; do
   step "$preset latency, B = 1 and 8"

@@ -115,12 +115,15 @@ def attention(q, k, v, mask=None, scale=None):
 
 MATH_ROWS = 1024
 # bf16 x bf16 -> fp32 bmm (aten::bmm.dtype) exists on recent torch only; older ones upcast first.
+# It has no derivative: under autograd (RTC's "vjp" gradient) the upcast form is used instead.
 BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
 
 def mqa_math(q, k, v, mask, scale):
     """q [B, R, Dh], k/v [B, Lk, Dh], mask [B, R | 1, Lk] -> [B, R, Dh]; fp32 logits and softmax."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and BMM_OUT_DTYPE:
+    differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if q.is_cuda and half and BMM_OUT_DTYPE and not differentiable:
         logits = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32) * scale
     else:
         logits = torch.bmm(q.float(), k.float().transpose(1, 2)) * scale
