@@ -17,7 +17,7 @@ common overrides (any Hydra override works; `+key=value` adds a key the YAML lac
   experiment.exp_dir=/tmp/pi0 (action=stop needs the same one)
   experiment.runner.foreground=true (containers) experiment.envs.USE_FLAGGEMS=true
 
-README.md lists every key; Hydra's own options: python run.py --hydra-help
+docs/configuration.md lists every key; Hydra's own options: python run.py --hydra-help
 """
 
 import sys
