@@ -523,10 +523,7 @@ def parse_args(argv=None):
         help="fused Triton expert kernels: off (both backends: composed ops), auto (native only) "
         "or on (both: the expert's short inputs on the fused kernels, the rest on each backend)",
     )
-    run.add_argument("--timeout", type=float, default=1800, help="seconds per run / request")
-    run.add_argument("--out", help="directory for the .npy/.json results (default: a temp dir)")
-    run.add_argument("--json", help="also write the report here")
-    run.add_argument("--no-fail", action="store_true", help="exit 0 even if a target fails")
+    _add_output_args(run)
     child = p.add_argument_group("internal (one backend per process)")
     child.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     child.add_argument("--backend", default="native", help=argparse.SUPPRESS)
@@ -537,6 +534,13 @@ def parse_args(argv=None):
     if not (args.child or args.urls or args.random or args.model):
         p.error("give --random (with --preset), --model DIR, or --urls")
     return args
+
+
+def _add_output_args(run):
+    run.add_argument("--timeout", type=float, default=1800, help="seconds per run / request")
+    run.add_argument("--out", help="directory for the .npy/.json results (default: a temp dir)")
+    run.add_argument("--json", help="also write the report here")
+    run.add_argument("--no-fail", action="store_true", help="exit 0 even if a target fails")
 
 
 def main(argv=None) -> int:
