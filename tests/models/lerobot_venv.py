@@ -39,7 +39,8 @@ REQUIREMENTS = [
     "deepdiff",
     "av",
     "einops",
-    "grpcio",
+    "grpcio",  # lerobot's async inference (RobotClient test)
+    "protobuf",
     "pytest",
 ]
 LEROBOT = "lerobot==0.4.4"
@@ -70,10 +71,15 @@ def reference_python() -> tuple:
     default = Path.home() / ".cache" / "flagscale-pi0" / VENV_NAME
     venv = Path(os.environ.get("PI0_LEROBOT_VENV_DIR", default))
     python = venv / "bin" / "python"
-    if (venv / ".complete").exists():
+    marker = venv / ".complete"
+    if marker.exists() and marker.read_text() == _marker_text():  # else: rebuilt (new requirements)
         return str(python), None
     error = _build(venv, python)
     return (None, error) if error else (str(python), None)
+
+
+def _marker_text() -> str:
+    return " ".join(REQUIREMENTS + [LEROBOT]) + "\n"
 
 
 def _build(venv: Path, python: Path):
@@ -95,5 +101,5 @@ def _build(venv: Path, python: Path):
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             return f"building the lerobot venv failed: {' '.join(argv[:4])}: {' | '.join(tail)}"
-    (venv / ".complete").write_text(" ".join(REQUIREMENTS + [LEROBOT]) + "\n")
+    (venv / ".complete").write_text(_marker_text())
     return None
