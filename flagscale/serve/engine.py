@@ -80,36 +80,23 @@ def _construct_policy(cfg: ServeConfig):
     ops = build_ops(cfg.ops, cache_dir=cfg.flaggems_cache_dir) if cfg.ops == "flaggems" else cfg.ops
 
     set_determinism(cfg)
-    if cfg.random_init:
-        logger.warning(RANDOM_BANNER)
-        return PI0Policy.random(
-            preset=demo_preset(cfg),
-            device=cfg.device,
-            dtype=cfg.torch_dtype,
-            seed=cfg.seed or 0,
-            tokenizer_path=cfg.tokenizer,
-            ops=ops,
-            stat_path=cfg.stat_path,
-            pad_mode=cfg.image_pad,
-            fused_kernels=cfg.fused_kernels,
-            persistent_layers=cfg.persistent_layers,
-            precision=cfg.precision,
-            normalization_mapping=dict(cfg.normalization_mapping),  # a PI0Config field
-        )
-    return PI0Policy.from_pretrained(
-        cfg.model,
+    common = dict(
         tokenizer_path=cfg.tokenizer,
         stat_path=cfg.stat_path,
         device=cfg.device,
         dtype=cfg.torch_dtype,
         ops=ops,
-        preset=cfg.preset,
         pad_mode=cfg.image_pad,
         fused_kernels=cfg.fused_kernels,
         persistent_layers=cfg.persistent_layers,
-        variant=cfg.model_variant,
         precision=cfg.precision,
-        normalization_mapping=dict(cfg.normalization_mapping),
+        normalization_mapping=dict(cfg.normalization_mapping),  # a PI0Config field
+    )
+    if cfg.random_init:
+        logger.warning(RANDOM_BANNER)
+        return PI0Policy.random(preset=demo_preset(cfg), seed=cfg.seed or 0, **common)
+    return PI0Policy.from_pretrained(
+        cfg.model, preset=cfg.preset, variant=cfg.model_variant, **common
     )
 
 
