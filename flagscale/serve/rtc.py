@@ -17,7 +17,7 @@ import numpy as np
 
 from flagscale.serve.config import ServeConfig
 from flagscale.serve.errors import RequestError
-from flagscale.serve.schemas import _to_array as to_array
+from flagscale.serve.schemas import to_array
 
 FIELDS = ("prev_chunk_left_over", "inference_delay", "execution_horizon")
 CONNECTION_FIELDS = ("executed", "inference_delay", "execution_horizon")

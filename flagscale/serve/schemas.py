@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
 
-def _to_array(value):
+def to_array(value):
     """Nested list of numbers -> float64 array (shape checks happen in the app)."""
     if value is None:
         return None
@@ -46,7 +46,7 @@ def _all_numbers(value, depth: int = 0) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-FloatArray = Annotated[Any, BeforeValidator(_to_array)]
+FloatArray = Annotated[Any, BeforeValidator(to_array)]
 StrictInt = Annotated[int, Strict()]
 
 
