@@ -87,14 +87,12 @@ def build_deployment(serve_section: dict, options: DeployOptions, drain_s: float
         def __serve_build_asgi_app__(self):
             from flagscale.serve.app import create_app
             from flagscale.serve.config import load_serve_config
-            from flagscale.serve.engine import build_policy, set_environment
+            from flagscale.serve.engine import set_environment
 
             cfg = load_serve_config(self._section)
             set_environment(cfg)
             replica_id = serve.get_replica_context().replica_id.unique_id
-            self._app = create_app(
-                None, cfg, load_policy=lambda: build_policy(cfg), replica_id=replica_id
-            )
+            self._app = create_app(None, cfg, replica_id=replica_id)
             return self._app
 
         def check_health(self):

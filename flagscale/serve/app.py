@@ -65,8 +65,9 @@ def create_app(
     env=None,
     replica_id: str | None = None,
 ) -> FastAPI:
-    """Build the app around a ready `policy`, or pass policy=None and `load_policy` (called in the
-    inference thread once the server runs; /health answers "loading" (503) until it is warmed up).
+    """Build the app around `policy`, or with policy=None the one `load_policy()` returns, or
+    else the one the config names (built in the inference thread once the server runs; /health
+    answers "loading" (503) until it is checked and warmed up).
 
     cfg: a ServeConfig, or anything load_serve_config accepts. on_failure(exc) runs in the
     inference thread if loading or warm-up fails (the server keeps answering /health "failed").
@@ -74,12 +75,9 @@ def create_app(
     add API keys (PI0_API_KEYS). replica_id is echoed as X-Replica-ID (Ray Serve replicas).
     """
     cfg = load_serve_config(cfg)
-    engine = Engine(cfg)
+    engine = Engine(cfg, policy, build=load_policy)
     worker = InferenceWorker(
-        policy,
-        load_policy=load_policy,
-        prepare=engine.prepare,
-        before_batch=engine.before_batch,
+        engine.load,
         max_batch_size=cfg.max_batch_size,
         max_wait_ms=cfg.max_wait_ms,
         max_queue=cfg.max_queue,

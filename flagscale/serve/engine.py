@@ -1,21 +1,20 @@
-"""The Pi0 policy's server engine: from a config to a ready policy.
+"""The Pi0 policy's server engine: from a config to a ready policy (the CLI, run_serve_pi0.py, and
+Ray Serve, runner/ray_serve.py, both start here).
 
-`set_environment` (before torch is imported) and `build_policy` (in the inference thread: build or
-load the policy, turn on CUDA graphs) are what the CLI (run_serve_pi0.py) and Ray Serve
-(runner/ray_serve.py) hand the app as `load_policy`.
-
-`load_fixed_noise` reads engine.fixed_noise; `prepare_policy` runs in the inference thread once the
-policy is built: checks its dimensions against the config, sets its RTC config, warms up (and on a
-GPU captures CUDA graphs for every batch bucket and num_steps value) and probes one inference.
-`Engine` holds one app's start-up: the fixed noise, the image decoders (engine.image_decoder:
-the GPU decoder is made here) and the worker's `prepare` / `before_batch`.
+`set_environment` runs before torch is imported. `Engine.load` runs in the inference thread:
+`build_policy` (build or load the policy, turn on CUDA graphs), then `prepare_policy` (check its
+dimensions against the config, set its RTC config, warm up, and on a GPU capture CUDA graphs for
+every batch bucket and num_steps value, probe one inference), then the image decoders
+(engine.image_decoder: gpu makes the GPU decoder here).
 """
 
+import dataclasses
 import os
 import random
 import time
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -185,26 +184,36 @@ def load_fixed_noise(path: str | None) -> np.ndarray | None:
     return noise
 
 
-class Engine:
-    """A config's start-up: fixed noise and decode threads now; `prepare` (the worker's, in the
-    inference thread) checks and warms the policy and makes the image decoders. `codecs`: the
-    request thread's decoders (base64 text -> images, prompts -> tokens, cached by the policy)
-    and the inference thread's (a batch's deferred JPEGs -> pixels)."""
+@dataclasses.dataclass
+class Loaded:
+    """What `load()` hands the worker: the policy, checked and warmed up, and the step a batch's
+    observations take in this thread before the model call (the GPU JPEG decoder), if any."""
 
-    def __init__(self, cfg: ServeConfig):
+    policy: Any
+    prepare_batch: Callable[[list], list] | None = None
+
+
+class Engine:
+    """One app's start-up. Now: the fixed noise and the decode threads. In the inference thread,
+    `load()`: build the policy (from the config, or `build()`, or take the one given), check and
+    warm it up, make the image decoders, and hand the worker a `Loaded`. `codecs`: the request
+    thread's decoders (base64 text -> images, prompts -> tokens, cached by the policy) and the
+    inference thread's (a batch's deferred JPEGs -> pixels; with image_decoder: gpu)."""
+
+    def __init__(self, cfg: ServeConfig, policy=None, build=None):
         self.cfg = cfg
         self.fixed_noise = load_fixed_noise(cfg.fixed_noise)
         if cfg.decode_threads is not None:
             set_decode_threads(cfg.decode_threads)
         self.codecs = {"images": decode_images, "frames": None, "prompts": None}
+        self._policy = policy
+        self._build = build if build is not None else (lambda: build_policy(cfg))
 
-    def prepare(self, policy) -> None:
+    def load(self) -> Loaded:
+        policy = self._policy if self._policy is not None else self._build()
         prepare_policy(policy, self.cfg, self.fixed_noise)
         self.codecs["prompts"] = getattr(policy, "warm_prompts", None)
         if self.cfg.image_decoder == "gpu":  # in the inference thread: a failure fails start-up
             gpu = GpuJpegDecoder(self.cfg.device)
             self.codecs.update(images=gpu, frames=gpu.decode_frames)
-
-    def before_batch(self, observations: list) -> list:
-        frames = self.codecs["frames"]
-        return frames(observations) if frames else observations
+        return Loaded(policy, prepare_batch=self.codecs["frames"])

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script path: make the repo root import
 
 from flagscale.logger import get_logger  # noqa: E402
 from flagscale.serve.config import ConfigError, ServeConfig, load_serve_config  # noqa: E402
-from flagscale.serve.engine import build_policy, set_environment  # noqa: E402
+from flagscale.serve.engine import set_environment  # noqa: E402
 
 logger = get_logger("flagscale.serve.run_serve_pi0")
 
@@ -92,7 +92,7 @@ def serve(cfg: ServeConfig, log_dir: str | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(None, cfg, load_policy=lambda: build_policy(cfg), on_failure=on_failure)
+    app = create_app(None, cfg, on_failure=on_failure)  # the engine builds the policy
     app.state.log_dir = log_dir  # in /info: action=stop with another exp_dir can name this one
     config = uvicorn_config(
         app,

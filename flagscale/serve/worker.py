@@ -1,10 +1,11 @@
-"""One inference thread that owns the policy: load, warm up, then micro-batched `infer_batch` calls.
+"""One inference thread that owns the policy: `load()` (the engine's: build, check, warm up), then
+micro-batched `infer_batch` calls.
 
 Requests are queued (bounded by max_queue). The thread takes the oldest request, then gathers more
 requests with the same num_steps until max_batch_size observations are collected or max_wait_ms has
 passed, and calls `policy.infer_batch` once. Requests with real-time chunking (`rtc`) batch only
-with each other: their model call runs the guided sampler (eager), plain batches keep theirs. Only this thread ever touches the policy, so two model
-calls never run concurrently. If a batch of several requests fails, each request is re-run alone so
+with each other: their model call runs the guided sampler (eager), plain batches keep theirs. Only
+this thread ever touches the policy, so two model calls never run concurrently. If a batch of several requests fails, each request is re-run alone so
 only the faulty one gets the error.
 """
 
@@ -15,9 +16,12 @@ import dataclasses
 import threading
 import time
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from flagscale.logger import get_logger
+
+if TYPE_CHECKING:
+    from flagscale.serve.engine import Loaded
 
 logger = get_logger("flagscale.serve.worker")
 
@@ -66,29 +70,24 @@ class JobResult:
 class InferenceWorker:
     def __init__(
         self,
-        policy=None,
+        load: Callable[[], "Loaded"],
         *,
-        load_policy: Callable[[], Any] | None = None,
-        prepare: Callable[[Any], None] | None = None,
         max_batch_size: int = 8,
         max_wait_ms: float = 2.0,
         max_queue: int = 64,
         on_failure: Callable[[BaseException], None] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
-        before_batch: Callable[[list], list] | None = None,
     ):
-        if policy is None and load_policy is None:
-            raise ValueError("InferenceWorker needs a policy or a load_policy callable")
-        self._policy = policy
-        self._load_policy = load_policy
-        self._prepare = prepare
+        """load() runs first in the inference thread. Observers: on_failure(exc) if it fails
+        (the worker then refuses requests as "failed"), on_batch(observations, model seconds)
+        after each model call (the metrics)."""
+        self._load_fn = load
+        self._loaded: "Loaded | None" = None
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.on_failure = on_failure
-        self.on_batch = on_batch  # (observations, model seconds) after each model call
-        # observations -> observations, in this thread before each model call (GPU decoding)
-        self.before_batch = before_batch
+        self.on_batch = on_batch
         self.busy_since: float | None = None  # monotonic start of the running model call
         self.state = LOADING
         self.error: str | None = None
@@ -102,7 +101,7 @@ class InferenceWorker:
 
     @property
     def policy(self):
-        return self._policy if self.state == READY else None
+        return self._loaded.policy if self.state == READY else None
 
     @property
     def ready(self) -> bool:
@@ -243,10 +242,7 @@ class InferenceWorker:
 
     def _load(self) -> bool:
         try:
-            if self._policy is None:
-                self._policy = self._load_policy()
-            if self._prepare is not None and not self._stopping:
-                self._prepare(self._policy)
+            loaded = self._load_fn()
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             logger.exception("loading the policy failed")
@@ -257,6 +253,7 @@ class InferenceWorker:
         with self._cond:
             if self._stopping:
                 return False
+            self._loaded = loaded
             self.state = READY
         logger.info("policy ready")
         return True
@@ -321,10 +318,11 @@ class InferenceWorker:
         self.busy_since = time.monotonic()
         self._running = jobs
         try:
-            if self.before_batch is not None:
-                observations = self.before_batch(observations)
+            loaded = self._loaded
+            if loaded.prepare_batch is not None:
+                observations = loaded.prepare_batch(observations)
             extra = {"rtc": [r for job in jobs for r in job.rtc]} if jobs[0].guided else {}
-            outputs = self._policy.infer_batch(
+            outputs = loaded.policy.infer_batch(
                 observations, num_steps=jobs[0].num_steps, noise=noises, seeds=seeds, **extra
             )
         finally:

@@ -23,7 +23,6 @@ from serve_helpers import CLIENT, SAMPLE_IMAGES, LiveServer
 
 from flagscale.serve.app import create_app
 from flagscale.serve.config import ConfigError, load_serve_config
-from flagscale.serve.engine import build_policy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "flagscale"
 SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
@@ -79,7 +78,7 @@ def edited(name: str, workspace: dict, **changes) -> list:
 def served(workspace):
     """Our server started from their pi0 task file (bound to loopback, noise seed 0)."""
     cfg = load_serve_config(edited("pi0/serve/pi0.yaml", workspace, host="127.0.0.1", seed=0))
-    app = create_app(None, cfg, load_policy=lambda: build_policy(cfg))
+    app = create_app(None, cfg)
     with LiveServer(app) as server:
         server.wait_ready()
         yield server
@@ -182,7 +181,7 @@ def served05(workspace05):
     """Our server started from their Pi0.5 task file (run_serve_pi.py era: use_quantiles false)."""
     data = edited("pi0_5/serve/pi0_5.yaml", workspace05, host="127.0.0.1", seed=0)
     cfg = load_serve_config(data)
-    app = create_app(None, cfg, load_policy=lambda: build_policy(cfg))
+    app = create_app(None, cfg)
     with LiveServer(app) as server:
         server.wait_ready()
         yield server
@@ -297,7 +296,7 @@ def test_pi0_5_demo_with_their_client_flags(tmp_path):
 
     cfg = load_serve_config(REPO / "examples/pi0_5/conf/serve/pi0_5_demo.yaml", env={})
     assert (cfg.port, cfg.model_variant) == (5000, "pi0.5")
-    app = create_app(None, cfg, load_policy=lambda: build_policy(cfg))
+    app = create_app(None, cfg)
     path, out = tmp_path / "state.pt", tmp_path / "actions.npy"
     torch.save(torch.tensor(STATE, dtype=torch.float32), path)
     images = [arg for i, p in enumerate(SAMPLE_IMAGES) for arg in (f"--img{i + 1}", p)]

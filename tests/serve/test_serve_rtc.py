@@ -220,10 +220,11 @@ class RecordingPolicy:
 
 
 def test_worker_batches_rtc_requests_only_with_each_other():
+    from flagscale.serve.engine import Loaded
     from flagscale.serve.worker import InferenceWorker
 
     policy = RecordingPolicy()
-    worker = InferenceWorker(policy, max_batch_size=8, max_wait_ms=200)
+    worker = InferenceWorker(lambda: Loaded(policy), max_batch_size=8, max_wait_ms=200)
     guide = {"prev_chunk_left_over": np.zeros((3, 2), np.float32), "inference_delay": 1}
     with worker._cond:  # queue everything before the thread takes the first job
         worker.state = "ready"

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from flagscale.serve.engine import Loaded
 from flagscale.serve.worker import InferenceWorker, NotReady, QueueFull
 
 
@@ -51,7 +52,7 @@ def make_worker():
 
     def _make(policy, **kwargs):
         kwargs.setdefault("max_wait_ms", 30)
-        worker = InferenceWorker(policy, **kwargs)
+        worker = InferenceWorker(lambda: Loaded(policy), **kwargs)
         worker.start()
         assert worker.wait_ready(5)
         workers.append(worker)
@@ -142,7 +143,7 @@ def test_not_ready_while_loading_then_ready():
     release = threading.Event()
     policy = GatedPolicy()
     policy.gate.set()
-    worker = InferenceWorker(load_policy=lambda: release.wait(10) and policy)
+    worker = InferenceWorker(lambda: release.wait(10) and Loaded(policy))
     worker.start()
     try:
         assert worker.state == "loading"
@@ -162,7 +163,7 @@ def test_load_failure_is_reported():
     def broken():
         raise FileNotFoundError("no config.json in /models/x")
 
-    worker = InferenceWorker(load_policy=broken, on_failure=failures.append)
+    worker = InferenceWorker(broken, on_failure=failures.append)
     worker.start()
     assert not worker.wait_ready(5)
     assert worker.state == "failed"
