@@ -5,8 +5,8 @@ Requests are queued (bounded by max_queue). The thread takes the oldest request,
 requests with the same num_steps until max_batch_size observations are collected or max_wait_ms has
 passed, and calls `policy.infer_batch` once. Requests with real-time chunking (`rtc`) batch only
 with each other: their model call runs the guided sampler (eager), plain batches keep theirs. Only
-this thread ever touches the policy, so two model calls never run concurrently. If a batch of several requests fails, each request is re-run alone so
-only the faulty one gets the error.
+this thread ever touches the policy, so two model calls never run concurrently. If a batch of
+several requests fails, each request is re-run alone so only the faulty one gets the error.
 """
 
 import asyncio
