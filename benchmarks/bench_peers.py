@@ -15,7 +15,8 @@ call with inputs already on the GPU, after warm-up):
 A peer's packages live in a target directory of their own (`--peer-root`), filled from the wheels in
 `--wheels` at run time (pip, no index): the peer's transformers 4.53.2 never meets this repo's
 environment, and the FlagScale wheel's `flagscale` package never meets this repo's. Every worker is
-`python bench_peers.py --worker NAME ...` with its own PYTHONPATH; it prints one `RESULT {json}` line.
+`python bench_peers.py --worker NAME ...` with its own PYTHONPATH; it prints one `RESULT {json}`
+line.
 """
 
 import argparse
@@ -270,8 +271,8 @@ def install_site(peer, wheels, peer_root, python):
     return _with_flagscale(peer, wheels, peer_root, paths)
 
 
-AV_STUB = '''"""Stand-in for PyAV (a 36 MB wheel): lerobot.datasets.video_utils imports it at module level,
-lerobot's policies never decode video. Any other use fails loudly."""
+AV_STUB = '''"""Stand-in for PyAV (a 36 MB wheel): lerobot.datasets.video_utils imports it at
+module level, lerobot's policies never decode video. Any other use fails loudly."""
 import types
 
 logging = types.SimpleNamespace(WARNING=24)  # FFmpeg's AV_LOG_WARNING: a default argument

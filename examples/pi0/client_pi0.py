@@ -13,11 +13,12 @@ Sends the JPEG files as base64 under the model's image names (`observation.image
 `..left_wrist_0_rgb`, `..right_wrist_0_rgb`, which every server config accepts), the state as
 `eef_pose` (the model's state in v1), `state` and `qpos`. A missing image file is an error; to
 send a camera masked, say so with `--mask <camera>`. Prints the action shape, a few values, server
-timing and round-trip latency. With `--rtc-delay D --repeat N`, every request after the first asks for real-time chunking
-(`rtc`): it sends the previous chunk's actions after the first `--rtc-executed` (the leftover) and
-inference_delay D, and prints how close the first D new actions are to the leftover. Exit codes:
-0 ok, 1 the server answered an error, 2 bad arguments, 3 server unreachable, 4 timeout. Needs only
-numpy and the standard library (and torch to read a .pt state file).
+timing and round-trip latency. With `--rtc-delay D --repeat N`, every request after the first asks
+for real-time chunking (`rtc`): it sends the previous chunk's actions after the first
+`--rtc-executed` (the leftover) and inference_delay D, and prints how close the first D new actions
+are to the leftover. Exit codes: 0 ok, 1 the server answered an error, 2 bad arguments, 3 server
+unreachable, 4 timeout. Needs only numpy and the standard library (and torch to read a .pt state
+file).
 """
 
 import argparse

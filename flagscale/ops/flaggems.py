@@ -16,9 +16,9 @@ FlagGems entry point or kept native; the table's `routes` says which, in words:
     gelu_tanh   flag_gems.gelu(approximate="tanh")
     geglu       flag_gems.geglu (fused gate|up input, gelu_tanh(gate) * up in fp32, one rounding)
     silu        flag_gems.silu
-    attention   flag_gems.scaled_dot_product_attention, MQA via enable_gqa, Pi0's additive float mask
-                broadcast over heads (never a bool mask: FlagGems inverts those); head_dim outside
-                {16, 32, 64, 128, 256} (SigLIP's 72) falls back to native SDPA, logged once
+    attention   flag_gems.scaled_dot_product_attention, MQA via enable_gqa, Pi0's additive float
+                mask broadcast over heads (never a bool mask: FlagGems inverts those); head_dim
+                outside {16, 32, 64, 128, 256} (SigLIP's 72) falls back to native SDPA, logged once
 
 `flag_gems` is imported only when a FlagGems table is built (it needs a GPU and initialises CUDA at
 import). The fused residual RMSNorm (`flag_gems.fused_add_rms_norm`, in place) is not used: the

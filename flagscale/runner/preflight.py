@@ -63,5 +63,6 @@ def check_flaggems_installed() -> None:
     if missing:
         raise RunnerError(
             f"FlagGems ops are selected but {' and '.join(missing)} cannot be found; install: "
-            f"{FLAGGEMS_INSTALL}; or serve with native ops: USE_FLAGGEMS=0 / serve.engine.ops=native"
+            f"{FLAGGEMS_INSTALL}; or serve with native ops: USE_FLAGGEMS=0 / "
+            "serve.engine.ops=native"
         )

@@ -1,8 +1,8 @@
 """Serve runner: resolve the config, pre-flight checks, start the Pi0 server, wait, stop.
 
 Layout under ``<exp_dir>/serve_logs`` (FlagScale's): ``scripts/serve.yaml`` (resolved config the
-server reads), ``host_0_localhost.output`` (server stdout+stderr, appended), ``pids/host_0_localhost.pid``
-(+ ``.pid.json`` with the create time, see ``process.py``).
+server reads), ``host_0_localhost.output`` (server stdout+stderr, appended),
+``pids/host_0_localhost.pid`` (+ ``.pid.json`` with the create time, see ``process.py``).
 """
 
 import importlib.util

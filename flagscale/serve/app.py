@@ -189,7 +189,7 @@ def _schema_ref(model) -> dict:
     return {"content": {"application/json": {"schema": model.model_json_schema()}}}
 
 
-# /infer reads its raw body (bounded size, exact errors); describe it for OpenAPI clients and fuzzers.
+# /infer reads its raw body (bounded size, exact errors); described for OpenAPI clients and fuzzers
 INFER_OPENAPI = {
     "requestBody": {"required": True, **_schema_ref(InferRequest)},
     "responses": {

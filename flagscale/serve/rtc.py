@@ -113,7 +113,7 @@ def http_requests(value, batch_size: int, cfg: ServeConfig) -> list | None:
 
 
 class ConnectionRTC:
-    """One openpi connection's RTC state: the last chunk sent on it (for the per-connection form)."""
+    """One openpi connection's RTC state: the last chunk sent on it (the per-connection form)."""
 
     def __init__(self):
         self.last_chunk = None  # float32 [action_horizon, action_dim]

@@ -6,7 +6,8 @@ variant).
 
 The port opens at once; /health answers "loading" (503) while the policy loads and warms up in the
 inference thread, then "healthy". SIGTERM / SIGINT shut down gracefully: the port closes at once,
-in-flight requests finish (at most engine.drain_timeout_s), then exit 0; a failed load exits 1. Logs go to stdout/stderr (the launcher redirects them).
+in-flight requests finish (at most engine.drain_timeout_s), then exit 0; a failed load exits 1.
+Logs go to stdout/stderr (the launcher redirects them).
 """
 
 import argparse

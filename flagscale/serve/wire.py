@@ -424,7 +424,7 @@ def openpi_reply(actions: np.ndarray, result, preprocess_ms: float, rtc_guided) 
     }
 
 
-# ---------------------------------------------------------------- openpi and FlagScale websocket frames
+# ---------------------------------------------------------- openpi and FlagScale websocket frames
 
 
 def to_observation(data: bytes, cfg: ServeConfig) -> tuple:

@@ -1,1 +1,2 @@
-"""Command-line tools: `python -m flagscale.tools.compare_backends` (native vs FlagGems accuracy and latency)."""
+"""Command-line tools: `python -m flagscale.tools.compare_backends` (native vs FlagGems accuracy
+and latency)."""

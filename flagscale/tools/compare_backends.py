@@ -1,29 +1,30 @@
-"""Compare op backends on the same Pi0 inputs and fixed noise: FlagGems vs native vs an fp32 reference.
+"""Compare op backends on the same Pi0 inputs and fixed noise: FlagGems vs native vs fp32 reference.
 
     # full-size random weights (no checkpoint needed), 3 cameras, 10 steps, B=1
     python -m flagscale.tools.compare_backends --preset pi0 --random
     # a real checkpoint
     python -m flagscale.tools.compare_backends --model /models/lerobot/pi0 \\
         --tokenizer /models/google/paligemma-3b-pt-224
-    # two running servers (baseline first), same v1 body and seed; an optional third is the reference
+    # two running servers (baseline first), same v1 body and seed; an optional third: the reference
     python -m flagscale.tools.compare_backends --urls http://a:9010 http://b:9011
 
 Each backend runs in its own process (this module re-runs itself with --child), so FlagGems is never
 imported into the native run. Runs: native (--dtype, default bfloat16), the candidate (default
 flaggems, same dtype) and a float32 native reference whose weights are the bf16-rounded ones
 (--reference-weights rounded: the reference isolates arithmetic error; `exact` keeps the unrounded
-weights). Printed: MAPE, median APE, max abs error, relative L2 and cosine similarity of the candidate
-vs native, and of each vs the reference, plus the targets (rel L2 <= 1 %, MAPE < 1.4152 %, candidate
-error vs reference <= 1.5x native's; with --latency, candidate model time <= 1.25x native's, graphed
-if --graphs). Exit code 1 if a target fails (--no-fail: always 0).
+weights). Printed: MAPE, median APE, max abs error, relative L2 and cosine similarity of the
+candidate vs native, and of each vs the reference, plus the targets (rel L2 <= 1 %, MAPE < 1.4152 %,
+candidate error vs reference <= 1.5x native's; with --latency, candidate model time <= 1.25x
+native's, graphed if --graphs). Exit code 1 if a target fails (--no-fail: always 0).
 
 MAPE = mean(|a - b| / |b|) over elements: an element whose baseline value is near zero turns a tiny
-absolute difference into a huge percentage, so MAPE grows with the share of near-zero outputs (random
-weights give many). Relative L2 and cosine do not; "MAPE |b| >= 10% rms" drops those elements.
+absolute difference into a huge percentage, so MAPE grows with the share of near-zero outputs
+(random weights give many). Relative L2 and cosine do not; "MAPE |b| >= 10% rms" drops those
+elements.
 
 --latency N also times the model call (CUDA events, median of N after 3 warm-ups; eager, and with
---graphs under whole-request CUDA graphs). --warm-restart runs the candidate a second time in a fresh
-process on the same cache (cold vs warm first call; --cold-cache starts from an empty cache).
+--graphs under whole-request CUDA graphs). --warm-restart runs the candidate a second time in a
+fresh process on the same cache (cold vs warm first call; --cold-cache starts from an empty cache).
 """
 
 import argparse
@@ -459,7 +460,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{label:28}" + "".join(f"{report[c][key]:>26.6g}" for c in cols))
     if "candidate_restart_max_abs" in report:
         lines.append(
-            f"candidate run-to-run (separate processes) max abs: {report['candidate_restart_max_abs']:.3g}"
+            "candidate run-to-run (separate processes) max abs: "
+            f"{report['candidate_restart_max_abs']:.3g}"
         )
     for name, meta in (report.get("runs") or {}).items():
         if meta:

@@ -1,4 +1,4 @@
-"""Pi0 / Pi0.5 configuration: model dimensions (named presets) plus the lerobot `config.json` fields.
+"""Pi0 / Pi0.5 configuration: model dimensions (named presets) plus lerobot's `config.json` fields.
 
 A checkpoint directory's `config.json` is read with both lerobot spellings (G1 `num_steps`, G3
 `num_inference_steps`). Model dimensions come from, in order: an explicit `"pi0_dims"` block in
@@ -51,7 +51,7 @@ class VisionDims:
 
 @dataclass(frozen=True)
 class TowerDims:
-    """A Gemma tower. Both towers must share depth, heads, kv_heads and head_dim (joint attention)."""
+    """A Gemma tower. Both towers share depth, heads, kv_heads and head_dim (joint attention)."""
 
     width: int
     depth: int

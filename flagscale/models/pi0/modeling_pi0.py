@@ -1,4 +1,4 @@
-"""Pi0 and Pi0.5: SigLIP + Gemma (prefix tower) + Gemma action expert (suffix tower), inference only.
+"""Pi0 and Pi0.5: SigLIP + Gemma (prefix tower) + Gemma action expert (suffix tower); inference.
 
 Axes: B batch, N cameras, P prefix tokens (N*256 image + 48 language), S suffix tokens
 (1 state + chunk actions), L layers, H query heads, Dh head dim (one K/V head: MQA), W width.
@@ -66,7 +66,7 @@ def make_attn_mask(pad_mask: torch.Tensor, ar_mask: torch.Tensor) -> torch.Tenso
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """bool mask -> additive float mask (0 keep, -2.3819763e38 drop); no host copies (graph-safe)."""
+    """bool mask -> additive float mask (0 keep, -2.3819763e38 drop); no host copy (graph-safe)."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return mask.masked_fill_(~allowed, MASK_VALUE)
 
@@ -175,7 +175,7 @@ class Siglip(nn.Module):
 
     def forward(self, images):  # images [B, 3, S, S] in [-1, 1] -> [B, T, out_width]
         b, p, g = images.shape[0], self.dims.patch, self.dims.image_size // self.dims.patch
-        # Conv(stride = kernel = patch) as a matmul over (c, kh, kw)-ordered patches; fp32 like openpi.
+        # Conv(stride = kernel = patch) as a matmul over (c, kh, kw)-ordered patches, fp32 (openpi)
         patches = images.float().reshape(b, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
         weight = self.patch_embed.float().reshape(self.dims.width, -1)
         x = self.ops.linear(patches.reshape(b, g * g, -1), weight, self.patch_bias.float())
@@ -195,7 +195,7 @@ class Siglip(nn.Module):
 
 
 class GemmaLayer(nn.Module):
-    """One Gemma decoder layer, split at the joint attention: `qkv()` before it, `finish()` after."""
+    """One Gemma decoder layer split at the joint attention: `qkv()` before it, `finish()` after."""
 
     def __init__(self, ops: Ops, dims: TowerDims, eps: float, adaptive: bool = False):
         super().__init__()

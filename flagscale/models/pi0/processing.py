@@ -1,9 +1,9 @@
 """Pre- and post-processing between raw robot data and Pi0 tensors (openpi/lerobot conventions).
 
 Inputs:  camera images (H x W x 3 uint8) -> resize-with-pad -> [-1, 1]; missing cameras -> black,
-         masked; state -> (adapt_to_pi_aloha) -> normalize -> zero-pad; prompt -> BOS + text + "\\n",
-         right-padded to tokenizer_max_length. Pi0.5: the normalized state is discretized into
-         256 bins and written into the prompt ("Task: ..., State: ...;\\nAction: ").
+         masked; state -> (adapt_to_pi_aloha) -> normalize -> zero-pad; prompt -> BOS + text +
+         "\\n", right-padded to tokenizer_max_length. Pi0.5: the normalized state is discretized
+         into 256 bins and written into the prompt ("Task: ..., State: ...;\\nAction: ").
 Outputs: actions (normalized, padded) -> unnormalize -> (adapt_to_pi_aloha) -> cut to action dim.
 """
 
@@ -222,8 +222,8 @@ def clean_task(task: str) -> str:
 
 def pi05_prompt(task: str, state: np.ndarray, max_state_dim: int, padded: bool = True) -> str:
     """The Pi0.5 prompt (lerobot 0.4.4 `Pi05PrepareStateTokenizerProcessorStep`, openpi
-    `PaligemmaTokenizer`): "Task: {task}, State: {bins};\\nAction: ". `padded`: lerobot zero-pads the
-    normalized state to max_state_dim before binning; openpi bins the state as given."""
+    `PaligemmaTokenizer`): "Task: {task}, State: {bins};\\nAction: ". `padded`: lerobot zero-pads
+    the normalized state to max_state_dim before binning; openpi bins the state as given."""
     state = pad_vector(state, max_state_dim) if padded else np.asarray(state, np.float32)
     bins = " ".join(map(str, discretize_state(state)))
     return f"Task: {clean_task(task)}, State: {bins};\nAction: "

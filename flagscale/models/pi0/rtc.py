@@ -173,8 +173,8 @@ def build_guidance(
     config: RTCConfig, requests: Sequence[Optional[RTCRequest]], normalize, chunk: int, width: int
 ) -> Optional[Guidance]:
     """Validated `Guidance` for a batch of requests (`RTCRequest`s or dicts of its fields; None
-    entries: no RTC for that row), or None when no row asks for RTC. `normalize`: unnormalized leftover [n, d] -> normalized [n, d].
-    """
+    entries: no RTC for that row), or None when no row asks for RTC. `normalize`: unnormalized
+    leftover [n, d] -> normalized [n, d]."""
     if all(r is None for r in requests):
         return None
     leftovers, delays, horizons = [], [], []

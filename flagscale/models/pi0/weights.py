@@ -178,7 +178,7 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_files(model_dir: str) -> List[str]:
-    """One `model.safetensors`, or the shards named by `model.safetensors.index.json` (never both)."""
+    """One `model.safetensors` or the shards `model.safetensors.index.json` names (never both)."""
     single = os.path.join(model_dir, "model.safetensors")
     index = os.path.join(model_dir, "model.safetensors.index.json")
     if os.path.isfile(single):
@@ -291,7 +291,7 @@ def check_keys(reader: CheckpointReader, spec: Dict[str, List[str]]):
 
 
 def load_weights(model, model_dir: str, device, dtype, progress: bool = True, reader=None) -> dict:
-    """Fill a (meta-device or materialised) model from `model_dir`. Returns info incl. stats buffers."""
+    """Fill a (meta-device or materialised) model from `model_dir`; returns info incl. stats."""
     reader = reader or CheckpointReader(model_dir)
     check_variant(reader, model.config.variant, model_dir)
     spec = weight_spec(model.config)
