@@ -221,7 +221,7 @@ async def _answer_infer(request: Request, state: ServeState):
         raise RequestError(503, state.worker.not_ready_message())
     body = await wire.read_body(request, cfg.max_body_bytes, cfg.max_body_mb)
     args = (body, cfg, service.noise_shape(policy), state.fixed_noise, state.codecs)
-    if state.codecs["frames"] is not None and len(body) <= INLINE_PARSE_BYTES:
+    if state.codecs.frames is not None and len(body) <= INLINE_PARSE_BYTES:
         # JPEGs are decoded later (image_decoder: gpu): parsing a small body here blocks the loop
         # for ~0.5 ms, less than the hop to a thread costs (0.4 ms less per request, measured)
         batch = wire.parse_and_build(*args)

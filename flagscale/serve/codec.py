@@ -10,7 +10,7 @@ import threading
 import warnings
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -142,6 +142,23 @@ def _or_error(decode, data, max_side: int, budget=None):
         return decode(data, max_side, budget)
     except ImageDecodeError as e:
         return e
+
+
+@dataclasses.dataclass
+class Codecs:
+    """A request's decoders. In the request threads: `images` (base64 text -> pixels; with the GPU
+    decoder, only the JPEG headers) and `prompts` (tokenize and cache new prompts: the policy's
+    `warm_prompts`, once it is loaded). In the inference thread: `frames` (a batch's deferred
+    JPEGs -> pixels; the GPU decoder only)."""
+
+    images: Callable = decode_images
+    frames: Optional[Callable[[list], list]] = None
+    prompts: Optional[Callable[[Sequence[str]], None]] = None
+
+    def warm_prompts(self, prompts: Sequence[str]) -> None:
+        """Tokenize new prompts here (a request thread), not in the inference thread."""
+        if self.prompts is not None:
+            self.prompts(prompts)
 
 
 @dataclasses.dataclass(frozen=True)

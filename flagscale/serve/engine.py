@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flagscale.logger import get_logger
-from flagscale.serve.codec import GpuJpegDecoder, decode_images, set_decode_threads
+from flagscale.serve.codec import Codecs, GpuJpegDecoder, set_decode_threads
 from flagscale.serve.config import ConfigError, ServeConfig, demo_preset
 
 logger = get_logger("flagscale.serve.engine")
@@ -196,24 +196,22 @@ class Loaded:
 class Engine:
     """One app's start-up. Now: the fixed noise and the decode threads. In the inference thread,
     `load()`: build the policy (from the config, or `build()`, or take the one given), check and
-    warm it up, make the image decoders, and hand the worker a `Loaded`. `codecs`: the request
-    thread's decoders (base64 text -> images, prompts -> tokens, cached by the policy) and the
-    inference thread's (a batch's deferred JPEGs -> pixels; with image_decoder: gpu)."""
+    warm it up, make the image decoders (`codecs`), and hand the worker a `Loaded`."""
 
     def __init__(self, cfg: ServeConfig, policy=None, build=None):
         self.cfg = cfg
         self.fixed_noise = load_fixed_noise(cfg.fixed_noise)
         if cfg.decode_threads is not None:
             set_decode_threads(cfg.decode_threads)
-        self.codecs = {"images": decode_images, "frames": None, "prompts": None}
+        self.codecs = Codecs()
         self._policy = policy
         self._build = build if build is not None else (lambda: build_policy(cfg))
 
     def load(self) -> Loaded:
         policy = self._policy if self._policy is not None else self._build()
         prepare_policy(policy, self.cfg, self.fixed_noise)
-        self.codecs["prompts"] = getattr(policy, "warm_prompts", None)
+        self.codecs.prompts = getattr(policy, "warm_prompts", None)
         if self.cfg.image_decoder == "gpu":  # in the inference thread: a failure fails start-up
             gpu = GpuJpegDecoder(self.cfg.device)
-            self.codecs.update(images=gpu, frames=gpu.decode_frames)
-        return Loaded(policy, prepare_batch=self.codecs["frames"])
+            self.codecs.images, self.codecs.frames = gpu, gpu.decode_frames
+        return Loaded(policy, prepare_batch=self.codecs.frames)

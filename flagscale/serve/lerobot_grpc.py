@@ -32,6 +32,7 @@ from flagscale.serve.auth import UNAUTHORIZED, authorized
 from flagscale.serve.config import IMAGE_SLOTS, ServeConfig
 from flagscale.serve.errors import RequestError
 from flagscale.serve.lerobot_pickle import PayloadError, RemotePolicyConfig, TimedObservation
+from flagscale.serve.limits import check_prompt_length
 from flagscale.serve.service import infer_blocking
 from flagscale.serve.worker import NotReady, QueueFull
 
@@ -217,6 +218,10 @@ def to_observation(timed: TimedObservation, setup: Setup, cfg: ServeConfig) -> d
             raise _invalid(f"observation.{e.message}") from None
     task = raw.get("task", cfg.instruction)
     _expect(isinstance(task, str), "observation.task: expected a string")
+    try:
+        check_prompt_length("observation.task", task, cfg)
+    except RequestError as e:
+        raise _invalid(e.message) from None
     return {"images": images, "state": state, "prompt": task}
 
 
@@ -386,6 +391,7 @@ class LerobotService:
         return self.msg.Actions(data=lerobot_pickle.dumps_actions(self._timed(timed, actions)))
 
     def _infer(self, obs: dict) -> np.ndarray:
+        self.state.codecs.warm_prompts([obs["prompt"]])  # tokenized here, not by the model thread
         batch = wire.one_observation(
             obs, self.cfg.num_steps, None, self.cfg, self.state.fixed_noise
         )

@@ -1,5 +1,4 @@
-"""Request limits shared by the HTTP and openpi routes: prompt length, tokenization off the
-inference thread, abandoned requests."""
+"""Request limits shared by the HTTP and openpi routes: prompt length, abandoned requests."""
 
 import asyncio
 
@@ -16,12 +15,6 @@ def check_prompt_length(field: str, prompt: str, cfg: ServeConfig) -> None:
             f"{field}: {len(prompt)} characters; at most {cfg.max_prompt_chars} "
             "(engine.max_prompt_chars)",
         )
-
-
-def warm_prompts(codecs: dict, prompts: list) -> None:
-    """Tokenize new prompts here (a request thread), not in the inference thread."""
-    if codecs["prompts"] is not None:
-        codecs["prompts"](prompts)
 
 
 class ClientGone(Exception):

@@ -32,7 +32,6 @@ from flagscale.logger import get_logger
 from flagscale.serve import msgpack_codec, service, wire
 from flagscale.serve.auth import UNAUTHORIZED, authorized
 from flagscale.serve.errors import RequestError, internal_error
-from flagscale.serve.limits import warm_prompts
 from flagscale.serve.rtc import ConnectionRTC
 from flagscale.serve.service import ServeState
 from flagscale.serve.wire import to_observation
@@ -169,7 +168,7 @@ async def _answer(message: dict, state: ServeState, rtc: ConnectionRTC) -> dict:
 def _prepare(data: bytes, state: ServeState) -> tuple:
     """In a request thread: decode the message and tokenize its prompt (cached by the policy)."""
     obs, num_steps, rtc_value = to_observation(data, state.cfg)
-    warm_prompts(state.codecs, [obs["prompt"]])
+    state.codecs.warm_prompts([obs["prompt"]])
     return obs, num_steps, rtc_value
 
 

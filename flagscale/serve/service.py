@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from flagscale.serve.codec import ImageDecodeError
+from flagscale.serve.codec import Codecs, ImageDecodeError
 from flagscale.serve.config import IMAGE_SLOTS, ServeConfig
 from flagscale.serve.errors import RequestError, internal_error
 from flagscale.serve.metrics import Metrics
@@ -30,9 +30,7 @@ class ServeState:
     cfg: ServeConfig
     worker: InferenceWorker
     metrics: Metrics
-    # request thread: base64 text -> images, prompts -> tokens (cached by the policy);
-    # inference thread: a batch's deferred JPEGs -> pixels (engine.ImageCodecs)
-    codecs: dict
+    codecs: Codecs  # the engine's decoders (images, prompts; a batch's deferred JPEGs)
     fixed_noise: np.ndarray | None = None
     api_keys: tuple = ()
     replica_id: str | None = None

@@ -23,7 +23,7 @@ from flagscale.serve import msgpack_codec
 from flagscale.serve.codec import ImageDecodeError, PixelBudget, decode_images, reduce_large
 from flagscale.serve.config import ServeConfig
 from flagscale.serve.errors import RequestError, check_float32
-from flagscale.serve.limits import check_prompt_length, warm_prompts
+from flagscale.serve.limits import check_prompt_length
 from flagscale.serve.rtc import http_requests as rtc_requests
 from flagscale.serve.schemas import InferRequest, Timing, describe_validation_error
 
@@ -81,8 +81,8 @@ async def _discard(request: Request, size: int, limit: int) -> None:
 
 def parse_and_build(body: bytes, cfg, noise_shape, fixed_noise, codecs) -> "Batch":
     request = parse_request(body, cfg.max_json_values)
-    batch = build_batch(request, cfg, noise_shape, fixed_noise, codecs["images"])
-    warm_prompts(codecs, [obs["prompt"] for obs in batch.observations])
+    batch = build_batch(request, cfg, noise_shape, fixed_noise, codecs.images)
+    codecs.warm_prompts([obs["prompt"] for obs in batch.observations])
     return batch
 
 

@@ -164,6 +164,11 @@ def test_observation_errors(client):
     assert "front: expected a 3-D image" in rpc_error(client.observe, flat)[1]
     nan = wire.observation(JOINTS, CAMERAS, [np.nan] * 6)
     assert "expected a finite number" in rpc_error(client.observe, nan)[1]
+    long_task = wire.observation(JOINTS, CAMERAS, state(3))
+    long_task.observation["task"] = "x" * 100_000  # refused before anything tokenizes it
+    code, details = rpc_error(client.observe, long_task)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "observation.task: 100000 characters" in details and "max_prompt_chars" in details
     stream = [wire.messages().Observation(transfer_state=2, data=b"x")]
     code, details = rpc_error(client._observe, iter(stream))
     assert "without a TRANSFER_END" in details
