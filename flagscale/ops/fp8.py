@@ -29,11 +29,6 @@ def quantize_rows(x: torch.Tensor):
     return values, scale
 
 
-def dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The fp32 numbers that `quantize_rows`' output stands for."""
-    return values.float() * scale
-
-
 def _quantize_activations(x2):
     if x2.is_cuda:
         from flagscale.ops import triton_fused

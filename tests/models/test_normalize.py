@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from safetensors.torch import save_file
+from stats_helpers import load_stats
 
 from flagscale.models.pi0 import normalize as norm
 
@@ -86,18 +87,18 @@ def test_missing_stats_error_names_source_and_keys(tmp_path):
     entry = {"mean": [0.0], "std": [1.0]}
     path.write_text(json.dumps({"observation.state": entry, "action": entry}))
     with pytest.raises(ValueError, match=r"stats.json: QUANTILES normalization of the state .*"):
-        norm.load_stats(str(path), state_mode="QUANTILES")
+        load_stats(str(path), state_mode="QUANTILES")
     with pytest.raises(ValueError, match=r"QUANTILE10 .* action .* missing \['q10', 'q90'\]"):
-        norm.load_stats(str(path), action_mode="QUANTILE10")
+        load_stats(str(path), action_mode="QUANTILE10")
     with pytest.raises(ValueError, match="unknown normalization mode 'BOGUS'"):
-        norm.load_stats(str(path), state_mode="bogus")
+        load_stats(str(path), state_mode="bogus")
 
 
 def test_openpi_norm_stats_quantiles_default_to_openpi_eps(tmp_path):
     path = tmp_path / "norm_stats.json"
     q = {"mean": [0.0], "std": [1.0], "q01": [-2.0], "q99": [2.0]}
     path.write_text(json.dumps({"norm_stats": {"state": q, "actions": q}}))
-    n = norm.load_stats(str(path), state_mode="QUANTILES", action_mode="QUANTILES")
+    n = load_stats(str(path), state_mode="QUANTILES", action_mode="QUANTILES")
     assert n.state.eps == "openpi"
     np.testing.assert_allclose(n.normalize_state(np.array([1.0])), [3.0 / (4 + 1e-6) * 2 - 1])
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from stats_helpers import load_stats
+
 from flagscale.models.pi0 import processing as proc
-from flagscale.models.pi0.normalize import load_stats
 
 
 def test_resize_with_pad_center_keeps_aspect_ratio():

@@ -16,3 +16,8 @@ def attention_reference(q, k, v, mask=None, scale=None):
     probs = torch.softmax(logits, dim=-1).to(v.dtype)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     return out.reshape(b, lq, h * dh)
+
+
+def dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 numbers that `quantize_rows`' output stands for."""
+    return values.float() * scale

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from reference_ops import dequantize_rows
+
 from flagscale.models.pi0 import PI0Policy
 from flagscale.ops import fp8, native_ops
 
@@ -41,7 +43,7 @@ def test_quantize_rows_within_e4m3_rounding():
     xf = x.float()
     torch.testing.assert_close(scale, xf.abs().amax(-1, keepdim=True) / 448.0)
     assert torch.equal(values.float().abs().amax(-1), torch.full((64,), 448.0))  # whole range
-    err = (fp8.dequantize_rows(values, scale) - xf).abs()
+    err = (dequantize_rows(values, scale) - xf).abs()
     # 3 mantissa bits: half an ulp is 2^-4 of the value; subnormals (below 2^-6) step by 2^-9
     assert (err <= xf.abs() * 2.0**-4 + scale * 2.0**-10).all()
 
@@ -58,8 +60,8 @@ def test_linear_matches_dequantized_product():
     w.fp8 = fp8.quantize_rows(w)
     out = fp8.linear(x.view(2, 80, 64), w, bias)
     assert out.shape == (2, 80, 48) and out.dtype == torch.bfloat16
-    xq = fp8.dequantize_rows(*fp8.quantize_rows(x)).double()
-    ref = xq @ fp8.dequantize_rows(*w.fp8).double().t() + bias.double()
+    xq = dequantize_rows(*fp8.quantize_rows(x)).double()
+    ref = xq @ dequantize_rows(*w.fp8).double().t() + bias.double()
     torch.testing.assert_close(
         out.view(160, 48).double(), ref, rtol=1e-2, atol=1e-2 * float(ref.std())
     )

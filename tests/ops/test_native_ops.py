@@ -9,12 +9,12 @@ from reference_ops import attention_reference
 
 from flagscale.models.pi0.modeling_pi0 import (
     additive_mask,
-    apply_rope,
     make_attn_mask,
     posemb_sincos,
     rope_cos_sin,
 )
 from flagscale.ops import native
+from flagscale.ops.native import apply_rope
 
 torch.manual_seed(0)
 

@@ -37,7 +37,7 @@ from flagscale.models.names import check_num_steps
 from flagscale.models.pi0.config import PI0Config, TowerDims, VisionDims
 from flagscale.models.pi0.rtc import Guidance
 from flagscale.ops import Ops, native, native_ops
-from flagscale.ops.native import MASK_VALUE, apply_rope, rope_cos_sin  # noqa: F401 (re-export)
+from flagscale.ops.native import MASK_VALUE, rope_cos_sin
 
 logger = get_logger(__name__)
 

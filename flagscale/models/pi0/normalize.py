@@ -233,18 +233,6 @@ def read_stats_file(path: str, state_key="observation.state", action_key="action
     return RawStats(state, action, path, None, (state_key, action_key))
 
 
-def load_stats(
-    path: str,
-    state_key="observation.state",
-    action_key="action",
-    state_mode="MEAN_STD",
-    action_mode="MEAN_STD",
-    eps: Optional[str] = None,
-) -> Normalizer:
-    """A stats file -> Normalizer with the given modes (default MEAN_STD, Pi0's)."""
-    return read_stats_file(path, state_key, action_key).normalizer(state_mode, action_mode, eps)
-
-
 def _tensor_dict(get) -> Dict[str, np.ndarray]:
     out = {}
     for name in ("mean", "std", "min", "max", "q01", "q99", "q10", "q90"):
