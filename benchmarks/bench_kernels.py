@@ -41,6 +41,22 @@ def graph_ms(fn, reps=5):
     return sorted(times)[len(times) // 2] * 1e3  # us
 
 
+def _weight_set(r, d, batch, prefix, total):
+    """One layer's weights and KV cache (random, `r`-scaled) for `expert_cases`."""
+    cache_k, cache_v = r(batch, total, d.head_dim) * 20, r(batch, total, d.head_dim) * 20
+    return dict(
+        w_qkv=r((d.heads + 2) * d.head_dim, d.width),
+        w_o=r(d.width, d.heads * d.head_dim),
+        w_gu=r(2 * d.mlp, d.width),
+        w_down=r(d.width, d.mlp),
+        ks=cache_k[:, prefix + 1 :],
+        vs=cache_v[:, prefix + 1 :],
+        kv=(cache_k[:, :, None], cache_v[:, :, None]),
+        pkv=(cache_k[:, :prefix, None], cache_v[:, :prefix, None]),
+        cache=(cache_k, cache_v),
+    )
+
+
 def expert_cases(batch, prefix=816, chunk=50, tower="expert", copies=1):
     """The ops of one layer of `tower` ("expert", or "llm" with `chunk` prefix tokens). With
     copies > 1 each call takes the next of `copies` sets of weights and caches, so that (with
@@ -60,22 +76,7 @@ def expert_cases(batch, prefix=816, chunk=50, tower="expert", copies=1):
     pq = r(batch, prefix, d.heads, d.head_dim) * 20  # the prefix's attention (llm shapes)
     pmask = torch.zeros(batch, 1, prefix, device=dev, dtype=bf)
     pmask[:, :, prefix - 37 :] = -2.3819763e38  # prompt padding
-    sets = []
-    for _ in range(copies):
-        cache_k, cache_v = r(batch, total, d.head_dim) * 20, r(batch, total, d.head_dim) * 20
-        sets.append(
-            dict(
-                w_qkv=r((d.heads + 2) * d.head_dim, d.width),
-                w_o=r(d.width, d.heads * d.head_dim),
-                w_gu=r(2 * d.mlp, d.width),
-                w_down=r(d.width, d.mlp),
-                ks=cache_k[:, prefix + 1 :],
-                vs=cache_v[:, prefix + 1 :],
-                kv=(cache_k[:, :, None], cache_v[:, :, None]),
-                pkv=(cache_k[:, :prefix, None], cache_v[:, :prefix, None]),
-                cache=(cache_k, cache_v),
-            )
-        )
+    sets = [_weight_set(r, d, batch, prefix, total) for _ in range(copies)]
     calls = itertools.count()
     nxt = lambda: sets[next(calls) % copies]  # noqa: E731 (advances per call, also in capture)
 

@@ -36,11 +36,15 @@ def is_true(value) -> bool:
     return str(value).strip().lower() in TRUE_STRINGS
 
 
-def flaggems_requested(env=None) -> bool:
-    """FlagScale's convention: USE_FLAGGEMS in {1, true, yes, on} (any case) turns FlagGems on.
-    The only reader of USE_FLAGGEMS."""
+def flaggems_setting(env=None) -> Optional[str]:
+    """USE_FLAGGEMS as written in `env` (default os.environ), or None. The only reader of it."""
     env = os.environ if env is None else env
-    return is_true(env.get(FLAGGEMS_ENV, "false"))
+    return env.get(FLAGGEMS_ENV)
+
+
+def flaggems_requested(env=None) -> bool:
+    """FlagScale's convention: USE_FLAGGEMS in {1, true, yes, on} (any case) turns FlagGems on."""
+    return is_true(flaggems_setting(env))
 
 
 def _op():

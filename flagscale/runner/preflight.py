@@ -16,17 +16,18 @@ FLAGGEMS_INSTALL = (
 
 def check_use_flaggems(envs: Mapping[str, Any], shell: Mapping[str, str]) -> None:
     """USE_FLAGGEMS set in the shell and, to another value, in experiment.envs: refuse to guess."""
-    from flagscale.ops import flaggems_requested
+    from flagscale.ops import FLAGGEMS_ENV, flaggems_requested, flaggems_setting
     from flagscale.runner.launch import env_value
 
-    if "USE_FLAGGEMS" not in shell or envs.get("USE_FLAGGEMS") is None:
+    in_shell, in_config = flaggems_setting(shell), flaggems_setting(envs)
+    if in_shell is None or in_config is None:
         return
-    configured = env_value("USE_FLAGGEMS", envs["USE_FLAGGEMS"])
-    if flaggems_requested(shell) != flaggems_requested({"USE_FLAGGEMS": configured}):
+    configured = env_value(FLAGGEMS_ENV, in_config)
+    if flaggems_requested(shell) != flaggems_requested({FLAGGEMS_ENV: configured}):
         raise RunnerError(
-            f"USE_FLAGGEMS={shell['USE_FLAGGEMS']} in the environment, but the config exports "
+            f"USE_FLAGGEMS={in_shell} in the environment, but the config exports "
             f"experiment.envs.USE_FLAGGEMS={configured} to the server (the config would win): "
-            f"pass experiment.envs.USE_FLAGGEMS={shell['USE_FLAGGEMS']} on the command line, or "
+            f"pass experiment.envs.USE_FLAGGEMS={in_shell} on the command line, or "
             "unset USE_FLAGGEMS"
         )
 

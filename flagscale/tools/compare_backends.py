@@ -478,16 +478,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    src = p.add_argument_group("model")
-    src.add_argument(
-        "--preset",
-        default="pi0",
-        help="dimensions preset for --random (pi0 | tiny | pi05 | pi05_tiny)",
-    )
-    src.add_argument("--random", action="store_true", help="random weights (no checkpoint)")
-    src.add_argument("--model", help="checkpoint directory")
-    src.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
-    src.add_argument("--urls", nargs="+", help="running servers: baseline, candidate[, reference]")
+    _add_model_args(p.add_argument_group("model"))
     run = p.add_argument_group("run")
     run.add_argument("--device", default="cuda")
     run.add_argument("--dtype", default="bfloat16", help="dtype of the native and candidate runs")
@@ -526,16 +517,31 @@ def parse_args(argv=None):
         "or on (both: the expert's short inputs on the fused kernels, the rest on each backend)",
     )
     _add_output_args(run)
-    child = p.add_argument_group("internal (one backend per process)")
+    _add_child_args(p.add_argument_group("internal (one backend per process)"))
+    args = p.parse_args(argv)
+    if not (args.child or args.urls or args.random or args.model):
+        p.error("give --random (with --preset), --model DIR, or --urls")
+    return args
+
+
+def _add_model_args(src):
+    src.add_argument(
+        "--preset",
+        default="pi0",
+        help="dimensions preset for --random (pi0 | tiny | pi05 | pi05_tiny)",
+    )
+    src.add_argument("--random", action="store_true", help="random weights (no checkpoint)")
+    src.add_argument("--model", help="checkpoint directory")
+    src.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    src.add_argument("--urls", nargs="+", help="running servers: baseline, candidate[, reference]")
+
+
+def _add_child_args(child):
     child.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     child.add_argument("--backend", default="native", help=argparse.SUPPRESS)
     child.add_argument("--save", help=argparse.SUPPRESS)
     child.add_argument("--round-weights", help=argparse.SUPPRESS)
     child.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if not (args.child or args.urls or args.random or args.model):
-        p.error("give --random (with --preset), --model DIR, or --urls")
-    return args
 
 
 def _add_output_args(run):
