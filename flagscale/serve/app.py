@@ -32,7 +32,7 @@ from flagscale.serve.limits import ClientGone, unless_client_leaves
 from flagscale.serve.metrics import CONTENT_TYPE, Metrics
 from flagscale.serve.middleware import ServeMiddleware
 from flagscale.serve.openpi_ws import add_openpi_route
-from flagscale.serve.schemas import ErrorResponse, InferRequest, InferResponse, Timing
+from flagscale.serve.schemas import ErrorResponse, InferRequest, InferResponse
 from flagscale.serve.service import DRAINING, ServeState
 from flagscale.serve.worker import InferenceWorker
 
@@ -234,15 +234,7 @@ async def _answer_infer(request: Request, state: ServeState):
         )
     except ClientGone:  # nobody reads the answer; 499 (client closed request) in the metrics
         raise RequestError(499, "the client closed the connection") from None
-    job = result.job
-    timing = Timing(
-        queue_ms=job.queue_ms,
-        preprocess_ms=preprocess_ms,
-        model_ms=job.model_ms,
-        total_ms=(time.perf_counter() - start) * 1000.0,
-        batch_size=job.batch_size,
-    )
-    return wire.infer_reply(batch, result.actions, timing)
+    return wire.infer_reply(batch, result.actions, result.job, preprocess_ms, start)
 
 
 # ---------------------------------------------------------------- errors and helpers

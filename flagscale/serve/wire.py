@@ -9,6 +9,7 @@ every check is against the config and answers a RequestError (4xx) naming the fi
 
 import dataclasses
 import json
+import time
 
 from typing import Any
 
@@ -393,8 +394,18 @@ def one_observation(obs: dict, num_steps: int, rtc, cfg: ServeConfig, fixed_nois
     return Batch([obs], [fixed_noise], [seed], num_steps, None, [rtc])
 
 
-def infer_reply(batch: Batch, actions: np.ndarray, timing: Timing) -> ActionsResponse:
-    """POST /infer's 200 reply: InferResponse's fields, built directly (no per-float validation)."""
+def infer_reply(
+    batch: Batch, actions: np.ndarray, job, preprocess_ms: float, start: float
+) -> ActionsResponse:
+    """POST /infer's 200 reply: InferResponse's fields, built directly (no per-float validation).
+    `job`: the worker's JobResult; `start`: perf_counter() when the request was read."""
+    timing = Timing(
+        queue_ms=job.queue_ms,
+        preprocess_ms=preprocess_ms,
+        model_ms=job.model_ms,
+        total_ms=(time.perf_counter() - start) * 1000.0,
+        batch_size=job.batch_size,
+    )
     body = {
         "success": True,
         "actions": actions,
