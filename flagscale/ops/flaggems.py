@@ -258,16 +258,15 @@ def resolve_routes(overrides: Optional[Mapping[str, str]] = None) -> Dict[str, s
 
 
 def flaggems_ops(
-    routes: Optional[Mapping[str, str]] = None, cache_dir: Optional[str] = None, module=None
+    routes: Optional[Mapping[str, str]] = None, cache_dir: Optional[str] = None
 ) -> Ops:
     """The FlagGems op table. `routes={"linear": "native"}` keeps chosen ops native.
 
     `cache_dir` sets FLAGGEMS_CACHE_DIR (and TRITON_CACHE_DIR) before flag_gems is imported.
-    `module` replaces the imported flag_gems (tests only).
     """
     chosen = resolve_routes(routes)
     wanted = [name for name in OP_NAMES if chosen[name] == "flaggems"]
-    fg = module if module is not None or not wanted else load_flag_gems(cache_dir)
+    fg = load_flag_gems(cache_dir) if wanted else None
     impls, described = {}, {}
     for name in OP_NAMES:
         if chosen[name] == "flaggems":

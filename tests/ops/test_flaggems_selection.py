@@ -98,8 +98,11 @@ class FakeFlagGems(types.SimpleNamespace):
 
 
 @pytest.fixture
-def fake():
-    return FakeFlagGems()
+def fake(monkeypatch):
+    """A stand-in flag_gems, which flaggems_ops then imports instead of the real one."""
+    module = FakeFlagGems()
+    monkeypatch.setattr(fgops, "load_flag_gems", lambda cache_dir=None: module)
+    return module
 
 
 # ---- USE_FLAGGEMS parsing and backend selection ---------------------------------------------
@@ -191,7 +194,7 @@ def test_cache_dir_is_set_before_import(monkeypatch, tmp_path, fake):
 
 
 def test_default_routes_and_describe(fake):
-    ops = fgops.flaggems_ops(module=fake)
+    ops = fgops.flaggems_ops()
     assert ops.backend == "flaggems"
     assert set(ops.routes) == set(OP_NAMES)
     assert all(route.startswith("flaggems") for route in ops.routes.values())
@@ -223,7 +226,7 @@ def test_all_native_overrides_skip_the_import(monkeypatch):
 )
 def test_bad_overrides(routes, message, fake):
     with pytest.raises(ValueError, match=message):
-        fgops.flaggems_ops(routes=routes, module=fake)
+        fgops.flaggems_ops(routes=routes)
 
 
 # ---- route plumbing against native (stand-in kernels, CPU) ----------------------------------
@@ -236,7 +239,7 @@ def close(a, b, tol=2e-2):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_plumbing(fake, bias):
-    ops = fgops.flaggems_ops(module=fake)
+    ops = fgops.flaggems_ops()
     x = torch.randn(2, 7, 83, dtype=torch.bfloat16)
     w = torch.randn(33, 83, dtype=torch.bfloat16)
     b = torch.randn(33, dtype=torch.bfloat16) if bias else None
@@ -248,7 +251,7 @@ def test_linear_plumbing(fake, bias):
 
 
 def test_norm_and_activation_plumbing(fake):
-    ops = fgops.flaggems_ops(module=fake)
+    ops = fgops.flaggems_ops()
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
     w = torch.randn(64) * 0.2
     close(ops.rms_norm(x, w, 1e-6), native.rms_norm(x, w, 1e-6))
@@ -264,7 +267,7 @@ def test_norm_and_activation_plumbing(fake):
 def test_rope_plumbing(fake, batch):
     """q and k as the composite passes them (views of one q|k|v row), each sample its own
     positions (padding shifts them), the signed half-width tables taken apart correctly."""
-    ops = fgops.flaggems_ops(module=fake)
+    ops = fgops.flaggems_ops()
     heads, dh, t = 4, 16, 7
     qkv = torch.randn(batch, t, (heads + 2) * dh, dtype=torch.bfloat16)
     qk = qkv[..., : (heads + 1) * dh].view(batch, t, heads + 1, dh)
@@ -278,7 +281,7 @@ def test_rope_plumbing(fake, batch):
 
 
 def test_rms_norm_scale_follows_weight_updates(fake):
-    ops = fgops.flaggems_ops(module=fake)
+    ops = fgops.flaggems_ops()
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     w = torch.zeros(32)
     first = ops.rms_norm(x, w)
@@ -299,7 +302,7 @@ def mqa_inputs(b=2, lq=5, lk=9, h=4, dh=16, mask_rows=1):
 
 @pytest.mark.parametrize("mask_rows", [1, 5])
 def test_attention_mqa_masked_plumbing(fake, mask_rows):
-    ops = fgops.flaggems_ops(module=fake)
+    ops = fgops.flaggems_ops()
     q, k, v, mask = mqa_inputs(mask_rows=mask_rows)
     out = ops.attention(q, k, v, mask)
     close(out, attention_reference(q, k, v, mask))
@@ -307,7 +310,7 @@ def test_attention_mqa_masked_plumbing(fake, mask_rows):
 
 
 def test_attention_unsupported_head_dim_falls_back(fake, caplog):
-    ops = fgops.flaggems_ops(module=fake)
+    ops = fgops.flaggems_ops()
     q = torch.randn(2, 6, 4, 72, dtype=torch.bfloat16)
     k, v = torch.randn_like(q), torch.randn_like(q)
     close(ops.attention(q, k, v), native.attention(q, k, v))
@@ -323,7 +326,7 @@ def tiny_models(fake):
     ref = PI0Model(config)
     init_random_weights(ref, seed=0)
     ref = ref.to(torch.bfloat16)
-    test = PI0Model(config, fgops.flaggems_ops(module=fake)).to(torch.bfloat16)
+    test = PI0Model(config, fgops.flaggems_ops()).to(torch.bfloat16)
     test.load_state_dict(ref.state_dict())
     return ref.eval(), test.eval(), config
 
