@@ -47,8 +47,21 @@ def rel_l2(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_fused_model_matches_composed(batch, monkeypatch):
+def check_as_close_as_composed(fused, preset, args, num_steps):
+    """The fused bf16 model's actions are finite and about as close to the composed float32
+    model's as the composed bf16 model's are (relative L2)."""
+    want = build(native_ops(), torch.float32, preset).sample_actions(*args, num_steps=num_steps)
+    composed = build(native_ops(), torch.bfloat16, preset)
+    err_composed = rel_l2(composed.sample_actions(*args, num_steps=num_steps), want)
+    out = fused.sample_actions(*args, num_steps=num_steps)
+    assert torch.isfinite(out).all()
+    err_fused = rel_l2(out, want)
+    assert err_fused <= 1.5 * err_composed + 1e-3, (err_fused, err_composed)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Calls of each fused Triton kernel (spied on; they still run)."""
     calls = {"qkv_rope": 0, "mqa_attention": 0, "decoder_layer": 0}
     for name in calls:
         real = getattr(triton_fused, name)
@@ -58,51 +71,32 @@ def test_fused_model_matches_composed(batch, monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(triton_fused, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_model_matches_composed(batch, kernel_calls):
     fused = build(native_ops().with_fused_kernels(), torch.bfloat16)
-    composed = build(native_ops(), torch.bfloat16)
-    reference = build(native_ops(), torch.float32)
-    args = inputs(fused.config, batch)
-    out = fused.sample_actions(*args, num_steps=3)
-    err_fused = rel_l2(out, reference.sample_actions(*args, num_steps=3))
-    err_composed = rel_l2(
-        composed.sample_actions(*args, num_steps=3), reference.sample_actions(*args, num_steps=3)
-    )
-    assert torch.isfinite(out).all()
-    assert err_fused <= 1.5 * err_composed + 1e-3, (err_fused, err_composed)
+    check_as_close_as_composed(fused, "tiny", inputs(fused.config, batch), num_steps=3)
     # the expert passes (3 steps, the first with the state token; 2 layers each) used the kernels:
     # one launch per layer up to MAX_ROWS["decoder_layer"] (batch 1), five kernels above
     if batch * 51 <= fused_routes.MAX_ROWS["decoder_layer"]:
-        assert calls["decoder_layer"] == 2 * 3
+        assert kernel_calls["decoder_layer"] == 2 * 3
     else:
-        assert calls["qkv_rope"] >= 2 * 3 and calls["mqa_attention"] >= 2 * 3
+        assert kernel_calls["qkv_rope"] >= 2 * 3 and kernel_calls["mqa_attention"] >= 2 * 3
 
 
-def test_pi05_expert_falls_back_to_composed_ops(monkeypatch, caplog):
+def test_pi05_expert_falls_back_to_composed_ops(kernel_calls, caplog):
     """Pi0.5's adaptive norms have no fused kernel: its expert runs composed ops (one log line)
     except attention; the prefix keeps the fused kernels; the result is as close as composed."""
-    calls = {"decoder_layer": 0, "qkv_rope": 0, "mqa_attention": 0}
-    for name in calls:
-        real = getattr(triton_fused, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(triton_fused, name, spy)
     with caplog.at_level("INFO"):
         fused = build(native_ops().with_fused_kernels(), torch.bfloat16, "pi05_tiny")
     assert "adaptive norms and gated residuals run composed ops" in caplog.text
-    composed = build(native_ops(), torch.bfloat16, "pi05_tiny")
-    reference = build(native_ops(), torch.float32, "pi05_tiny")
-    args = inputs(fused.config, 1, cameras=2)
-    want = reference.sample_actions(*args, num_steps=2)
-    err_fused = rel_l2(fused.sample_actions(*args, num_steps=2), want)
-    err_composed = rel_l2(composed.sample_actions(*args, num_steps=2), want)
-    assert err_fused <= 1.5 * err_composed + 1e-3, (err_fused, err_composed)
+    check_as_close_as_composed(fused, "pi05_tiny", inputs(fused.config, 1, cameras=2), num_steps=2)
     # the (short) prefix's layers take the fused qkv_rope, the expert's never; 2 steps x 2 expert
     # layers go through the fused MQA attention kernel
-    assert calls["decoder_layer"] == 0 and calls["qkv_rope"] == fused.config.llm.depth
-    assert calls["mqa_attention"] >= 2 * 2
+    assert kernel_calls["decoder_layer"] == 0 and kernel_calls["qkv_rope"] == fused.config.llm.depth
+    assert kernel_calls["mqa_attention"] >= 2 * 2
 
 
 def test_policy_fused_kernels_selection():

@@ -25,20 +25,40 @@ def _sub_state(model, prefix):
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def test_siglip_matches_transformers(model):
-    d = model.config.vision
-    cfg = transformers.SiglipVisionConfig(
-        hidden_size=d.width,
-        intermediate_size=d.mlp,
-        num_hidden_layers=d.depth,
-        num_attention_heads=d.heads,
-        image_size=d.image_size,
-        patch_size=d.patch,
+def _siglip(v) -> dict:
+    """transformers' SiglipVisionConfig arguments for our VisionDims `v` (no pooling head)."""
+    return dict(
+        hidden_size=v.width,
+        intermediate_size=v.mlp,
+        num_hidden_layers=v.depth,
+        num_attention_heads=v.heads,
+        image_size=v.image_size,
+        patch_size=v.patch,
         hidden_act="gelu_pytorch_tanh",
         layer_norm_eps=1e-6,
-        attn_implementation="eager",
         vision_use_head=False,
     )
+
+
+def _gemma(c) -> dict:
+    """transformers' GemmaConfig arguments for our config `c`'s prefix tower."""
+    t = c.llm
+    return dict(
+        vocab_size=c.vocab_size,
+        hidden_size=t.width,
+        intermediate_size=t.mlp,
+        num_hidden_layers=t.depth,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        head_dim=t.head_dim,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+    )
+
+
+def test_siglip_matches_transformers(model):
+    d = model.config.vision
+    cfg = transformers.SiglipVisionConfig(**_siglip(d), attn_implementation="eager")
     hf = transformers.SiglipVisionModel(cfg).eval()
     state = _sub_state(model, "paligemma_with_expert.paligemma.model.vision_tower.")
     own = set(hf.state_dict())
@@ -59,17 +79,7 @@ def test_siglip_matches_transformers(model):
 def test_gemma_tower_matches_transformers(model):
     d = model.config.llm
     cfg = transformers.GemmaConfig(
-        vocab_size=model.config.vocab_size,
-        hidden_size=d.width,
-        intermediate_size=d.mlp,
-        num_hidden_layers=d.depth,
-        num_attention_heads=d.heads,
-        num_key_value_heads=d.kv_heads,
-        head_dim=d.head_dim,
-        hidden_activation="gelu_pytorch_tanh",
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        attn_implementation="eager",
+        **_gemma(model.config), rope_theta=10000.0, attn_implementation="eager"
     )
     hf = transformers.GemmaModel(cfg).eval()
     state = _sub_state(model, "paligemma_with_expert.paligemma.model.language_model.")
@@ -96,14 +106,8 @@ def _paligemma(model):
     """transformers' PaliGemma with our weights (openpi layout, `vision_model.` dropped by 5.x)."""
     c = model.config
     v, t = c.vision, c.llm
-    vision = dict(model_type="siglip_vision_model", hidden_size=v.width, intermediate_size=v.mlp,
-                  num_hidden_layers=v.depth, num_attention_heads=v.heads, image_size=v.image_size,
-                  patch_size=v.patch, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-                  projection_dim=t.width, vision_use_head=False)  # fmt: skip
-    text = dict(model_type="gemma", vocab_size=c.vocab_size, hidden_size=t.width,
-                intermediate_size=t.mlp, num_hidden_layers=t.depth, num_attention_heads=t.heads,
-                num_key_value_heads=t.kv_heads, head_dim=t.head_dim,
-                hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6)  # fmt: skip
+    vision = dict(_siglip(v), model_type="siglip_vision_model", projection_dim=t.width)
+    text = dict(_gemma(c), model_type="gemma")
     cfg = transformers.PaliGemmaConfig(
         vision_config=vision, text_config=text, projection_dim=t.width, vocab_size=c.vocab_size
     )
