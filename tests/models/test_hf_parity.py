@@ -25,13 +25,20 @@ def _sub_state(model, prefix):
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _sizes(d) -> dict:
+    """The size arguments transformers' SiglipVisionConfig and GemmaConfig both take."""
+    return dict(
+        hidden_size=d.width,
+        intermediate_size=d.mlp,
+        num_hidden_layers=d.depth,
+        num_attention_heads=d.heads,
+    )
+
+
 def _siglip(v) -> dict:
     """transformers' SiglipVisionConfig arguments for our VisionDims `v` (no pooling head)."""
     return dict(
-        hidden_size=v.width,
-        intermediate_size=v.mlp,
-        num_hidden_layers=v.depth,
-        num_attention_heads=v.heads,
+        _sizes(v),
         image_size=v.image_size,
         patch_size=v.patch,
         hidden_act="gelu_pytorch_tanh",
@@ -42,15 +49,11 @@ def _siglip(v) -> dict:
 
 def _gemma(c) -> dict:
     """transformers' GemmaConfig arguments for our config `c`'s prefix tower."""
-    t = c.llm
     return dict(
+        _sizes(c.llm),
         vocab_size=c.vocab_size,
-        hidden_size=t.width,
-        intermediate_size=t.mlp,
-        num_hidden_layers=t.depth,
-        num_attention_heads=t.heads,
-        num_key_value_heads=t.kv_heads,
-        head_dim=t.head_dim,
+        num_key_value_heads=c.llm.kv_heads,
+        head_dim=c.llm.head_dim,
         hidden_activation="gelu_pytorch_tanh",
         rms_norm_eps=1e-6,
     )

@@ -9,14 +9,15 @@ import psutil
 import pytest
 
 from runner_helpers import (
-    CONF_DIR,
     REPO_ROOT,
     SAMPLE_IMAGES,
     free_port,
     get_health,
     gone,
+    healthy,
     output,
     run_cli,
+    start_foreground,
     wait_until,
 )
 
@@ -66,15 +67,10 @@ def test_demo_action_test(exp_dir):
 
 
 def test_demo_foreground_sigterm(exp_dir, tmp_path):
-    port = free_port()
-    argv = [sys.executable, "run.py", "--config-path", CONF_DIR, "--config-name", "serve_demo"]
-    argv += [f"experiment.exp_dir={exp_dir}", f"serve.engine.port={port}"]
-    argv += ["experiment.runner.foreground=true", "action=run"]
-    stdout = tmp_path / "stdout.txt"
-    with open(stdout, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    port, stdout = free_port(), tmp_path / "stdout.txt"
+    proc = start_foreground(stdout, f"experiment.exp_dir={exp_dir}", f"serve.engine.port={port}")
     try:
-        assert wait_until(lambda: _healthy(port) or proc.poll() is not None, 300, 0.5)
+        assert wait_until(lambda: healthy(port) or proc.poll() is not None, 300, 0.5)
         assert proc.poll() is None, stdout.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0  # graceful shutdown
@@ -83,11 +79,4 @@ def test_demo_foreground_sigterm(exp_dir, tmp_path):
             proc.kill()
             proc.wait()
     assert "RANDOM WEIGHTS" in stdout.read_text()  # logs go to stdout in foreground mode
-    assert not _healthy(port)
-
-
-def _healthy(port):
-    try:
-        return get_health(port)[0] == 200
-    except OSError:
-        return False
+    assert not healthy(port)

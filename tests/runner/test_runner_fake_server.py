@@ -7,20 +7,19 @@ failure reporting, process-tree stop and foreground exec.
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from runner_helpers import (
-    CONF_DIR,
     REPO_ROOT,
     free_port,
     get_health,
     gone,
+    healthy,
     output,
     run_cli,
+    start_foreground,
     wait_until,
 )
 
@@ -160,14 +159,10 @@ def test_before_start_runs_first(exp_dir, fake, tmp_path):
 
 
 def test_foreground_execs_in_place(exp_dir, fake, tmp_path):
-    port, entry = free_port(), fake(FAKE_SERVER)
-    argv = [sys.executable, "run.py", "--config-path", CONF_DIR, "--config-name", "serve_demo"]
-    argv += common(exp_dir, entry, port) + ["experiment.runner.foreground=true", "action=run"]
-    stdout = tmp_path / "stdout.txt"
-    with open(stdout, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    port, entry, stdout = free_port(), fake(FAKE_SERVER), tmp_path / "stdout.txt"
+    proc = start_foreground(stdout, *common(exp_dir, entry, port))
     try:
-        assert wait_until(lambda: _answers(port) or proc.poll() is not None, 60, 0.2)
+        assert wait_until(lambda: healthy(port) or proc.poll() is not None, 60, 0.2)
         info = get_health(port)[1]
         assert info["pid"] == proc.pid  # exec'd in place: same process
         pid_file = exp_dir / "serve_logs" / "pids" / "host_0_localhost.pid"
@@ -180,11 +175,3 @@ def test_foreground_execs_in_place(exp_dir, fake, tmp_path):
     os.kill(info["child"], signal.SIGKILL)  # the stand-in leaves its child behind; we know its pid
     assert "fake server up" in stdout.read_text()  # logs on stdout, not in the log file
     assert not (exp_dir / "serve_logs" / "host_0_localhost.output").exists()
-
-
-def _answers(port):
-    try:
-        get_health(port)
-        return True
-    except OSError:
-        return False
