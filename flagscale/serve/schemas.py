@@ -104,15 +104,24 @@ class ErrorResponse(BaseModel):
 
 
 def describe_validation_error(err: ValidationError) -> str:
-    """One part per problem, each naming the field: "images.0.cam_high: Input should be ..."."""
-    lines = []
+    """One part per field, naming it: "images.0.cam_high: Input should be ..."; a field that
+    fails every branch of a union gets one part ("Input should be a valid string or a valid
+    list")."""
+    parts = {}
     for item in err.errors(include_url=False):
         loc = ".".join(str(part) for part in item["loc"] if not _is_union_tag(part)) or "body"
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "missing":
             msg = "field required"
-        lines.append(f"{loc}: {msg}")
-    return "; ".join(dict.fromkeys(lines))
+        parts.setdefault(loc, {})[msg] = None
+    return "; ".join(f"{loc}: {_one_of(list(msgs))}" for loc, msgs in parts.items())
+
+
+def _one_of(messages: list) -> str:
+    should = "Input should be "
+    if len(messages) > 1 and all(m.startswith(should) for m in messages):
+        return should + " or ".join(m.removeprefix(should) for m in messages)
+    return "; ".join(messages)
 
 
 _TYPE_TAGS = ("int", "str", "float", "bool", "list", "dict", "none")

@@ -361,7 +361,12 @@ BAD_BODIES = [
     ("seed float", _bad(seed=1.5), 422, ["seed"]),
     ("state strings", _bad(state=[["1"] * 14]), 422, ["state", "numbers only"]),
     ("state bools", _bad(state=[[True] * 14]), 422, ["state", "numbers only"]),
-    ("instruction not str", _bad(instruction=5), 422, ["instruction"]),
+    (
+        "instruction not str",
+        _bad(instruction=5),
+        422,
+        ["instruction: Input should be a valid string or a valid list"],
+    ),
     ("bad base64", _bad(images=[{"cam_high": "%%%"}]), 400, ["images[0].cam_high", "base64"]),
     (
         "not an image",
