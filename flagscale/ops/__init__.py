@@ -95,16 +95,16 @@ class Ops:
             text += f"; fused Triton kernels: {', '.join(self.fused)}"
         return text
 
-    def with_fused_kernels(self, persistent_layers: bool = True) -> "Ops":
+    def with_fused_kernels(self, persistent_layers: bool = True, adaptive: bool = False) -> "Ops":
         """This table plus the fused Triton kernels (CUDA): each replaces a composite (or
         attention) for the shapes it covers and falls back to it elsewhere (`fused_routes`).
         `persistent_layers` adds `decoder_layer`: a whole expert layer (short inputs) in one
-        persistent launch."""
+        persistent launch. `adaptive` adds Pi0.5's adaptive ops (`fused_routes.ADAPTIVE`)."""
         try:
             from flagscale.ops import fused_routes
         except ImportError as err:
             raise RuntimeError(f"fused kernels need Triton (pip install triton): {err}") from err
-        fused = fused_routes.dispatchers(self, persistent_layers)
+        fused = fused_routes.dispatchers(self, persistent_layers, adaptive)
         return make_ops(self.backend, self.routes, self.impls, fused)
 
     def with_fp8(self) -> "Ops":
@@ -194,8 +194,9 @@ def build_ops(
     """The one place the op table is decided: the backend (a name, see `backend_ops`, or a table
     built already), then the fused Triton kernels: `fused` true (any backend, CUDA only), or
     "auto": with native ops on a CUDA device where Triton is installed (FlagGems keeps every op
-    on FlagGems unless they are asked for). `persistent`: with the fused kernels, each expert
-    layer at batch 1 in one launch. `precision` "fp8": the prefix GEMMs in e4m3 (`fp8`)."""
+    on FlagGems unless they are asked for); Pi0.5's adaptive kernels with true only (see
+    `_with_fused`). `persistent`: with the fused kernels, each expert layer at batch 1 in one
+    launch. `precision` "fp8": the prefix GEMMs in e4m3 (`fp8`)."""
     table = backend if isinstance(backend, Ops) else backend_ops(backend, routes, cache_dir)
     table = _with_fused(table, str(device), fused, persistent)
     if precision in (None, "bf16"):  # the common case imports no torch here
@@ -208,19 +209,22 @@ def build_ops(
 
 
 def _with_fused(table: Ops, device: str, fused, persistent) -> Ops:
+    """The fused-kernel rule. "auto" adds the kernels measured on GPUs (Pi0's; Pi0.5's expert
+    keeps its composed adaptive ops); true adds Pi0.5's adaptive kernels as well
+    (`fused_routes.ADAPTIVE`: tested in Triton's interpreter, not yet measured on a GPU)."""
     if table.fused:
         return table
     on_cuda = device.startswith("cuda")
     wanted = str(fused).lower()
     if wanted == "auto":
         if on_cuda and table.backend == "native" and _has_triton():
-            return table.with_fused_kernels(persistent)
+            return table.with_fused_kernels(persistent, adaptive=False)
         return table
     if not is_true(wanted):
         return table
     if not on_cuda:
         raise ValueError(f"fused_kernels=true needs a CUDA device, not {device}")
-    return table.with_fused_kernels(persistent)
+    return table.with_fused_kernels(persistent, adaptive=True)
 
 
 def _device(device):

@@ -159,11 +159,12 @@ def _qkv_rope_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     _qkv_rope_tile(
         tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
         M, T, eps, stride_xm, stride_wn, stride_qm, stride_cb, stride_ct, K, HEAD_DIM, N_Q, N_KV,
-        BM, BN, BK,
+        BM, BN, BK, NORM,
     )  # fmt: skip
 
 
@@ -172,9 +173,11 @@ def _qkv_rope_tile(
     pid, pid_m, x_ptr, w_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, M, T, eps, stride_xm,
     stride_wn, stride_qm, stride_cb, stride_ct, K: tl.constexpr, HEAD_DIM: tl.constexpr,
     N_Q: tl.constexpr, N_KV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    NORM: tl.constexpr,
 ):  # fmt: skip
     """Tile (pid, pid_m): head pid // PAIRS, columns j..j+BN of its first half and j+HALF.. of
-    its second half (RoPE partners); q/k heads rotated, v heads copied."""
+    its second half (RoPE partners); q/k heads rotated, v heads copied. NORM: RMSNorm first (its
+    weight folded into W); without it x is normalized already (Pi0.5's adaptive norm)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = HALF // BN
     head = pid // PAIRS
@@ -183,7 +186,7 @@ def _qkv_rope_tile(
     m_mask = offs_m < M
     n0 = head * HEAD_DIM + j
     lo, hi = _mainloop(
-        x_ptr, w_ptr, offs_m, m_mask, n0, n0 + HALF, 0, stride_xm, stride_wn, eps, K, True, True,
+        x_ptr, w_ptr, offs_m, m_mask, n0, n0 + HALF, 0, stride_xm, stride_wn, eps, K, NORM, True,
         BN, BK,
     )  # fmt: skip
     dtype = q_ptr.dtype.element_ty
@@ -228,23 +231,25 @@ def _norm_geglu_kernel(
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     _norm_geglu_tile(
         tl.program_id(0), tl.program_id(1), x_ptr, w_ptr, out_ptr, M, F, eps, stride_xm,
-        stride_wn, stride_om, K, BM, BN, BK,
+        stride_wn, stride_om, K, BM, BN, BK, NORM,
     )  # fmt: skip
 
 
 @triton.jit
 def _norm_geglu_tile(
     pid_n, pid_m, x_ptr, w_ptr, out_ptr, M, F, eps, stride_xm, stride_wn, stride_om,
-    K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
+    """NORM: RMSNorm first (weight folded into W); without it x is normalized already."""
     n0 = pid_n * BN
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
     gate, up = _mainloop(
-        x_ptr, w_ptr, offs_m, m_mask, n0, n0 + F, 0, stride_xm, stride_wn, eps, K, True, True, BN,
+        x_ptr, w_ptr, offs_m, m_mask, n0, n0 + F, 0, stride_xm, stride_wn, eps, K, NORM, True, BN,
         BK,
     )  # fmt: skip
     dtype = out_ptr.dtype.element_ty
@@ -274,27 +279,32 @@ def _linear_residual_kernel(
     stride_wn,
     stride_rm,
     stride_om,
+    gate_ptr,
+    T,
+    stride_gb,
     K: tl.constexpr,
     SPLIT: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BK: tl.constexpr,
+    GATE: tl.constexpr,
 ):
     _linear_residual_tile(
         tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), x_ptr, w_ptr,
-        res_ptr, out_ptr, ws_ptr, count_ptr, M, stride_xm, stride_wn, stride_rm, stride_om, K,
-        SPLIT, BM, BN, BK,
+        res_ptr, out_ptr, ws_ptr, count_ptr, M, stride_xm, stride_wn, stride_rm, stride_om,
+        gate_ptr, T, stride_gb, K, SPLIT, BM, BN, BK, GATE,
     )  # fmt: skip
 
 
 @triton.jit
 def _linear_residual_tile(
     pid_n, pid_m, split, n_tiles, x_ptr, w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr, M,
-    stride_xm, stride_wn, stride_rm, stride_om, K: tl.constexpr, SPLIT: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    stride_xm, stride_wn, stride_rm, stride_om, gate_ptr, T, stride_gb, K: tl.constexpr,
+    SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
 ):  # fmt: skip
     """Tile (n, m, s) reduces K-slice s; with SPLIT > 1 the partials go to a workspace and the
-    last program to arrive for tile (n, m) sums them in split order and applies the epilogue."""
+    last program to arrive for tile (n, m) sums them in split order and applies the epilogue.
+    GATE: the product is scaled by gate[row // T] first (Pi0.5's gated residual)."""
     n0 = pid_n * BN
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = n0 + tl.arange(0, BN)
@@ -315,16 +325,32 @@ def _linear_residual_tile(
             for s in range(SPLIT):
                 acc += tl.load(tile_ws + s * BM * BN + local, cache_modifier=".cg")
             tl.store(count_ptr + tile, 0)  # ready for the next launch / graph replay
-            _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om)
+            _residual_store(
+                acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om, gate_ptr, T,
+                stride_gb, GATE,
+            )  # fmt: skip
     else:
-        _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om)
+        _residual_store(
+            acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om, gate_ptr, T,
+            stride_gb, GATE,
+        )  # fmt: skip
 
 
 @triton.jit
-def _residual_store(acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om):
+def _residual_store(
+    acc, res_ptr, out_ptr, offs_m, offs_n, m_mask, stride_rm, stride_om, gate_ptr, T, stride_gb,
+    GATE: tl.constexpr,
+):  # fmt: skip
+    """out = res + bf16(acc); GATE: res + bf16(bf16(acc) * gate[row // T]) (the composed ops'
+    roundings: the product, the gated branch, the sum)."""
     dtype = out_ptr.dtype.element_ty
     res = tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=m_mask[:, None])
-    out = res.to(tl.float32) + _cast(acc, dtype).to(tl.float32)
+    branch = _cast(acc, dtype).to(tl.float32)
+    if GATE:
+        gate_rows = gate_ptr + (offs_m // T)[:, None] * stride_gb
+        gate = tl.load(gate_rows + offs_n[None, :], mask=m_mask[:, None]).to(tl.float32)
+        branch = _cast(branch * gate, dtype).to(tl.float32)
+    out = res.to(tl.float32) + branch
     tl.store(
         out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], _cast(out, dtype), m_mask[:, None]
     )
@@ -537,7 +563,8 @@ def _linear_residual_phase(
         if t < TILES:
             _linear_residual_tile(
                 t % N_TILES, (t // N_TILES) % M_TILES, t // (N_TILES * M_TILES), N_TILES, x_ptr,
-                w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr, M, K, K, N, N, K, SPLIT, BM, BN, BK,
+                w_ptr, res_ptr, out_ptr, ws_ptr, count_ptr, M, K, K, N, N, res_ptr, 1, 0, K, SPLIT,
+                BM, BN, BK, False,
             )  # fmt: skip
 
 
@@ -572,7 +599,7 @@ def _decoder_layer_kernel(
                 _qkv_rope_tile(
                     t % PAIRS, t // PAIRS, x_ptr, w_qkv_ptr, cos_ptr, sin_ptr, q_ptr,
                     k_ptr + start * stride_ct, v_ptr + start * stride_ct, M, T, eps, W, W, QD,
-                    stride_cb, stride_ct, W, HEAD_DIM, N_Q, 1, BM, QKV_BN, QKV_BK,
+                    stride_cb, stride_ct, W, HEAD_DIM, N_Q, 1, BM, QKV_BN, QKV_BK, True,
                 )  # fmt: skip
     _grid_sync(bar_ptr, 0, NPROG)
     rows = T * N_Q
@@ -611,7 +638,7 @@ def _decoder_layer_kernel(
             if t < GEGLU_TILES * M_TILES:
                 _norm_geglu_tile(
                     t % GEGLU_TILES, t // GEGLU_TILES, h_ptr, w_gu_ptr, act_ptr, M, F, eps, W, W, F,
-                    W, BM, GEGLU_BN, GEGLU_BK,
+                    W, BM, GEGLU_BN, GEGLU_BK, True,
                 )  # fmt: skip
     _grid_sync(bar_ptr, 4, NPROG)
     if PHASES >> 5 & 1:
@@ -638,6 +665,25 @@ def _rms_norm_kernel(
     w = tl.load(w_ptr + offs, mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
     y = _cast(x * rstd * (1.0 + w), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + offs, y, mask)
+
+
+@triton.jit
+def _ada_rms_norm_kernel(
+    x_ptr, scale_ptr, shift_ptr, out_ptr, T, stride_x, stride_sb, stride_hb, stride_o, eps,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One row of sample row // T: x * rsqrt(mean(x^2) + eps) * (1 + scale) + shift in fp32,
+    rounded once (Pi0.5's adaptive RMSNorm)."""
+    row = tl.program_id(0)
+    b = row // T
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * stride_sb + offs, mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + b * stride_hb + offs, mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = _cast(x * rstd * (1.0 + scale) + shift, out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + offs, y, mask)
 
 
@@ -805,7 +851,7 @@ def qkv_rope(
 ):  # fmt: skip
     """x [B, T, W] -> q [B, T, H, Dh]; writes k, v [B, T, Hkv*Dh] into k_out / v_out (e.g. cache
     slices). cos / sin: [B, T, 1, Dh] fp32 from `rope_cos_sin` (sin signed). `config` names the
-    CONFIG entry (launch parameters)."""
+    CONFIG entry (launch parameters). norm_weight None: x is normalized already (no RMSNorm)."""
     b, t, width = x.shape
     m = b * t
     x2 = x.reshape(m, width)
@@ -815,19 +861,20 @@ def qkv_rope(
     assert k_out.stride() == v_out.stride() and k_out.stride(-1) == 1 and x2.stride(-1) == 1
     assert cos.is_contiguous() and sin.is_contiguous() and (head_dim // 2) % bn == 0
     assert width % bk == 0
-    w = folded_weight(weight, norm_weight)
+    w = weight if norm_weight is None else folded_weight(weight, norm_weight)
     grid = ((heads + 2 * kv_heads) * (head_dim // 2 // bn), triton.cdiv(m, bm))
     _qkv_rope_kernel[grid](
         x2, w, cos, sin, q, k_out, v_out, m, t, eps, x2.stride(0), w.stride(0), q.stride(1),
         k_out.stride(0), k_out.stride(1), K=width, HEAD_DIM=head_dim, N_Q=heads, N_KV=kv_heads,
-        BM=bm, BN=bn, BK=bk,
+        BM=bm, BN=bn, BK=bk, NORM=norm_weight is not None,
         num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return q.view(b, t, heads, head_dim)
 
 
 def norm_geglu(x, norm_weight, eps, weight):
-    """x [..., W], weight [2F, W] (gate rows then up rows) -> gelu_tanh(gate) * up [..., F]."""
+    """x [..., W], weight [2F, W] (gate rows then up rows) -> gelu_tanh(gate) * up [..., F].
+    norm_weight None: x is normalized already (no RMSNorm)."""
     width = x.shape[-1]
     x2 = x.reshape(-1, width)
     m, f = x2.shape[0], weight.shape[0] // 2
@@ -835,19 +882,20 @@ def norm_geglu(x, norm_weight, eps, weight):
     cfg = CONFIG["norm_geglu"]
     bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
     assert f % bn == 0 and width % bk == 0 and x2.stride(-1) == 1
-    w = folded_weight(weight, norm_weight)
+    w = weight if norm_weight is None else folded_weight(weight, norm_weight)
     grid = (f // bn, triton.cdiv(m, bm))
     _norm_geglu_kernel[grid](
         x2, w, out, m, f, eps, x2.stride(0), w.stride(0), out.stride(0), K=width, BM=bm, BN=bn,
-        BK=bk, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        BK=bk, NORM=norm_weight is not None, num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out.view(*x.shape[:-1], f)
 
 
-def linear_residual(x, weight, residual, split=None, inplace=False):
+def linear_residual(x, weight, residual, split=None, inplace=False, gate=None):
     """residual + x @ weight^T, x [..., K], weight [N, K], residual [..., N]; with `inplace`
     the result is written over residual where it reshapes to rows without a copy (each element
-    is read before it is written, by the same program). Use the return value."""
+    is read before it is written, by the same program). Use the return value. `gate` [B, 1, N]
+    (x [B, T, K]): residual + (x @ weight^T) * gate, rounded like the composed ops."""
     k = x.shape[-1]
     n = weight.shape[0]
     x2, r2 = x.reshape(-1, k), residual.reshape(-1, n)
@@ -857,16 +905,25 @@ def linear_residual(x, weight, residual, split=None, inplace=False):
     bm, bn, bk = _block_m(m, cfg), cfg["bn"], cfg["bk"]
     split = _k_split(k, bk, split or cfg["split"])
     assert n % bn == 0 and k % (split * bk) == 0 and x2.stride(-1) == 1 and r2.stride(-1) == 1
+    g = r2 if gate is None else gate  # r2: a placeholder pointer, never read without GATE
+    assert g.stride(-1) == 1 and (gate is None or m % gate.shape[0] == 0)
+    t = 1 if gate is None else m // gate.shape[0]
     grid = (n // bn, triton.cdiv(m, bm), split)
     tiles = grid[0] * grid[1]
     ws = _scratch("ws", tiles * split * bm * bn, torch.float32, x.device)
     count = _scratch("count", tiles, torch.int32, x.device)
     _linear_residual_kernel[grid](
         x2, weight, r2, out, ws, count, m, x2.stride(0), weight.stride(0), r2.stride(0),
-        out.stride(0), K=k, SPLIT=split, BM=bm, BN=bn, BK=bk, num_warps=cfg["warps"],
-        num_stages=cfg["stages"],
+        out.stride(0), g, t, g.stride(0), K=k, SPLIT=split, BM=bm, BN=bn, BK=bk,
+        GATE=gate is not None, num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out.view(residual.shape)
+
+
+def linear_gated_residual(x, weight, residual, gate, inplace=False):
+    """Pi0.5's gated residual, residual + (x @ W^T) * gate: `linear_residual` with the gate in
+    its epilogue (x [B, T, K], residual [B, T, N], gate [B, 1, N] in x's dtype)."""
+    return linear_residual(x, weight, residual, inplace=inplace, gate=gate)
 
 
 def _long_linear(x, weight):
@@ -918,6 +975,37 @@ def rms_norm(x, weight, eps):
         num_warps=_row_warps(block),
     )  # fmt: skip
     return out.view(x.shape)
+
+
+def ada_rms_norm(x, scale, shift, eps):
+    """Pi0.5's adaptive RMSNorm of x [B, T, D] with scale / shift [B, 1, D] (any float dtype,
+    unit last stride) in one row kernel: fp32 math, one rounding."""
+    b, t, d = x.shape
+    x2 = x.reshape(-1, d)
+    out = torch.empty_like(x2)
+    block = triton.next_power_of_2(d)
+    assert scale.stride(-1) == 1 and shift.stride(-1) == 1 and x2.stride(-1) == 1
+    _ada_rms_norm_kernel[(b * t,)](
+        x2, scale, shift, out, t, x2.stride(0), scale.stride(0), shift.stride(0), out.stride(0),
+        eps, D=d, BLOCK=block, num_warps=_row_warps(block),
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+def ada_qkv_rope(
+    x, scale, shift, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out,
+    config="qkv_rope",
+):  # fmt: skip
+    """Pi0.5's `qkv_rope`: the adaptive RMSNorm kernel, then the projection + RoPE + K/V write
+    kernel without its norm (two launches)."""
+    h = ada_rms_norm(x, scale, shift, eps)
+    args = (h, None, eps, weight, cos, sin, heads, kv_heads, head_dim, k_out, v_out)
+    return qkv_rope(*args, config=config)
+
+
+def ada_norm_geglu(x, scale, shift, eps, weight):
+    """Pi0.5's `norm_geglu`: the adaptive RMSNorm kernel, then gate|up + GeGLU without a norm."""
+    return norm_geglu(ada_rms_norm(x, scale, shift, eps), None, eps, weight)
 
 
 def add_layer_norm(x, y, weight, bias, eps):

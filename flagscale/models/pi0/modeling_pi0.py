@@ -239,7 +239,7 @@ class GemmaLayer(nn.Module):
         """The layer over tokens at cache slots [start, start + T) that attend to
         cache[:, :start + T] (the expert's pass; cache_k / cache_v [B, S, Hkv*Dh]). One launch
         where the table's `decoder_layer` covers the shape, else qkv -> attention -> finish.
-        `mod`: the adaptive layer's modulation (Pi0.5; composed ops only)."""
+        `mod`: the adaptive layer's modulation (Pi0.5: never the one launch)."""
         d = self.dims
         if self.one_launch is not None:
             weights = (
@@ -337,6 +337,21 @@ class GemmaTower(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def _pi05_expert_path(ops: Ops) -> str:
+    """Which kernels Pi0.5's action expert runs with a fused table (one log line)."""
+    if "ada_qkv_rope" in ops.fused:
+        return (
+            "Pi0.5: the action expert's adaptive norms and gated residuals run the fused adaptive "
+            "kernels (fused_kernels: true; tested in Triton's interpreter, not yet measured on a "
+            "GPU); attention and the prefix tower run the fused kernels"
+        )
+    return (
+        "Pi0.5: the action expert's adaptive norms and gated residuals run composed ops (their "
+        "fused kernels are opt-in: fused_kernels: true); its attention and the prefix tower keep "
+        "the fused kernels"
+    )
+
+
 class PI0Model(nn.Module):
     def __init__(self, config: PI0Config, ops: Optional[Ops] = None):
         super().__init__()
@@ -358,11 +373,7 @@ class PI0Model(nn.Module):
         self.action_out_proj = Linear(ops, w, c.max_action_dim)
         self._passes = {}  # torch.compile'd versions of the passes, see compile_passes()
         if c.pi05 and ops.fused:
-            logger.info(
-                "Pi0.5: the action expert's adaptive norms and gated residuals run composed ops "
-                "(the fused kernels fold a fixed norm weight into the projections); its attention "
-                "and the prefix tower keep the fused kernels"
-            )
+            logger.info(_pi05_expert_path(ops))
 
     @property
     def state_tokens(self) -> int:
