@@ -286,6 +286,8 @@ def test_table_describes_fused_kernels():
         "linear_gelu",
     }
     assert "decoder_layer" not in OPS.with_fused_kernels(persistent_layers=False).fused
+    adaptive = OPS.with_fused_kernels(adaptive=True).fused  # Pi0.5's, fused_kernels: true only
+    assert set(adaptive) == set(FUSED.fused) | set(fr.ADAPTIVE)
     assert "fused Triton kernels" in FUSED.describe()
     assert FUSED.with_fused_kernels  # a table can be rebuilt; backend unchanged
     assert FUSED.backend == "native"
@@ -407,3 +409,160 @@ def test_linear_gelu_epilogue_is_the_tanh_approximation():
     exact = torch.nn.functional.gelu(pre)
     assert (out - tanh).abs().max().item() < 2e-5
     assert (out - exact).abs().max().item() > 1e-4
+
+
+# ---- Pi0.5's adaptive ops (fused_kernels: true only) -------------------------------------------
+
+ADA = OPS.with_fused_kernels(adaptive=True)
+FP16 = torch.float16
+
+
+def modulation(b, width, dtype=torch.float32, seed=40):
+    """scale, shift, gate [B, 1, W]: strided views of one norm's row of a modulation tensor, as
+    `PI0Model.modulation` makes them (fp32; the gate cast to x's dtype by the layer)."""
+    mod = rand(b, 3, 3 * width, scale=0.5, dtype=torch.float32, seed=seed).to(dtype)
+    return mod[:, None, 1].chunk(3, dim=-1)
+
+
+def ulps(out, ref):
+    """|out - ref| in units of ref's last place in out's dtype (spacing at |ref|)."""
+    _, exponent = torch.frexp(ref.float())
+    spacing = torch.ldexp(torch.ones_like(ref.float()), exponent - 1) * torch.finfo(out.dtype).eps
+    spacing = spacing.clamp_min(torch.finfo(out.dtype).smallest_normal)
+    return ((out.float() - ref.float()).abs() / spacing).max().item()
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("mod_dtype", [torch.float32, "x"])
+@pytest.mark.parametrize("b,t,d", [(2, 50, 128), (1, 3, 100), (3, 1, 1024)])
+def test_ada_rms_norm_kernel_matches_native(b, t, d, dtype, mod_dtype):
+    """One row kernel, the native op's fp32 math and one rounding: equal but for one ulp where
+    the sum of squares (or 1 / sqrt vs rsqrt) lands across a rounding boundary."""
+    x = rand(b, t, d, scale=3.0, dtype=dtype, seed=41)
+    scale, shift, _ = modulation(b, d, dtype if mod_dtype == "x" else mod_dtype)
+    out = tf.ada_rms_norm(x, scale, shift, 1e-6)
+    ref = OPS.ada_rms_norm(x, scale, shift, 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert ulps(out, ref) <= 1
+    assert (out == ref).float().mean() > 0.99
+    assert torch.equal(ADA.ada_rms_norm(x, scale, shift, 1e-6), out)  # the route takes it
+
+
+def ada_qkv_run(fn, x, scale, shift, w, cos, sin, heads, head_dim, dtype, start=4, pad=9):
+    b, t, _ = x.shape
+    cache_k = torch.full((b, start + t + pad, head_dim), 7.0, dtype=dtype, device=DEVICE)
+    cache_v = cache_k.clone()
+    ks, vs = cache_k[:, start : start + t], cache_v[:, start : start + t]
+    args = (x, scale, shift, w, cos, sin)
+    if dtype == torch.float32:
+        args = f32(*args)
+    x_, scale_, shift_, w_, cos_, sin_ = args
+    q = fn(x_, scale_, shift_, 1e-6, w_, cos_, sin_, heads, 1, head_dim, ks, vs)
+    return q, cache_k, cache_v
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("b,t,width,heads,head_dim", [(1, 50, 256, 2, 128), (2, 7, 128, 4, 64)])
+def test_ada_qkv_rope_matches_composed(b, t, width, heads, head_dim, dtype, monkeypatch):
+    x, _, _, cos, sin, _, _ = qkv_case(b, t, width, heads, head_dim, 0, 5)
+    x = x.to(dtype)
+    w = rand((heads + 2) * head_dim, width, scale=width**-0.5, dtype=dtype)
+    scale, shift, _ = modulation(b, width)
+    calls, real = [], tf.qkv_rope
+    spy = lambda *a, **kw: calls.append(a[1]) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(tf, "qkv_rope", spy)
+    fused = ada_qkv_run(ADA.ada_qkv_rope, x, scale, shift, w, cos, sin, heads, head_dim, dtype)
+    assert calls == [None]  # the projection kernel without its norm
+    composed = ada_qkv_run(OPS.ada_qkv_rope, x, scale, shift, w, cos, sin, heads, head_dim, dtype)
+    reference = ada_qkv_run(OPS.ada_qkv_rope, x, scale, shift, w, cos, sin, heads, head_dim,
+                            torch.float32)  # fmt: skip
+    for f, c, r in zip(fused, composed, reference):
+        check(f, c, r)
+    outside = torch.ones(fused[1].shape[1], dtype=torch.bool)
+    outside[4 : 4 + t] = False
+    assert (fused[1][:, outside] == 7.0).all() and (fused[2][:, outside] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("b,t,width,ffw", [(1, 50, 256, 128), (3, 4, 128, 64)])
+def test_ada_norm_geglu_matches_composed(b, t, width, ffw, dtype):
+    x = rand(b, t, width, scale=3.0, dtype=dtype, seed=42)
+    w = rand(2 * ffw, width, scale=width**-0.5, dtype=dtype, seed=43)
+    scale, shift, _ = modulation(b, width)
+    out = ADA.ada_norm_geglu(x, scale, shift, 1e-6, w)
+    assert out.shape == (b, t, ffw) and out.dtype == dtype
+    composed = OPS.ada_norm_geglu(x, scale, shift, 1e-6, w)
+    check(out, composed, OPS.ada_norm_geglu(*f32(x, scale, shift), 1e-6, w.float()))
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+@pytest.mark.parametrize("split", [1, 4])
+@pytest.mark.parametrize("b,t,k,n", [(1, 50, 256, 128), (2, 7, 512, 64)])
+def test_linear_gated_residual_matches_composed(b, t, k, n, split, dtype):
+    """residual + bf16(bf16(x @ W^T) * gate), the composed ops' roundings; in place too."""
+    x, w = rand(b, t, k, dtype=dtype, seed=44), rand(n, k, scale=k**-0.5, dtype=dtype, seed=45)
+    res = rand(b, t, n, scale=2.0, dtype=dtype, seed=46)
+    gate = modulation(b, n)[2].to(dtype)
+    out = tf.linear_residual(x, w, res, split=split, gate=gate)
+    reference = OPS.linear_gated_residual(*f32(x, w, res, gate))
+    check(out, OPS.linear_gated_residual(x, w, res, gate), reference)
+    assert int(tf._SCRATCH[("count", out.device)].abs().sum()) == 0
+    owned = res.clone()  # in place (the route): the same sums, written over the residual
+    routed = ADA.linear_gated_residual(x, w, owned, gate, inplace=True)
+    assert routed.data_ptr() == owned.data_ptr() and torch.equal(owned, out)
+    assert torch.equal(ADA.linear_gated_residual(x, w, res, gate), out)
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16])
+def test_gated_residual_epilogue_rounds_like_the_composed_ops(dtype):
+    """With an identity weight the product is exact in any summation order: the kernel's
+    epilogue must then equal the composed ops bit for bit (product, gated branch, sum)."""
+    b, t, n = 2, 9, 128
+    x, res = rand(b, t, n, scale=3.0, dtype=dtype, seed=47), rand(b, t, n, dtype=dtype, seed=48)
+    eye = torch.eye(n, dtype=dtype, device=DEVICE)
+    gate = modulation(b, n)[2].to(dtype)
+    out = tf.linear_gated_residual(x, eye, res, gate)
+    assert torch.equal(out, OPS.linear_gated_residual(x, eye, res, gate))
+    assert not torch.equal(out, res + x)  # the gate is applied
+
+
+@pytest.mark.parametrize("fused,adaptive", [("auto", False), ("true", True), (True, True)])
+def test_adaptive_kernels_only_when_fused_kernels_is_true(fused, adaptive):
+    """The rule (`build_ops`): "auto" keeps Pi0.5's composed adaptive ops; true adds the
+    kernels. (The device is only a name here: the tables are built, not run.)"""
+    from flagscale.ops import build_ops
+
+    table = build_ops("native", device="cuda", fused=fused)
+    assert {"qkv_rope", "norm_geglu", "linear_residual", "attention"} <= set(table.fused)
+    assert (set(fr.ADAPTIVE) <= set(table.fused)) == adaptive
+    assert not set(fr.ADAPTIVE) & set(table.fused) or adaptive
+    expect = table.fused["ada_qkv_rope"] if adaptive else table.composed["ada_qkv_rope"]
+    assert table.ada_qkv_rope is expect
+
+
+def test_adaptive_routes_fall_back_to_the_composites(monkeypatch):
+    """fp32 inputs, more rows than MAX_ROWS, widths the tiles do not cover, a gate that is not
+    one row per sample: the composed ops, bit for bit, and no adaptive kernel runs."""
+    calls = []
+    for name in ("ada_rms_norm", "ada_qkv_rope", "ada_norm_geglu", "linear_gated_residual"):
+        real = getattr(tf, name)
+        spy = lambda *a, _real=real, _n=name, **kw: calls.append(_n) or _real(*a, **kw)  # noqa
+        monkeypatch.setattr(tf, name, spy)
+    s, h, g = modulation(2, 128)
+    x32, w = rand(2, 5, 128, dtype=torch.float32, seed=50), rand(128, 128, scale=0.1, seed=51)
+    assert torch.equal(ADA.ada_rms_norm(x32, s, h), OPS.ada_rms_norm(x32, s, h))
+    args = (x32, s, h, 1e-6, w.float())
+    assert torch.equal(ADA.ada_norm_geglu(*args), OPS.ada_norm_geglu(*args))
+    args = (rand(2, fr.MAX_ROWS["ada_norm_geglu"] // 2 + 1, 128, seed=52), s, h, 1e-6, w)
+    assert torch.equal(ADA.ada_norm_geglu(*args), OPS.ada_norm_geglu(*args))
+    x100, s100, h100, _ = rand(2, 3, 100, seed=53), *modulation(2, 100)
+    w_qkv = rand(4 * 32, 100, scale=0.1, seed=54)
+    cos, sin = rope_cos_sin(torch.arange(3)[None].expand(2, 3).to(DEVICE), 32, 10000.0)
+    kv = [torch.zeros(2, 3, 32, dtype=BF16, device=DEVICE) for _ in range(4)]
+    q = ADA.ada_qkv_rope(x100, s100, h100, 1e-6, w_qkv, cos, sin, 2, 1, 32, kv[0], kv[1])
+    expect = OPS.ada_qkv_rope(x100, s100, h100, 1e-6, w_qkv, cos, sin, 2, 1, 32, kv[2], kv[3])
+    assert torch.equal(q, expect) and torch.equal(kv[0], kv[2]) and torch.equal(kv[1], kv[3])
+    x, res, gate = rand(2, 5, 128, seed=55), rand(2, 5, 128, seed=56), g[:1].to(BF16)
+    args = (x, w, res, gate)  # one gate broadcast over the batch
+    assert torch.equal(ADA.linear_gated_residual(*args), OPS.linear_gated_residual(*args))
+    assert calls == []
