@@ -11,10 +11,11 @@ pytest.importorskip("triton")
 from flagscale.models.pi0.config import PI0Config, TowerDims  # noqa: E402
 from flagscale.models.pi0.modeling_pi0 import PI0Model  # noqa: E402
 from flagscale.models.pi0.weights import init_random_weights  # noqa: E402
-from flagscale.ops import native_ops  # noqa: E402
+from flagscale.ops import build_ops, native_ops  # noqa: E402
 from flagscale.ops import fused_routes, triton_fused  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ADAPTIVE_KERNELS = ("ada_rms_norm", "ada_qkv_rope", "ada_norm_geglu", "linear_gated_residual")
 TOWER = TowerDims(width=128, depth=2, mlp=128, heads=2, kv_heads=1, head_dim=64)
 
 
@@ -63,6 +64,7 @@ def check_as_close_as_composed(fused, preset, args, num_steps):
 def kernel_calls(monkeypatch):
     """Calls of each fused Triton kernel (spied on; they still run)."""
     calls = {"qkv_rope": 0, "mqa_attention": 0, "decoder_layer": 0}
+    calls.update(dict.fromkeys(ADAPTIVE_KERNELS, 0))
     for name in calls:
         real = getattr(triton_fused, name)
 
@@ -86,17 +88,34 @@ def test_fused_model_matches_composed(batch, kernel_calls):
         assert kernel_calls["qkv_rope"] >= 2 * 3 and kernel_calls["mqa_attention"] >= 2 * 3
 
 
-def test_pi05_expert_falls_back_to_composed_ops(kernel_calls, caplog):
-    """Pi0.5's adaptive norms have no fused kernel: its expert runs composed ops (one log line)
-    except attention; the prefix keeps the fused kernels; the result is as close as composed."""
+def test_pi05_expert_keeps_composed_ops_with_fused_kernels_auto(kernel_calls, caplog):
+    """fused_kernels "auto" (the table `build_ops` makes for a CUDA device; here only a name):
+    Pi0.5's expert runs its composed adaptive ops (one log line) except attention; the prefix
+    keeps the fused kernels; the result is as close as composed."""
     with caplog.at_level("INFO"):
-        fused = build(native_ops().with_fused_kernels(), torch.bfloat16, "pi05_tiny")
+        fused = build(build_ops(device="cuda", fused="auto"), torch.bfloat16, "pi05_tiny")
     assert "adaptive norms and gated residuals run composed ops" in caplog.text
     check_as_close_as_composed(fused, "pi05_tiny", inputs(fused.config, 1, cameras=2), num_steps=2)
     # the (short) prefix's layers take the fused qkv_rope, the expert's never; 2 steps x 2 expert
     # layers go through the fused MQA attention kernel
     assert kernel_calls["decoder_layer"] == 0 and kernel_calls["qkv_rope"] == fused.config.llm.depth
     assert kernel_calls["mqa_attention"] >= 2 * 2
+    assert all(kernel_calls[name] == 0 for name in ADAPTIVE_KERNELS)
+
+
+def test_pi05_expert_runs_adaptive_kernels_with_fused_kernels_true(kernel_calls, caplog):
+    """fused_kernels true: every adaptive op of the expert takes its kernel (2 steps x 2 layers;
+    the final norm once per step), and the actions are as close as the composed ops'."""
+    with caplog.at_level("INFO"):
+        fused = build(build_ops(device="cuda", fused=True), torch.bfloat16, "pi05_tiny")
+    assert "run the fused adaptive kernels" in caplog.text
+    check_as_close_as_composed(fused, "pi05_tiny", inputs(fused.config, 1, cameras=2), num_steps=2)
+    layers = 2 * fused.config.expert.depth
+    assert kernel_calls["ada_qkv_rope"] == layers and kernel_calls["ada_norm_geglu"] == layers
+    assert kernel_calls["linear_gated_residual"] == 2 * layers
+    # one norm inside each ada_qkv_rope / ada_norm_geglu, plus the final norm
+    assert kernel_calls["ada_rms_norm"] == 2 * layers + 2
+    assert kernel_calls["decoder_layer"] == 0 and kernel_calls["qkv_rope"] >= layers
 
 
 def test_policy_fused_kernels_selection():
