@@ -3,6 +3,7 @@
     python benchmarks/bench_model.py --preset pi0 --ops native --graphs on off \
         --batch 1 2 4 8 --cameras 1 2 3 --steps 10 20 --iters 30 --out results.json
     python benchmarks/bench_model.py --preset pi05 --batch 1 8      # Pi0.5
+    python benchmarks/bench_model.py --preset pi05 --fused auto on  # its adaptive kernels A/B
     python benchmarks/bench_model.py --batch 1 --rtc 5               # + RTC-guided calls
     python benchmarks/bench_model.py --precision bf16 fp8           # engine.precision A/B
 
@@ -70,6 +71,11 @@ def phase_split(policy, inputs, steps, iters):
     return out
 
 
+# --fused -> engine.fused_kernels; "on" / "ops" are true: for Pi0.5 that adds the adaptive
+# kernels, which "auto" leaves out (with native ops "auto" is "on" for Pi0)
+FUSED_KERNELS = {"auto": "auto", "off": False}
+
+
 def run(args):
     results = []
     for ops, fused, precision in itertools.product(args.ops, args.fused, args.precision):
@@ -79,8 +85,8 @@ def run(args):
             device="cuda",
             dtype=args.dtype,
             ops=ops,
-            fused_kernels=fused != "off",
-            persistent_layers=fused == "on",  # "ops": five kernels per expert layer
+            fused_kernels=FUSED_KERNELS.get(fused, True),
+            persistent_layers=fused != "ops",  # "ops": five kernels per expert layer
             precision=precision,
         )
         build_s = time.perf_counter() - t0
@@ -163,8 +169,9 @@ def main():
         "--fused",
         nargs="+",
         default=["on"],
-        choices=["on", "ops", "off"],
-        help="fused Triton kernels (ops: five per expert layer, not one persistent launch)",
+        choices=["on", "ops", "auto", "off"],
+        help="fused Triton kernels: on/ops = fused_kernels true (ops: five per expert layer, not "
+        "one persistent launch; Pi0.5: its adaptive kernels too), auto = fused_kernels auto",
     )
     p.add_argument(
         "--precision", nargs="+", default=["bf16"], choices=["bf16", "fp8"], help="engine.precision"

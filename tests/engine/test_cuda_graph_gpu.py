@@ -10,7 +10,15 @@ pytestmark = [
 ]
 
 
-PARAMS = ["float32", "bfloat16", "bfloat16-fused", "pi05-float32", "pi05-bfloat16-fused"]
+# -fused: fused_kernels "auto"; -adafused: true (Pi0.5's adaptive kernels too)
+PARAMS = [
+    "float32",
+    "bfloat16",
+    "bfloat16-fused",
+    "pi05-float32",
+    "pi05-bfloat16-fused",
+    "pi05-bfloat16-adafused",
+]
 
 
 @pytest.fixture(scope="module", params=PARAMS)
@@ -19,11 +27,15 @@ def policy(request):
     from flagscale.models.pi0.config import TowerDims
 
     preset = "pi05_tiny" if request.param.startswith("pi05") else "tiny"
-    dtype = request.param.removeprefix("pi05-").removesuffix("-fused")
-    if request.param.endswith("-fused"):  # dims the fused Triton kernels cover
+    dtype, _, fused = request.param.removeprefix("pi05-").partition("-")
+    if fused:  # dims the fused Triton kernels cover
         tower = TowerDims(width=128, depth=2, mlp=128, heads=2, kv_heads=1, head_dim=64)
-        policy = PI0Policy.random(preset, device="cuda", dtype=dtype, llm=tower, expert=tower)
+        policy = PI0Policy.random(
+            preset, device="cuda", dtype=dtype, llm=tower, expert=tower,
+            fused_kernels=True if fused == "adafused" else "auto",
+        )  # fmt: skip
         assert policy.model.ops.fused
+        assert ("ada_qkv_rope" in policy.model.ops.fused) == (fused == "adafused")
         return policy
     return PI0Policy.random(preset, device="cuda", dtype=dtype, seed=0, fused_kernels=False)
 

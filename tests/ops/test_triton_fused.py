@@ -566,3 +566,35 @@ def test_adaptive_routes_fall_back_to_the_composites(monkeypatch):
     args = (x, w, res, gate)  # one gate broadcast over the batch
     assert torch.equal(ADA.linear_gated_residual(*args), OPS.linear_gated_residual(*args))
     assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("b", [1, 4])
+def test_adaptive_kernels_compiled_at_the_expert_size(b):
+    """Compiled (tensor-core dots), Pi0.5's action expert (width 1024, 8 x 256 heads, mlp 4096,
+    50 tokens): each adaptive op within the composed ops' error of an fp32 reference."""
+    t, width, heads, head_dim, mlp = 50, 1024, 8, 256, 4096
+    x = rand(b, t, width, scale=2.0, seed=60)
+    scale, shift, gate = modulation(b, width)
+    out = ADA.ada_rms_norm(x, scale, shift)
+    assert ulps(out, OPS.ada_rms_norm(x, scale, shift)) <= 1
+    positions = torch.arange(t, device=DEVICE)[None].expand(b, t) + 7
+    cos, sin = rope_cos_sin(positions, head_dim, 10000.0)
+    w_qkv = rand((heads + 2) * head_dim, width, scale=width**-0.5, seed=61)
+    cases = ((ADA.ada_qkv_rope, BF16), (OPS.ada_qkv_rope, BF16), (OPS.ada_qkv_rope, torch.float32))
+    runs = [
+        ada_qkv_run(fn, x, scale, shift, w_qkv, cos, sin, heads, head_dim, dtype)
+        for fn, dtype in cases
+    ]
+    for fused, composed, reference in zip(*runs):
+        check(fused, composed, reference)
+    w_gu = rand(2 * mlp, width, scale=width**-0.5, seed=62)
+    args = (x, scale, shift, 1e-6, w_gu)
+    act = ADA.ada_norm_geglu(*args)
+    check(act, OPS.ada_norm_geglu(*args), OPS.ada_norm_geglu(*f32(*args)))
+    w_down, g = rand(width, mlp, scale=mlp**-0.5, seed=63), gate.to(BF16)
+    args = (act, w_down, x, g)
+    out = ADA.linear_gated_residual(*args)
+    check(out, OPS.linear_gated_residual(*args), OPS.linear_gated_residual(*f32(*args)))
+    assert int(tf._SCRATCH[("count", out.device)].abs().sum()) == 0
