@@ -18,6 +18,11 @@ the five as one:
                    resident at once: with GPU partitioning that hides SMs, turn it off
                    (`engine.persistent_layers: false`).
 
+Pi0.5's adaptive layers (per-sample, per-step norm modulation: nothing to fold into a weight) take,
+with `fused_kernels: true` only (`fused_routes.ADAPTIVE`; interpreter-tested, not yet run on a GPU):
+`ada_rms_norm` (one row kernel), then `qkv_rope` / `norm_geglu` without their norm (NORM off: x is
+normalized already), and `linear_residual` with the gate in its epilogue (`linear_gated_residual`).
+
 Long inputs (the prefix: 816 tokens per sample) keep cuBLAS for the projections and get row-wise
 kernels around them (RMSNorm, RoPE + q/cache scatter, GeGLU), one `addmm` for linear + residual
 (in place where the model owns the residual), one cuBLASLt GEMM with a GELU epilogue for SigLIP's

@@ -11,8 +11,7 @@ pytest.importorskip("triton")
 from flagscale.models.pi0.config import PI0Config, TowerDims  # noqa: E402
 from flagscale.models.pi0.modeling_pi0 import PI0Model  # noqa: E402
 from flagscale.models.pi0.weights import init_random_weights  # noqa: E402
-from flagscale.ops import build_ops, native_ops  # noqa: E402
-from flagscale.ops import fused_routes, triton_fused  # noqa: E402
+from flagscale.ops import build_ops, fused_routes, native_ops, triton_fused  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ADAPTIVE_KERNELS = ("ada_rms_norm", "ada_qkv_rope", "ada_norm_geglu", "linear_gated_residual")
