@@ -744,16 +744,29 @@ def _check_cross_fields(cfg: ServeConfig) -> None:
         raise ConfigError(
             f"serve.engine.batch_buckets: {too_big} exceed max_batch_size {cfg.max_batch_size}"
         )
-    if cfg.image_decoder == "gpu" and not cfg.device.startswith("cuda"):
-        raise ConfigError(
-            f"serve.engine.image_decoder: gpu needs a CUDA device (serve.engine.device is "
-            f"{cfg.device!r}); use cpu"
-        )
+    _check_cuda_only(cfg)
     if cfg.host in ("", "*"):
         raise ConfigError(f"serve.engine.host: invalid bind address {cfg.host!r}")
     _check_lerobot_grpc(cfg)
     if cfg.openpi_prompt_key in cfg.openpi_state_keys:
         raise ConfigError("serve.engine.openpi_prompt_key: also listed in openpi_state_keys")
+
+
+def _check_cuda_only(cfg: ServeConfig) -> None:
+    """Settings that only a CUDA device can honour, refused before anything starts."""
+    if cfg.device.startswith("cuda"):
+        return
+    cuda_only = {
+        "image_decoder": (cfg.image_decoder == "gpu", "gpu", "cpu"),
+        "fused_kernels": (cfg.fused_kernels == "true", "true", "auto or false"),
+        "precision": (cfg.precision == "fp8", "fp8", "bf16"),
+    }
+    for key, (asked, value, instead) in cuda_only.items():
+        if asked:
+            raise ConfigError(
+                f"serve.engine.{key}: {value} needs a CUDA device (serve.engine.device is "
+                f"{cfg.device!r}); use {instead}"
+            )
 
 
 def _check_lerobot_grpc(cfg: ServeConfig) -> None:

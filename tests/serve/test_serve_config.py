@@ -172,6 +172,21 @@ def test_fused_kernels_values(value, expected):
     assert "serve.engine.fused_kernels" in error_of(engine(fused_kernels="sometimes"))
 
 
+@pytest.mark.parametrize(
+    "key, value, instead",
+    [
+        ("fused_kernels", True, "auto or false"),
+        ("precision", "fp8", "bf16"),
+        ("image_decoder", "gpu", "cpu"),
+    ],
+)
+def test_cuda_only_settings_are_refused_on_cpu(key, value, instead):
+    message = error_of(engine(device="cpu", **{key: value}))
+    assert f"serve.engine.{key}:" in message and "needs a CUDA device" in message
+    assert "serve.engine.device is 'cpu'" in message and f"use {instead}" in message
+    assert getattr(load_serve_config(engine(device="cuda", **{key: value}), env={}), key)
+
+
 BAD = [
     (
         "unknown key",
