@@ -9,6 +9,8 @@ import grpc
 import numpy as np
 import torch
 
+from serve_helpers import PolicyWrapper
+
 from flagscale.serve import lerobot_pickle as lp
 from flagscale.serve.lerobot_grpc import messages
 
@@ -152,14 +154,12 @@ def stack(timed_actions) -> np.ndarray:
     return torch.stack([a.action for a in timed_actions]).numpy()
 
 
-class RecordingPolicy:
+class RecordingPolicy(PolicyWrapper):
     """A policy that records each model call's batch size (and fails on the prompt "explode")."""
 
     def __init__(self, policy):
-        self.policy, self.batches = policy, []
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
+        super().__init__(policy)
+        self.batches = []
 
     def infer_batch(self, observations, *args, **kwargs):
         self.batches.append(len(observations))

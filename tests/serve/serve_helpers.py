@@ -37,6 +37,16 @@ def serve_cfg(**engine):
     return load_serve_config({"engine": {**TEST_ENGINE, **engine}}, env={})
 
 
+class PolicyWrapper:
+    """A test's stand-in for `policy`: the policy in everything a subclass does not override."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -9,19 +9,17 @@ import time
 import httpx
 import numpy as np
 
-from serve_helpers import LiveServer, serve_cfg, v2_body
+from serve_helpers import LiveServer, PolicyWrapper, serve_cfg, v2_body
 
 from flagscale.serve.app import create_app
 
 
-class SlowPolicy:
+class SlowPolicy(PolicyWrapper):
     """The tiny policy, plus a fixed delay per model call (fills the queue)."""
 
     def __init__(self, policy, delay_s):
-        self.policy, self.delay_s = policy, delay_s
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
+        super().__init__(policy)
+        self.delay_s = delay_s
 
     def infer_batch(self, *args, **kwargs):
         time.sleep(self.delay_s)

@@ -9,7 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from serve_helpers import LiveServer, serve_cfg, small_image, v2_body
+from serve_helpers import LiveServer, PolicyWrapper, serve_cfg, small_image, v2_body
 
 from flagscale.serve import msgpack_codec
 from flagscale.serve.app import create_app
@@ -132,18 +132,16 @@ def webp_b64(width: int, height: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-class RecordingPolicy:
+class RecordingPolicy(PolicyWrapper):
     """The tiny policy; records the image shapes each model call receives."""
 
     def __init__(self, policy):
-        self._policy, self.shapes = policy, []
-
-    def __getattr__(self, name):
-        return getattr(self._policy, name)
+        super().__init__(policy)
+        self.shapes = []
 
     def infer_batch(self, observations, *args, **kwargs):
         self.shapes += [im.shape for o in observations for im in o["images"].values()]
-        return self._policy.infer_batch(observations, *args, **kwargs)
+        return self.policy.infer_batch(observations, *args, **kwargs)
 
 
 def test_request_pixel_budget_refuses_bombs_before_decoding(policy, monkeypatch):
@@ -366,22 +364,20 @@ def test_pipelined_good_request_then_garbage_keeps_its_reply(live):
 # ---------------------------------------------------------------- (5) abandoned requests
 
 
-class GatedPolicy:
+class GatedPolicy(PolicyWrapper):
     """The tiny policy; each model call waits for `gate` and the observations it served are
     counted (abandoned requests must never reach it)."""
 
     def __init__(self, policy):
         import threading
 
-        self._policy, self.gate, self.served = policy, threading.Event(), 0
-
-    def __getattr__(self, name):
-        return getattr(self._policy, name)
+        super().__init__(policy)
+        self.gate, self.served = threading.Event(), 0
 
     def infer_batch(self, observations, *args, **kwargs):
         self.gate.wait(30)
         self.served += len(observations)
-        return self._policy.infer_batch(observations, *args, **kwargs)
+        return self.policy.infer_batch(observations, *args, **kwargs)
 
 
 def send_and_leave(url: str, data: bytes) -> None:

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from serve_helpers import LiveServer, serve_cfg, v2_body
+from serve_helpers import LiveServer, PolicyWrapper, serve_cfg, v2_body
 from test_serve_entry import ENTRY, REPO, resolved_config, start, wait_healthy
 
 from flagscale.serve.app import create_app
@@ -20,23 +20,20 @@ class Crash(BaseException):
     """Not an Exception: escapes the worker's per-batch error handling and kills the thread."""
 
 
-class FlakyPolicy:
+class FlakyPolicy(PolicyWrapper):
     """The tiny policy, until `mode` says to crash the thread or hang in the model call."""
 
     def __init__(self, policy):
-        self._policy = policy
+        super().__init__(policy)
         self.mode = None
         self.release = threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._policy, name)
 
     def infer_batch(self, *args, **kwargs):
         if self.mode == "crash":
             raise Crash("simulated fatal error")
         if self.mode == "hang":
             self.release.wait(30)
-        return self._policy.infer_batch(*args, **kwargs)
+        return self.policy.infer_batch(*args, **kwargs)
 
 
 def test_dead_inference_thread_is_reported_and_requests_fail_fast(policy):

@@ -4,19 +4,17 @@ import dataclasses
 
 import pytest
 
-from serve_helpers import serve_cfg
+from serve_helpers import PolicyWrapper, serve_cfg
 
 from flagscale.serve.engine import prepare_policy
 
 
-class RecordingPolicy:
+class RecordingPolicy(PolicyWrapper):
     """The tiny policy; records the warm-up it is asked for instead of running it."""
 
     def __init__(self, policy):
-        self.policy, self.calls = policy, []
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
+        super().__init__(policy)
+        self.calls = []
 
     def warmup(self, batch_sizes, num_steps_list):
         self.calls.append((list(batch_sizes), list(num_steps_list)))
