@@ -43,6 +43,7 @@ from flagscale.runner.process import (
 )
 from flagscale.runner.runner_base import RunnerBase, RunnerError
 from flagscale.runner.smoke import check_infer_response, sample_request
+from flagscale.serve.config import ServeConfig
 from flagscale.serve.flagscale_compat import ENTRYPOINTS, raw_engine
 
 logger = get_logger("flagscale.runner")
@@ -408,9 +409,10 @@ class ServeRunner(RunnerBase):
     def _report_server_elsewhere(self) -> int:
         """A server answering on the configured host:port was started for another exp_dir (its
         /info says which): name it and return 1, rather than report that nothing runs."""
-        engine = (plain(self.cfg.get("serve")) or {}).get("engine") or {}
+        engine = raw_engine(plain(self.cfg.get("serve")))
+        host, port = engine.get("host") or ServeConfig.host, engine.get("port") or ServeConfig.port
         try:
-            url = base_url(str(engine.get("host") or "127.0.0.1"), int(engine.get("port") or 9010))
+            url = base_url(str(host), int(port))
             status, info = http_json(url + "/info")
         except (OSError, TypeError, ValueError):  # nothing answers (or no usable port): no server
             return 0

@@ -148,3 +148,18 @@ def test_non_ascii_api_key_is_refused_at_start(tmp_path):
     assert result.returncode == 1
     assert "serve.engine.api_keys[0]: an API key needs at least 8 printable ASCII" in output(result)
     assert "server started" not in output(result)
+
+
+def test_stop_with_flagscales_list_form_and_nothing_running(tmp_path):
+    """FlagScale's list-form `serve` (serve[0].engine_args) and no pid file: stop looks for a
+    server on engine_args' port, finds none, and exits 0 (it raised AttributeError before)."""
+    from runner_helpers import free_port
+
+    cfg = OmegaConf.create(
+        {
+            "experiment": {"exp_dir": str(tmp_path / "exp"), "task": {"type": "serve"}},
+            "serve": [{"serve_id": "vllm_model", "engine_args": {"port": free_port()}}],
+            "action": "stop",
+        }
+    )
+    assert ServeRunner(cfg, tmp_path).stop() == 0
