@@ -117,9 +117,10 @@ def build_deployment(serve_section: dict, options: DeployOptions, drain_s: float
 def runtime_env() -> dict:
     """Replicas import flagscale from this checkout and see the API keys given by env."""
     from flagscale.ops import FLAGGEMS_ENV
+    from flagscale.serve.auth import ENV_VAR as KEYS_ENV
 
     env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    for name in ("PI0_API_KEYS", FLAGGEMS_ENV, "CUDA_DEVICE_MAX_CONNECTIONS"):
+    for name in (KEYS_ENV, FLAGGEMS_ENV, "CUDA_DEVICE_MAX_CONNECTIONS"):
         if name in os.environ:
             env[name] = os.environ[name]
     return {"env_vars": env}

@@ -13,9 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
+from flagscale.serve.auth import ENV_VAR as KEYS_ENV, env_keys
 from flagscale.serve.flagscale_compat import raw_engine
 
-KEYS_ENV = "PI0_API_KEYS"
 REDACTED = "<redacted>"
 PRIVATE = 0o600
 
@@ -25,7 +25,7 @@ def api_keys(resolved: Mapping) -> List[str]:
     engine = raw_engine(resolved.get("serve"))
     keys = [str(k) for k in engine.get("api_keys") or [] if isinstance(k, (str, int))]
     envs = (resolved.get("experiment") or {}).get("envs") or {}
-    keys += [k.strip() for k in str(envs.get(KEYS_ENV) or "").split(",") if k.strip()]
+    keys += env_keys(envs)
     return keys
 
 
@@ -43,7 +43,7 @@ def redacted(resolved: Dict[str, Any]) -> Dict[str, Any]:
 
 def with_keys(env: Dict[str, str], keys: List[str]) -> Dict[str, str]:
     """`env` with `keys` added to PI0_API_KEYS (the server reads both, deduplicated)."""
-    present = [k for k in env.get(KEYS_ENV, "").split(",") if k.strip()]
+    present = env_keys(env)
     merged = list(dict.fromkeys(present + keys))
     if merged:
         env[KEYS_ENV] = ",".join(merged)

@@ -21,9 +21,14 @@ PUBLIC_HOSTS = ("0.0.0.0", "::", "[::]")
 UNAUTHORIZED = "unauthorized: a valid API key is required (Authorization: Bearer <key>)"
 
 
+def env_keys(env: Mapping) -> list:
+    """The comma-separated keys of PI0_API_KEYS in `env` (spaces around each dropped)."""
+    return [k.strip() for k in str(env.get(ENV_VAR) or "").split(",") if k.strip()]
+
+
 def resolve_keys(config_keys: Iterable[str], env: Mapping[str, str]) -> tuple:
     """Config keys + PI0_API_KEYS, as bytes; empty = auth off."""
-    from_env = [k.strip() for k in env.get(ENV_VAR, "").split(",") if k.strip()]
+    from_env = env_keys(env)
     for key in from_env:
         check_api_key(ENV_VAR, key)
     keys = list(config_keys) + from_env

@@ -24,7 +24,7 @@ from flagscale.models.names import (
     TOKENIZER_FILES,
     check_num_steps,
 )
-from flagscale.ops import TRUE_STRINGS, flaggems_requested
+from flagscale.ops import TRUE_STRINGS, flaggems_requested, is_true
 
 logger = get_logger("flagscale.serve.config")
 
@@ -215,9 +215,7 @@ def _check_paths_exist(engine: Mapping) -> None:
     missing = []
     for key, kind in PATH_KEYS.items():
         value = engine.get(key)
-        if value is None or (
-            key == "model" and str(engine.get("random_init")).strip().lower() in TRUE_STRINGS
-        ):
+        if value is None or (key == "model" and is_true(engine.get("random_init"))):
             continue
         path = Path(str(value)).expanduser()
         if not (path.is_dir() if kind == "directory" else path.is_file()):
@@ -252,7 +250,7 @@ def _as_bool(key: str, value) -> bool:
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE_STRINGS + _FALSE:
-        return value.strip().lower() in TRUE_STRINGS
+        return is_true(value)
     raise ConfigError(f"{key}: expected true or false, got {value!r}")
 
 

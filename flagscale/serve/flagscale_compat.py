@@ -20,6 +20,7 @@ import difflib
 from typing import Mapping
 
 from flagscale.logger import get_logger
+from flagscale.models.names import MODEL_VARIANTS
 from flagscale.serve.config import (
     DEFAULT_OPENPI_IMAGES,
     DEFAULT_OPENPI_STATE,
@@ -35,7 +36,6 @@ WHERE = "serve[0].engine_args"
 IMAGE_PREFIX = "observation.images."
 STATE_KEY = "observation.state"
 TASK_KEY = "task"
-VARIANTS = ("pi0", "pi0.5")
 # FlagScale's server scripts: experiment.task.entrypoint values that start this server instead.
 ENTRYPOINTS = ("flagscale/serve/run_serve_pi.py", "flagscale/serve/run_serve_vla.py")
 LIST_ITEM_KEYS = ("serve_id", "engine_args")
@@ -102,9 +102,9 @@ def _variant(args: Mapping) -> dict:
     variant = args.get("model_variant")
     if variant is not None:
         text = str(variant).strip().lower()
-        if text not in VARIANTS:
+        if text not in MODEL_VARIANTS:
             raise ConfigError(
-                f"{WHERE}.model_variant: must be one of {', '.join(VARIANTS)}, got {variant!r}"
+                f"{WHERE}.model_variant: must be one of {', '.join(MODEL_VARIANTS)}, got {variant!r}"
             )
         out["model_variant"] = text
     quantiles = args.get("use_quantiles")

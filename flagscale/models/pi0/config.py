@@ -67,7 +67,6 @@ GEMMA_VARIANTS = {
     "dummy": TowerDims(width=64, depth=4, mlp=128, heads=8, kv_heads=1, head_dim=16),
 }
 
-VARIANTS = MODEL_VARIANTS
 REFERENCES = ("lerobot", "openpi")
 
 PRESETS = {
@@ -128,8 +127,8 @@ class PI0Config:
     discrete_state_input: bool = True
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"model variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant not in MODEL_VARIANTS:
+            raise ValueError(f"model variant must be one of {MODEL_VARIANTS}, got {self.variant!r}")
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if self.norm_eps not in (None,) + REFERENCES:
@@ -193,12 +192,6 @@ class PI0Config:
         if variant:
             dims["variant"] = variant
         return cls(**dims, **_fields_from_json(raw, dims["vision"].image_size))
-
-    @classmethod
-    def from_pretrained(
-        cls, model_dir: str, default_preset: str = "pi0", default_variant: Optional[str] = None
-    ) -> "PI0Config":
-        return cls.from_json_dict(read_config_json(model_dir), default_preset, default_variant)
 
     def to_json_dict(self, layout: str = "lerobot") -> dict:
         """A lerobot-style config.json (openpi layout: without lerobot's "type", so the variant

@@ -19,9 +19,9 @@ import torch
 
 from flagscale.engine.device import cuda_missing_reason
 from flagscale.logger import get_logger
-from flagscale.models.names import DTYPE_NAMES, TOKENIZER_FILES
+from flagscale.models.names import DTYPE_NAMES, MODEL_VARIANTS, TOKENIZER_FILES
 from flagscale.models.pi0 import normalize as norm, processing as proc
-from flagscale.models.pi0.config import VARIANTS, PI0Config, read_config_json
+from flagscale.models.pi0.config import PI0Config, read_config_json
 from flagscale.models.pi0.modeling_pi0 import PI0Model
 from flagscale.models.pi0.rtc import Guidance, RTCConfig, RTCRequest, build_guidance
 from flagscale.models.pi0.tokenizer import build_test_tokenizer
@@ -73,8 +73,8 @@ def check_variant(wanted: Optional[str], found: str, model_path: str):
     """A clear start-up error when the configured variant is not the checkpoint's."""
     if wanted is None:
         return
-    if wanted not in VARIANTS:
-        raise ValueError(f"model variant must be one of {VARIANTS}, got {wanted!r}")
+    if wanted not in MODEL_VARIANTS:
+        raise ValueError(f"model variant must be one of {MODEL_VARIANTS}, got {wanted!r}")
     if wanted != found:
         raise ValueError(
             f"model variant {wanted!r} was asked for but the checkpoint {model_path!r} is a "
