@@ -157,10 +157,14 @@ class PI0Config:
         mode = self.normalization_mapping.get(feature_type)
         return str(mode).upper() if mode else ("QUANTILES" if self.pi05 else "MEAN_STD")
 
+    def default_norm_eps(self) -> str:
+        """The normalizer's eps convention when neither the config nor the stats name one."""
+        return self.reference if self.pi05 else "lerobot"
+
     def choices(self) -> dict:
         """The processing choices in effect (shown in the policy metadata / `/info`)."""
         lerobot = self.reference == "lerobot"
-        eps = self.norm_eps or (self.reference if self.pi05 else "lerobot")
+        eps = self.norm_eps or self.default_norm_eps()
         out = {"variant": self.variant, "reference": self.reference, "norm_eps": eps}
         if not self.pi05:
             return dict(

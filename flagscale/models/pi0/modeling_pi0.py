@@ -44,7 +44,8 @@ logger = get_logger(__name__)
 
 class SuffixTables(NamedTuple):
     """`PI0Model.suffix_inputs`: RoPE tables [B, T, 1, Dh] and additive masks [B, T | 1, keys] of
-    the first step (T = 1 + C: state + chunk) and of the later steps (T = C)."""
+    the first step (T = 1 + C: state + chunk) and of the later steps (T = C); Pi0.5 (no state
+    token): the first step's are the later steps'."""
 
     first_cos: torch.Tensor
     first_sin: torch.Tensor
@@ -488,16 +489,18 @@ class PI0Model(nn.Module):
         positions = n_valid + torch.arange(chunk + n, device=pad.device)[None]
         cos, sin = rope_cos_sin(positions, self.config.expert.head_dim, self.config.rope_theta)
         keys = torch.cat([pad, torch.ones_like(pad[:, :1]).expand(b, chunk + n)], dim=1)
+        mask = additive_mask(keys[:, None, :], self.dtype)
+        if not n:  # Pi0.5: the first step is a later step
+            return SuffixTables(cos, sin, mask, cos, sin, mask)
         first = keys[:, None, :].repeat(1, chunk + n, 1)
-        if n:
-            first[:, 0, p + 1 :] = False  # the state token does not attend to the actions
+        first[:, 0, p + 1 :] = False  # the state token does not attend to the actions
         return SuffixTables(
             first_cos=cos,
             first_sin=sin,
             first_mask=additive_mask(first, self.dtype),
             cos=cos[:, n:].contiguous(),
             sin=sin[:, n:].contiguous(),
-            mask=additive_mask(keys[:, None, :], self.dtype),
+            mask=mask,
         )
 
     def first_step(self, state, x_t, cond, s: SuffixTables, cache_k, cache_v):

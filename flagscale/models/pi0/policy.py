@@ -93,6 +93,7 @@ class PI0Policy:
         self.tokenizer = tokenizer  # sets the prompt-token cache (see the property)
         self.normalizer = normalizer or norm.Normalizer()
         self._check_stats_dims()
+        self.choices = self._choices()  # fixed once built; read by every request's processing
         self.pad_mode = pad_mode
         self.source = source
         self.sampler = model.sample_actions  # the engine may replace this with a graphed runner
@@ -212,7 +213,7 @@ class PI0Policy:
                 )
                 return None
             logger.info("normalization stats taken from the checkpoint directory %s", model_path)
-        eps = config.norm_eps or raw.eps or (config.reference if config.pi05 else "lerobot")
+        eps = config.norm_eps or raw.eps or config.default_norm_eps()
         return raw.normalizer(config.norm_mode("STATE"), config.norm_mode("ACTION"), eps)
 
     def _log_ready(self):
@@ -279,11 +280,10 @@ class PI0Policy:
             "has_stats": self.normalizer.action is not None,
             "normalization": self.normalizer.describe(),
             "pad_mode": self.pad_mode,
-            "reference_choices": self.choices,
+            "reference_choices": dict(self.choices),
         }
 
-    @property
-    def choices(self) -> dict:
+    def _choices(self) -> dict:
         """The processing choices in effect (the normalizer's eps as built)."""
         out = self.config.choices()
         eps = {n.eps for n in (self.normalizer.state, self.normalizer.action) if n is not None}
