@@ -743,6 +743,12 @@ def _check_cross_fields(cfg: ServeConfig) -> None:
             f"serve.engine.batch_buckets: {too_big} exceed max_batch_size {cfg.max_batch_size}"
         )
     _check_cuda_only(cfg)
+    if cfg.precision == "fp8" and cfg.ops != "native":
+        # FP8 lives in the native ops' long-input path; FlagGems' prefix would run without it
+        raise ConfigError(
+            f"serve.engine.precision: fp8 needs native ops (serve.engine.ops is {cfg.ops!r}); "
+            "use bf16, or ops: native"
+        )
     if cfg.host in ("", "*"):
         raise ConfigError(f"serve.engine.host: invalid bind address {cfg.host!r}")
     _check_lerobot_grpc(cfg)

@@ -172,6 +172,12 @@ def test_fused_kernels_values(value, expected):
     assert "serve.engine.fused_kernels" in error_of(engine(fused_kernels="sometimes"))
 
 
+def test_fp8_needs_native_ops():
+    message = error_of(engine(precision="fp8", ops="flaggems"))
+    assert "serve.engine.precision: fp8 needs native ops" in message and "'flaggems'" in message
+    assert load_serve_config(engine(precision="fp8", ops="native"), env={}).precision == "fp8"
+
+
 @pytest.mark.parametrize(
     "key, value, instead",
     [
