@@ -26,7 +26,7 @@ Numerics: bf16 (or fp32) weights, fp32 norms / RoPE / softmax / time embedding /
 
 import math
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -286,28 +286,22 @@ class GemmaLayer(nn.Module):
         q, k, v = self.reference_qkv(x, cos, sin, mod)
         return self.reference_finish(x, self.ops.attention(q, k, v, mask), mod)
 
-    def reference_qkv(self, x, cos, sin, mod=None):
-        """norm -> q|k|v projection -> RoPE on q and k: q [B, T, H, Dh], k / v [B, T, Hkv, Dh]."""
-        (b, t, _), d = x.shape, self.dims
-        qkv = self.ops.linear(self._norm(self.input_norm, x, mod, 0), self.qkv_proj.weight)
+    def reference_qkv(self, x, cos, sin, mod=None, ops=None):
+        """norm -> q|k|v projection -> RoPE on q and k: q [B, T, H, Dh], k / v [B, T, Hkv, Dh].
+        `ops`: another table than the layer's (the autograd path's native ops)."""
+        (b, t, _), d, ops = x.shape, self.dims, ops or self.ops
+        qkv = ops.linear(_norm(ops, self.input_norm, x, mod, 0), self.qkv_proj.weight)
         n_qk = d.heads + d.kv_heads
         qk = qkv[..., : n_qk * d.head_dim].view(b, t, n_qk, d.head_dim)
-        q, k = self.ops.rope(qk, cos, sin, d.heads)
+        q, k = ops.rope(qk, cos, sin, d.heads)
         return q, k, qkv[..., n_qk * d.head_dim :].reshape(b, t, d.kv_heads, d.head_dim)
 
-    def reference_finish(self, x, attn, mod=None):
+    def reference_finish(self, x, attn, mod=None, ops=None):
         """x + o_proj(attn), then x + down_proj(GeGLU(gate_up_proj(norm(x))))."""
-        ops = self.ops
+        ops = ops or self.ops
         x = x + self._gated(ops.linear(attn, self.o_proj.weight), mod, 0)
-        h = ops.geglu(ops.linear(self._norm(self.ffw_norm, x, mod, 1), self.gate_up_proj.weight))
+        h = ops.geglu(ops.linear(_norm(ops, self.ffw_norm, x, mod, 1), self.gate_up_proj.weight))
         return x + self._gated(ops.linear(h, self.down_proj.weight), mod, 1)
-
-    def _norm(self, norm, x, mod, row):
-        """RMSNorm(1 + w); Pi0.5: rms(x) * (1 + scale) + shift from row `row` of `mod`."""
-        if mod is None:
-            return self.ops.rms_norm(x, norm.weight, norm.eps)
-        scale, shift, _ = mod[:, None, row].chunk(3, dim=-1)
-        return self.ops.ada_rms_norm(x, scale, shift, norm.eps)
 
     @staticmethod
     def _gated(branch, mod, row):
@@ -630,7 +624,8 @@ class PI0Model(nn.Module):
             m = None if mod is None else mod[:, 2 * i : 2 * i + 2]
             kv = (cache_k[i, :, :past], cache_v[i, :, :past])
             x = _layer_autograd(layer, x, s.cos, s.sin, s.mask, *kv, m)
-        return lin(self.action_out_proj, _norm_autograd(self.expert.norm, x, mod, -1)).float()
+        final = _norm(_autograd_ops(), self.expert.norm, x, mod, -1)
+        return lin(self.action_out_proj, final).float()
 
     # ---- uncached reference (tests) -----------------------------------------------------
 
@@ -688,38 +683,31 @@ class PI0Model(nn.Module):
         return self.expert.final_norm(streams[1], mod)
 
 
-def _norm_autograd(norm, x, mod, row):
-    """RMSNorm, or with `mod` [B, R, 3W] Pi0.5's adaptive norm from mod[:, row]; native ops."""
+def _norm(ops: Ops, norm, x, mod, row):
+    """RMSNorm(1 + w); with `mod` [B, R, 3W] Pi0.5's rms(x) * (1 + scale) + shift from row
+    `row` of `mod`."""
     if mod is None:
-        return native.rms_norm(x, norm.weight, norm.eps)
+        return ops.rms_norm(x, norm.weight, norm.eps)
     scale, shift, _ = mod[:, None, row].chunk(3, dim=-1)
-    return native.ada_rms_norm(x, scale, shift, norm.eps)
+    return ops.ada_rms_norm(x, scale, shift, norm.eps)
+
+
+@lru_cache(maxsize=1)
+def _autograd_ops() -> Ops:
+    """The native table: fused kernels and FlagGems have no backward."""
+    return native_ops()
 
 
 def _layer_autograd(layer: GemmaLayer, x, cos, sin, mask, past_k, past_v, mod=None):
-    """`GemmaLayer.cached` for autograd: new tokens' K/V appended to the frozen past K/V
-    [B, P, Hkv*Dh] rather than written into the cache; native ops. `mod` [B, 2, 3W]: Pi0.5's
-    modulation of this layer's two norms (gated residuals)."""
-    d, (b, t, _) = layer.dims, x.shape
-    n_qk = d.heads + d.kv_heads
-    qkv = native.linear(_norm_autograd(layer.input_norm, x, mod, 0), layer.qkv_proj.weight)
-    q, k = native.rope(
-        qkv[..., : n_qk * d.head_dim].view(b, t, n_qk, d.head_dim), cos, sin, d.heads
-    )
-    v = qkv[..., n_qk * d.head_dim :].reshape(b, t, d.kv_heads, d.head_dim)
-    kv_shape = (b, -1, d.kv_heads, d.head_dim)
+    """`GemmaLayer.cached` for autograd: the reference layer in native ops, new tokens' K/V
+    appended to the frozen past K/V [B, P, Hkv*Dh] rather than written into the cache. `mod`
+    [B, 2, 3W]: Pi0.5's modulation of this layer's two norms (gated residuals)."""
+    ops, d = _autograd_ops(), layer.dims
+    q, k, v = layer.reference_qkv(x, cos, sin, mod, ops)
+    kv_shape = (x.shape[0], -1, d.kv_heads, d.head_dim)
     keys = torch.cat([past_k.view(kv_shape), k], dim=1)
     values = torch.cat([past_v.view(kv_shape), v], dim=1)
-    gate1, gate2 = (
-        (1, 1) if mod is None else (mod[:, None, j].chunk(3, dim=-1)[2].to(x.dtype) for j in (0, 1))
-    )
-    attn = native.attention(q, keys, values, mask)
-    x = x + native.linear(attn, layer.o_proj.weight) * gate1
-    h = _norm_autograd(layer.ffw_norm, x, mod, 1)
-    up = native.linear(
-        native.geglu(native.linear(h, layer.gate_up_proj.weight)), layer.down_proj.weight
-    )
-    return x + up * gate2
+    return layer.reference_finish(x, ops.attention(q, keys, values, mask), mod, ops)
 
 
 def _stack_cameras(images, img_masks):
